@@ -1,0 +1,182 @@
+"""
+The C{lightd-sftp} console script: manage containers' SFTP credentials.
+
+It opens the credential store directly, so it works whether the daemon runs
+or not; the daemon sees its changes.  Exit status: 0 done, 1 refused (with
+one line on stderr), 2 usage error.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+from datetime import datetime, timezone
+
+from lightd_conch.accounts import AccountError, Accounts
+from lightd_conch.config import ConfigError, load
+from lightd_conch.store import LMDBCredentialStore, StoreError
+
+_PROG = "lightd-sftp"
+
+
+def _generate(accounts, args, stdin, stdout, stderr) -> None:
+    password = _read_password(stdin) if args.password_stdin else None
+    result = accounts.generate(
+        args.container,
+        username=args.username,
+        password=password,
+        create_volume=args.create_volume,
+    )
+    if args.json:
+        _print_json(result, stdout)
+    else:
+        _print_fields(result, stdout)
+        stderr.write(f"{_PROG}: the password will not be shown again\n")
+
+
+def _info(accounts, args, stdin, stdout, stderr) -> None:
+    result = accounts.info(args.container)
+    if args.json:
+        _print_json(result, stdout)
+    else:
+        _print_fields(
+            result
+            | {key: _when(result[key]) for key in ("created_at", "updated_at")},
+            stdout,
+        )
+
+
+def _revoke(accounts, args, stdin, stdout, stderr) -> None:
+    accounts.revoke(args.container)
+    stdout.write(f"revoked {args.container}\n")
+
+
+def _list(accounts, args, stdin, stdout, stderr) -> None:
+    results = accounts.list()
+    if args.json:
+        _print_json(results, stdout)
+        return
+    rows = [("CONTAINER", "USERNAME", "CREATED", "UPDATED")] + [
+        (
+            result["container_id"],
+            result["username"],
+            _when(result["created_at"]),
+            _when(result["updated_at"]),
+        )
+        for result in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
+        stdout.write(line.rstrip() + "\n")
+
+
+def _read_password(stdin) -> str:
+    # What `echo`, a here-string or a file with one line end adds.
+    password = stdin.read()
+    for ending in ("\r\n", "\n"):
+        if password.endswith(ending):
+            return password[: -len(ending)]
+    return password
+
+
+def _print_json(value, stdout) -> None:
+    stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def _print_fields(result: dict, stdout) -> None:
+    for key, value in result.items():
+        stdout.write(f"{key}: {value}\n")
+
+
+def _when(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG, description="Manage the SFTP credentials of containers."
+    )
+    parser.add_argument(
+        "--config",
+        default="config.json",
+        metavar="PATH",
+        help="the configuration file (default: ./config.json)",
+    )
+    groups = parser.add_subparsers(required=True, metavar="COMMAND")
+    credentials = groups.add_parser(
+        "credentials", help="create, show, revoke and list credentials"
+    )
+    actions = credentials.add_subparsers(required=True, metavar="ACTION")
+
+    generate = actions.add_parser(
+        "generate",
+        help="create or reset a container's credentials and print the password",
+    )
+    generate.add_argument("container", metavar="CONTAINER")
+    generate.add_argument(
+        "--username",
+        metavar="U",
+        help="the login name (default: the current one, or the container id)",
+    )
+    generate.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input instead of generating one",
+    )
+    generate.add_argument(
+        "--create-volume",
+        action="store_true",
+        help="create the container's volume directory if it is missing",
+    )
+    generate.set_defaults(run=_generate)
+
+    info = actions.add_parser("info", help="show a container's credentials")
+    info.add_argument("container", metavar="CONTAINER")
+    info.set_defaults(run=_info)
+
+    revoke = actions.add_parser(
+        "revoke", help="remove a container's credentials and end its sessions"
+    )
+    revoke.add_argument("container", metavar="CONTAINER")
+    revoke.set_defaults(run=_revoke)
+
+    listing = actions.add_parser("list", help="list the containers with credentials")
+    listing.set_defaults(run=_list)
+
+    for action in (generate, info, listing):
+        action.add_argument(
+            "--json", action="store_true", help="print the API's JSON object"
+        )
+    return parser
+
+
+def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
+    """
+    Run the console script with C{argv} (default: C{sys.argv[1:]}) and
+    return its exit status.
+    """
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    # argparse prints usage and help to the sys streams and exits.
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as e:
+            return e.code
+    try:
+        config = load(args.config)
+        store = LMDBCredentialStore(config.credentials_path)
+        try:
+            args.run(Accounts(config, store), args, stdin, stdout, stderr)
+        finally:
+            store.close()
+    except (ConfigError, StoreError, AccountError, OSError) as e:
+        stderr.write(f"{_PROG}: error: {e}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""
+config.json: the one place that knows its keys, their types and defaults.
+
+L{load} turns the file into frozen dataclasses with every default filled in
+and every path absolute, or raises L{ConfigError} naming the file and the
+key.  It writes nothing: creating folders, keys and tokens is the service's
+job, and a refused configuration must leave the host as it found it.
+"""
+
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used.  C{str()} is one line naming the file
+    and, where there is one, the dotted key.
+    """
+
+    def __init__(self, path: str, key: "str | None", problem: str) -> None:
+        super().__init__(path, key, problem)
+        self.path = path
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        if self.key is None:
+            return f"{self.path}: {self.problem}"
+        return f"{self.path}: {self.key}: {self.problem}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """
+    The admin HTTP API's bind address.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8070
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthorizationConfig:
+    """
+    The admin API's bearer token; an empty token means "generate one".
+    """
+
+    enabled: bool = True
+    token: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    """
+    Where state and container volumes live; both paths are absolute.
+    """
+
+    base_path: str
+    volumes_path: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTPConfig:
+    """
+    The SFTP listener and its limits.  Times are seconds; an C{idle_timeout}
+    or C{login_grace_time} of 0 disables that timer.  C{host_key} is absolute.
+    """
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 2022
+    public_host: str = ""
+    host_key: str
+    bcrypt_cost: int = 10
+    idle_timeout: float = 300.0
+    login_grace_time: float = 120.0
+    max_auth_tries: int = 6
+    window_size: int = 2 * 1024 * 1024
+    max_packet_size: int = 32 * 1024
+    max_handles: int = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """
+    A loaded configuration.  C{path} is the absolute path of its file.
+    """
+
+    path: str
+    server: ServerConfig
+    authorization: AuthorizationConfig
+    storage: StorageConfig
+    sftp: SFTPConfig
+
+    @property
+    def credentials_path(self) -> str:
+        """
+        The LMDB environment holding the credential records.
+        """
+        return os.path.join(self.storage.base_path, "sftp_credentials")
+
+    @property
+    def api_token_path(self) -> str:
+        """
+        Where a generated admin API token is kept.
+        """
+        return os.path.join(self.storage.base_path, "api_token")
+
+    def volume_path(self, container_id: str) -> str:
+        """
+        The host directory of a container's volume.  C{container_id} must
+        already be validated: this only joins.
+        """
+        return os.path.join(self.storage.volumes_path, container_id)
+
+
+class _Invalid(ValueError):
+    """
+    A value does not fit its key; the message says why, without the key.
+    """
+
+
+def _show(value: object) -> str:
+    """
+    Render a rejected value the way it was written, short and on one line.
+    """
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _flag(value: object, folder: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _text(value: object, folder: str) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {_show(value)}")
+    return value
+
+
+def _path(value: object, folder: str) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise _Invalid(f"must be a non-empty path, got {_show(value)}")
+    return _resolve(folder, value)
+
+
+def _integer(low: int, high: int):
+    def check(value: object, folder: str) -> int:
+        # bool is a subclass of int, but "port": true is a mistake.
+        if type(value) is not int or not low <= value <= high:
+            raise _Invalid(f"must be an integer {low}..{high}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def _seconds(value: object, folder: str) -> float:
+    # json accepts NaN and Infinity; a timer cannot.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise _Invalid(
+            f"must be a number of seconds, 0 or more (0 disables), got {_show(value)}"
+        )
+    return float(value)
+
+
+def _resolve(folder: str, path: str) -> str:
+    return os.path.normpath(os.path.join(folder, path))
+
+
+_port = _integer(0, 65535)
+
+# section -> key -> check.  Defaults live on the dataclasses, except the
+# storage paths below, which depend on where the file is.
+_SCHEMA = {
+    "server": {"host": _text, "port": _port},
+    "authorization": {"enabled": _flag, "token": _text},
+    "storage": {"base_path": _path, "volumes_path": _path},
+    "sftp": {
+        "enabled": _flag,
+        "host": _text,
+        "port": _port,
+        "public_host": _text,
+        "host_key": _path,
+        "bcrypt_cost": _integer(4, 31),
+        "idle_timeout": _seconds,
+        "login_grace_time": _seconds,
+        "max_auth_tries": _integer(1, 100),
+        # Some clients keep the window in a signed 32-bit integer.
+        "window_size": _integer(32 * 1024, 2**31 - 1),
+        # RFC 4253 requires 32 KiB; OpenSSH refuses packets above 256 KiB.
+        "max_packet_size": _integer(4096, 256 * 1024),
+        "max_handles": _integer(1, 65536),
+    },
+}
+
+_STORAGE_DEFAULTS = {"base_path": "storage", "volumes_path": "storage/volumes"}
+
+# Lightd's own settings, so that one Lightd config.json serves both daemons.
+_LIGHTD_SECTIONS = frozenset({"version", "docker", "monitoring", "remote"})
+_LIGHTD_KEYS = {"storage": frozenset({"containers_path"})}
+
+
+def _unknown(path: str, key: str, known) -> ConfigError:
+    prefix, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1)
+    if not close:
+        return ConfigError(path, key, "unknown key")
+    guess = f"{prefix}.{close[0]}" if prefix else close[0]
+    return ConfigError(path, key, f'unknown key (did you mean "{guess}"?)')
+
+
+def _section(path: str, document: dict, name: str, folder: str) -> dict:
+    """
+    Check one section and return its given keys, converted.
+    """
+    raw = document.get(name, {})
+    if not isinstance(raw, dict):
+        raise ConfigError(path, name, f"must be an object, got {_show(raw)}")
+    checks = _SCHEMA[name]
+    values = {}
+    for key, value in raw.items():
+        if key in _LIGHTD_KEYS.get(name, ()):
+            continue
+        if key not in checks:
+            raise _unknown(path, f"{name}.{key}", checks)
+        try:
+            values[key] = checks[key](value, folder)
+        except _Invalid as e:
+            raise ConfigError(path, f"{name}.{key}", str(e)) from None
+    return values
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e.strerror}") from None
+    try:
+        document = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            path, None, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, "invalid JSON: not UTF-8") from None
+    if not isinstance(document, dict):
+        raise ConfigError(path, None, f"must be a JSON object, got {_show(document)}")
+    return document
+
+
+def load(path: str) -> Config:
+    """
+    Read and validate the configuration file at C{path}.  Relative paths in
+    it resolve against the file's folder.
+
+    @raise ConfigError: naming the file and the key, if it cannot be used.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    document = _read(path)
+    for key in document:
+        if key not in _SCHEMA and key not in _LIGHTD_SECTIONS:
+            raise _unknown(path, key, _SCHEMA)
+
+    given = {name: _section(path, document, name, folder) for name in _SCHEMA}
+    storage = StorageConfig(
+        **(
+            {key: _resolve(folder, value) for key, value in _STORAGE_DEFAULTS.items()}
+            | given["storage"]
+        )
+    )
+    sftp = SFTPConfig(
+        **(
+            {"host_key": os.path.join(storage.base_path, "sftp_host_ed25519_key")}
+            | given["sftp"]
+        )
+    )
+    if sftp.max_packet_size > sftp.window_size:
+        raise ConfigError(
+            path,
+            "sftp.max_packet_size",
+            f"must not exceed sftp.window_size ({sftp.window_size}),"
+            f" got {sftp.max_packet_size}",
+        )
+    return Config(
+        path=path,
+        server=ServerConfig(**given["server"]),
+        authorization=AuthorizationConfig(**given["authorization"]),
+        storage=storage,
+        sftp=sftp,
+    )

@@ -1,0 +1,107 @@
+"""
+Who may log in, and what they get: the bcrypt password checker, the realm and
+the per-container avatar.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import bcrypt
+from twisted.conch.avatar import ConchUser
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
+
+from .fs import ConfinedFilesystem
+from .ssh import SessionChannel
+
+BCRYPT_MAX_PASSWORD = 72
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """
+    Checks a username and password against the credential store.
+
+    bcrypt runs in a small dedicated thread pool, never on the reactor thread.
+    An unknown user, or a password bcrypt cannot take (over 72 bytes), is
+    checked against a dummy hash of the same cost, so a failure takes the same
+    time whether or not the user exists.  The avatar id is the container id.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, store, reactor, threadPool, cost: int) -> None:
+        self._store = store
+        self._reactor = reactor
+        self._threadPool = threadPool
+        self._dummyHash = bcrypt.hashpw(
+            secrets.token_bytes(16), bcrypt.gensalt(cost)
+        )
+
+    def requestAvatarId(self, credentials):
+        return deferToThreadPool(
+            self._reactor,
+            self._threadPool,
+            self._check,
+            credentials.username,
+            credentials.password,
+        )
+
+    def _check(self, username: bytes, password: bytes) -> str:
+        try:
+            record = self._store.by_username(username.decode("utf-8"))
+        except UnicodeDecodeError:
+            record = None
+        if record is None or len(password) > BCRYPT_MAX_PASSWORD:
+            bcrypt.checkpw(password[:BCRYPT_MAX_PASSWORD], self._dummyHash)
+            raise UnauthorizedLogin()
+        if not bcrypt.checkpw(password, record.password_hash):
+            raise UnauthorizedLogin()
+        return record.container_id
+
+
+class ContainerAvatar(ConchUser):
+    """
+    A logged-in user of one container: session channels only, rooted at the
+    container's volume.
+    """
+
+    def __init__(self, containerId: str, volumePath: str, settings) -> None:
+        super().__init__()
+        self.containerId = containerId
+        self.volumePath = volumePath
+        self.settings = settings
+
+    def lookupChannel(self, channelType, windowSize, maxPacket, data):
+        return SessionChannel(
+            localWindow=self.settings.window_size,
+            localMaxPacket=self.settings.max_packet_size,
+            remoteWindow=windowSize,
+            remoteMaxPacket=maxPacket,
+            data=data,
+            avatar=self,
+        )
+
+    def openFilesystem(self) -> ConfinedFilesystem:
+        return ConfinedFilesystem(self.volumePath)
+
+
+@implementer(IRealm)
+class ContainerRealm:
+    """
+    Gives each container id an avatar rooted at its volume directory.
+    """
+
+    def __init__(self, config) -> None:
+        self._config = config
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        avatar = ContainerAvatar(
+            avatarId, self._config.volume_path(avatarId), self._config.sftp
+        )
+        return interfaces[0], avatar, lambda: None

@@ -1,0 +1,427 @@
+"""
+The confined filesystem: a container's volume as the only tree a session can reach.
+
+Client paths are normalised once, lexically, into a tuple of components beneath
+the volume root (``..`` at the root stays at the root).  From then on the kernel
+enforces the root: every operation starts from a directory fd held for the
+volume and resolves with ``openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)``,
+or, where openat2 is missing, with a component-by-component ``openat`` walk
+using ``O_NOFOLLOW`` that gives symlinks the same chroot semantics.  Operations
+on a name (unlink, rename, mkdir, lstat, ...) resolve its parent that way and
+then act on ``(parent_fd, name)`` without following the name.  No host path is
+ever built from client input.
+
+Everything here raises L{OSError}; the SFTP layer maps errno to status codes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
+
+Parts = Tuple[bytes, ...]
+
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+_SYS_openat2 = 437  # the same number on every architecture Linux added it to
+_RENAME_NOREPLACE = 1
+_MAX_SYMLINKS = 40  # the kernel's own limit (MAXSYMLINKS)
+_PERMISSION_BITS = 0o777
+# What a client creates gets the mode it asks for under a umask of 022, as from
+# OpenSSH's server with its default umask: `mkdir` in OpenSSH's sftp and
+# paramiko ask for 0777 and expect 0755.  SETSTAT sets exact bits.
+_CREATION_MASK = 0o755
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+def _raiseErrno() -> None:
+    code = ctypes.get_errno()
+    raise OSError(code, os.strerror(code))
+
+
+def _openat2(dirfd: int, path: bytes, flags: int, mode: int = 0) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    while True:
+        fd = _libc.syscall(
+            _SYS_openat2,
+            ctypes.c_int(dirfd),
+            ctypes.c_char_p(path),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if fd >= 0:
+            return fd
+        # EAGAIN: a concurrent rename made the kernel's ".." check unsure; retry.
+        if ctypes.get_errno() != errno.EAGAIN:
+            _raiseErrno()
+
+
+def _renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes) -> None:
+    if (
+        _libc.renameat2(
+            ctypes.c_int(olddirfd),
+            ctypes.c_char_p(old),
+            ctypes.c_int(newdirfd),
+            ctypes.c_char_p(new),
+            ctypes.c_uint(_RENAME_NOREPLACE),
+        )
+        != 0
+    ):
+        _raiseErrno()
+
+
+def openat2Available() -> bool:
+    """
+    Whether this kernel (and any seccomp filter around us) allows openat2.
+    """
+    root = os.open("/", _O_PATH | os.O_CLOEXEC)
+    try:
+        os.close(_openat2(root, b".", _O_PATH))
+    except OSError:
+        return False
+    finally:
+        os.close(root)
+    return True
+
+
+def normalize(path: bytes) -> Parts:
+    """
+    Turn a client path into components beneath the root, lexically.
+
+    Relative paths are relative to the root (the session's home).  A NUL byte
+    cannot name any file.
+    """
+    if b"\0" in path:
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+    parts: list[bytes] = []
+    for part in path.split(b"/"):
+        if part == b"" or part == b".":
+            continue
+        if part == b"..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return tuple(parts)
+
+
+def virtualPath(parts: Parts) -> bytes:
+    """
+    The path a client sees for C{parts}.
+    """
+    return b"/" + b"/".join(parts)
+
+
+def _relative(parts: Parts) -> bytes:
+    return b"/".join(parts) or b"."
+
+
+def _procPath(fd: int) -> str:
+    # Re-opening or changing an inode through our own fd's /proc entry acts on
+    # exactly the inode the fd pins, so no path can be swapped in between.
+    return f"/proc/self/fd/{fd}"
+
+
+class ConfinedFilesystem:
+    """
+    The volume of one container, as seen by one session.
+
+    @ivar rootFD: an C{O_PATH} fd on the volume directory, held for the
+        session's lifetime, from which every resolution starts.
+    """
+
+    def __init__(self, root: str, useOpenat2: Optional[bool] = None) -> None:
+        self.rootFD = os.open(root, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if useOpenat2 is None:
+            useOpenat2 = openat2Available()
+        self._resolve = self._resolveOpenat2 if useOpenat2 else self._resolveWalk
+        st = os.fstat(self.rootFD)
+        # When the service runs as root, what a client creates belongs to the
+        # volume's owner, as if the container had created it.
+        self._owner: Optional[Tuple[int, int]] = (
+            (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+        )
+
+    def close(self) -> None:
+        if self.rootFD >= 0:
+            os.close(self.rootFD)
+            self.rootFD = -1
+
+    # -- resolution -------------------------------------------------------
+
+    def _resolveOpenat2(self, parts: Parts, flags: int, mode: int = 0) -> int:
+        return _openat2(self.rootFD, _relative(parts), flags, mode)
+
+    def _resolveWalk(self, parts: Parts, flags: int, mode: int = 0) -> int:
+        """
+        Resolve like RESOLVE_IN_ROOT, one component at a time with O_NOFOLLOW.
+
+        Symlinks met on the way are read and spliced into the remaining
+        components; absolute targets restart at the root, and ".." never
+        climbs above it.
+        """
+        stack = [os.dup(self.rootFD)]
+        pending = list(parts)
+        links = 0
+        try:
+            while pending:
+                name = pending.pop(0)
+                if name in (b"", b"."):
+                    continue
+                if name == b"..":
+                    if len(stack) > 1:
+                        os.close(stack.pop())
+                    continue
+                last = not pending
+                if last:
+                    try:
+                        fd = os.open(
+                            name,
+                            flags | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            mode,
+                            dir_fd=stack[-1],
+                        )
+                    except OSError as e:
+                        if e.errno not in (errno.ELOOP, errno.EEXIST, errno.ENOTDIR):
+                            raise
+                        if not self._isLink(stack[-1], name):
+                            raise
+                        if flags & os.O_EXCL:
+                            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+                    else:
+                        # O_PATH | O_NOFOLLOW opens a symlink itself: follow it.
+                        if not stat.S_ISLNK(os.fstat(fd).st_mode):
+                            return fd
+                        os.close(fd)
+                else:
+                    fd = os.open(
+                        name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1]
+                    )
+                    if stat.S_ISDIR(os.fstat(fd).st_mode):
+                        stack.append(fd)
+                        continue
+                    os.close(fd)
+                    if not self._isLink(stack[-1], name):
+                        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+                target = os.readlink(name, dir_fd=stack[-1])
+                if target.startswith(b"/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                pending[:0] = target.split(b"/")
+            # Nothing left to open: the walk ended on a directory (or the root).
+            return os.open(".", flags | os.O_CLOEXEC, mode, dir_fd=stack[-1])
+        finally:
+            for fd in stack:
+                os.close(fd)
+
+    @staticmethod
+    def _isLink(dirfd: int, name: bytes) -> bool:
+        try:
+            return stat.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+        except OSError:
+            return False
+
+    @contextmanager
+    def _opened(self, parts: Parts, flags: int, mode: int = 0) -> Iterator[int]:
+        fd = self._resolve(parts, flags, mode)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _parent(self, path: bytes) -> Iterator[Tuple[int, bytes]]:
+        """
+        Resolve the directory holding the last component of C{path}.
+
+        Yields C{(dirfd, name)}; C{name} is never empty, "." or "..".  The root
+        itself has no name in any directory, so acting on it by name is
+        refused.
+        """
+        parts = normalize(path)
+        if not parts:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        with self._opened(parts[:-1], _O_PATH | os.O_DIRECTORY) as dirfd:
+            yield dirfd, parts[-1]
+
+    # -- queries ----------------------------------------------------------
+
+    def realpath(self, path: bytes) -> bytes:
+        return virtualPath(normalize(path))
+
+    def stat(self, path: bytes) -> os.stat_result:
+        with self._opened(normalize(path), _O_PATH) as fd:
+            return os.fstat(fd)
+
+    def lstat(self, path: bytes) -> os.stat_result:
+        parts = normalize(path)
+        if not parts:
+            return os.fstat(self.rootFD)
+        with self._parent(path) as (dirfd, name):
+            return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+    def readlink(self, path: bytes) -> bytes:
+        with self._parent(path) as (dirfd, name):
+            return os.readlink(name, dir_fd=dirfd)
+
+    # -- files and directories --------------------------------------------
+
+    def openFile(self, path: bytes, flags: int, mode: Optional[int] = None) -> int:
+        """
+        Open a regular file with C{os.open} flags and return its fd.
+
+        Anything that is not a regular file (directory, FIFO, socket, device)
+        is refused before it is opened for reading or writing, so a FIFO can
+        never block the reactor and a device never sees an open.  A file this
+        call creates gets C{mode} (default 0644) under L{_CREATION_MASK},
+        whatever the process umask.
+        """
+        parts = normalize(path)
+        access = flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC)
+        access |= os.O_NONBLOCK | os.O_NOCTTY
+        mode = 0o644 if mode is None else mode & _CREATION_MASK
+        try:
+            probe = self._resolve(parts, _O_PATH)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                raise
+            try:
+                fd = self._resolve(parts, access | os.O_CREAT | os.O_EXCL, mode)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                # A dangling symlink: create its target, beneath the root.
+                fd = self._resolve(parts, access | os.O_CREAT, mode)
+            try:
+                self._checkRegular(fd)
+                os.fchmod(fd, mode)
+                if self._owner is not None:
+                    os.fchown(fd, *self._owner)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        try:
+            if flags & os.O_CREAT and flags & os.O_EXCL:
+                raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+            self._checkRegular(probe)
+            fd = os.open(_procPath(probe), access | os.O_CLOEXEC)
+        finally:
+            os.close(probe)
+        return fd
+
+    @staticmethod
+    def _checkRegular(fd: int) -> None:
+        st_mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(st_mode):
+            raise OSError(errno.EINVAL, "Not a regular file")
+
+    def openDirectory(self, path: bytes) -> int:
+        return self._resolve(
+            normalize(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK
+        )
+
+    def mkdir(self, path: bytes, mode: Optional[int] = None) -> None:
+        mode = 0o755 if mode is None else mode & _CREATION_MASK
+        with self._parent(path) as (dirfd, name):
+            os.mkdir(name, mode, dir_fd=dirfd)
+            # Set the exact mode (and owner) on what we just made; O_NOFOLLOW
+            # keeps a symlink swapped in meanwhile from redirecting us.
+            fd = os.open(
+                name,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=dirfd,
+            )
+            try:
+                os.fchmod(fd, mode)
+                if self._owner is not None:
+                    os.fchown(fd, *self._owner)
+            finally:
+                os.close(fd)
+
+    def rmdir(self, path: bytes) -> None:
+        with self._parent(path) as (dirfd, name):
+            os.rmdir(name, dir_fd=dirfd)
+
+    def remove(self, path: bytes) -> None:
+        with self._parent(path) as (dirfd, name):
+            os.unlink(name, dir_fd=dirfd)
+
+    def rename(self, old: bytes, new: bytes, replace: bool = False) -> None:
+        """
+        Rename C{old} to C{new}; unless C{replace}, an existing C{new} is an
+        error (SFTP v3 semantics), checked atomically by the kernel.
+        """
+        with self._parent(old) as (olddir, oldname), self._parent(new) as (newdir, newname):
+            if replace:
+                os.rename(oldname, newname, src_dir_fd=olddir, dst_dir_fd=newdir)
+            else:
+                _renameat2(olddir, oldname, newdir, newname)
+
+    def symlink(self, target: bytes, linkpath: bytes) -> None:
+        """
+        Create C{linkpath} holding C{target} verbatim.  An absolute target
+        means "from the volume root" whenever this service follows it.
+        """
+        if b"\0" in target:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        with self._parent(linkpath) as (dirfd, name):
+            os.symlink(target, name, dir_fd=dirfd)
+            if self._owner is not None:
+                os.chown(name, *self._owner, dir_fd=dirfd, follow_symlinks=False)
+
+    # -- attributes -------------------------------------------------------
+
+    def setattrs(
+        self,
+        path: bytes,
+        size: Optional[int] = None,
+        mode: Optional[int] = None,
+        times: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        """
+        Change the attributes of what C{path} leads to (following symlinks,
+        beneath the root).
+        """
+        with self._opened(normalize(path), _O_PATH) as fd:
+            target = _procPath(fd)
+            if size is not None:
+                os.truncate(target, size)
+            if mode is not None:
+                os.chmod(target, mode & _PERMISSION_BITS)
+            if times is not None:
+                os.utime(target, times)
+
+    @staticmethod
+    def fsetattrs(
+        fd: int,
+        size: Optional[int] = None,
+        mode: Optional[int] = None,
+        times: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        if size is not None:
+            os.ftruncate(fd, size)
+        if mode is not None:
+            os.fchmod(fd, mode & _PERMISSION_BITS)
+        if times is not None:
+            os.utime(fd, times)

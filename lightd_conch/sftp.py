@@ -1,0 +1,668 @@
+"""
+The SFTP v3 protocol (draft-ietf-secsh-filexfer-02) over a confined filesystem.
+
+This replaces Conch's C{FileTransferServer}, whose gaps are known: an unbounded
+input buffer, no reply on malformed packets or unknown handles (twisted#12140)
+and status code 11 for EEXIST.  Here every request gets exactly one reply with a
+v3 status code, packets over 256 KiB close the channel, READ lengths are capped,
+READDIR replies are bounded, and replies are never held unboundedly: while the
+transport is full, no further request is read (see L{SFTPServer.pauseProducing}).
+
+The protocol translates bytes; what the bytes ask for is done by
+L{lightd_conch.fs.ConfinedFilesystem}, and L{statusForError} is the one place
+that maps an C{OSError} to an SFTP status.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .fs import ConfinedFilesystem, normalize, virtualPath
+
+# Packet types.
+FXP_INIT = 1
+FXP_VERSION = 2
+FXP_OPEN = 3
+FXP_CLOSE = 4
+FXP_READ = 5
+FXP_WRITE = 6
+FXP_LSTAT = 7
+FXP_FSTAT = 8
+FXP_SETSTAT = 9
+FXP_FSETSTAT = 10
+FXP_OPENDIR = 11
+FXP_READDIR = 12
+FXP_REMOVE = 13
+FXP_MKDIR = 14
+FXP_RMDIR = 15
+FXP_REALPATH = 16
+FXP_STAT = 17
+FXP_RENAME = 18
+FXP_READLINK = 19
+FXP_SYMLINK = 20
+FXP_STATUS = 101
+FXP_HANDLE = 102
+FXP_DATA = 103
+FXP_NAME = 104
+FXP_ATTRS = 105
+FXP_EXTENDED = 200
+FXP_EXTENDED_REPLY = 201
+
+# Status codes (v3 only).
+FX_OK = 0
+FX_EOF = 1
+FX_NO_SUCH_FILE = 2
+FX_PERMISSION_DENIED = 3
+FX_FAILURE = 4
+FX_BAD_MESSAGE = 5
+FX_OP_UNSUPPORTED = 8
+
+# OPEN pflags.
+FXF_READ = 0x01
+FXF_WRITE = 0x02
+FXF_APPEND = 0x04
+FXF_CREAT = 0x08
+FXF_TRUNC = 0x10
+FXF_EXCL = 0x20
+
+# Attribute flags.
+FILEXFER_ATTR_SIZE = 0x01
+FILEXFER_ATTR_UIDGID = 0x02
+FILEXFER_ATTR_PERMISSIONS = 0x04
+FILEXFER_ATTR_ACMODTIME = 0x08
+FILEXFER_ATTR_EXTENDED = 0x80000000
+
+SFTP_VERSION = 3
+MAX_PACKET_LENGTH = 256 * 1024
+"""The largest SFTP packet accepted, as OpenSSH's sftp-server; larger ones close the channel."""
+MAX_READ_LENGTH = MAX_PACKET_LENGTH - 1024
+"""READ replies carry at most this many bytes (261120, as OpenSSH)."""
+MAX_READDIR_ENTRIES = 100
+
+_STATUS_MESSAGES = {
+    FX_OK: "Success",
+    FX_EOF: "End of file",
+    FX_NO_SUCH_FILE: "No such file",
+    FX_PERMISSION_DENIED: "Permission denied",
+    FX_FAILURE: "Failure",
+    FX_BAD_MESSAGE: "Bad message",
+    FX_OP_UNSUPPORTED: "Operation unsupported",
+}
+
+_ERRNO_STATUS = {
+    errno.ENOENT: FX_NO_SUCH_FILE,
+    errno.ENOTDIR: FX_NO_SUCH_FILE,
+    errno.EBADF: FX_FAILURE,
+    errno.EACCES: FX_PERMISSION_DENIED,
+    errno.EPERM: FX_PERMISSION_DENIED,
+    errno.EROFS: FX_PERMISSION_DENIED,
+    errno.ENOSYS: FX_OP_UNSUPPORTED,
+    errno.EOPNOTSUPP: FX_OP_UNSUPPORTED,
+}
+
+
+def statusForError(error: OSError) -> Tuple[int, str]:
+    """
+    The SFTP status code and message for a failed filesystem call.
+
+    The message comes from the errno alone, never from a path, so no host path
+    can reach a client.
+    """
+    code = _ERRNO_STATUS.get(error.errno, FX_FAILURE)
+    if error.errno is None:
+        return code, str(error.strerror or "Failure")
+    return code, error.strerror or os.strerror(error.errno)
+
+
+class SFTPError(Exception):
+    """
+    A request that ends in a status other than an C{OSError}'s.
+    """
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message or _STATUS_MESSAGES[code]
+
+
+class _Malformed(Exception):
+    """
+    A packet whose fields run past its end.
+    """
+
+
+class _Reader:
+    """
+    Reads the fields of one packet; a short packet raises L{_Malformed}.
+    """
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int = 0) -> None:
+        self.data = data
+        self.pos = pos
+
+    def uint32(self) -> int:
+        end = self.pos + 4
+        if end > len(self.data):
+            raise _Malformed()
+        (value,) = struct.unpack_from(">I", self.data, self.pos)
+        self.pos = end
+        return value
+
+    def uint64(self) -> int:
+        end = self.pos + 8
+        if end > len(self.data):
+            raise _Malformed()
+        (value,) = struct.unpack_from(">Q", self.data, self.pos)
+        self.pos = end
+        return value
+
+    def string(self) -> bytes:
+        length = self.uint32()
+        end = self.pos + length
+        if end > len(self.data):
+            raise _Malformed()
+        value = self.data[self.pos : end]
+        self.pos = end
+        return value
+
+    def attrs(self) -> "Attributes":
+        flags = self.uint32()
+        attrs = Attributes()
+        if flags & FILEXFER_ATTR_SIZE:
+            attrs.size = self.uint64()
+        if flags & FILEXFER_ATTR_UIDGID:
+            attrs.uid = self.uint32()
+            attrs.gid = self.uint32()
+        if flags & FILEXFER_ATTR_PERMISSIONS:
+            attrs.permissions = self.uint32()
+        if flags & FILEXFER_ATTR_ACMODTIME:
+            attrs.atime = self.uint32()
+            attrs.mtime = self.uint32()
+        if flags & FILEXFER_ATTR_EXTENDED:
+            for _ in range(self.uint32()):
+                self.string()
+                self.string()
+        return attrs
+
+
+def _string(value: bytes) -> bytes:
+    return struct.pack(">I", len(value)) + value
+
+
+class Attributes:
+    """
+    The attributes a client asked to set.
+    """
+
+    __slots__ = ("size", "uid", "gid", "permissions", "atime", "mtime")
+
+    def __init__(self) -> None:
+        self.size: Optional[int] = None
+        self.uid: Optional[int] = None
+        self.gid: Optional[int] = None
+        self.permissions: Optional[int] = None
+        self.atime: Optional[int] = None
+        self.mtime: Optional[int] = None
+
+    @property
+    def times(self) -> Optional[Tuple[int, int]]:
+        if self.atime is None or self.mtime is None:
+            return None
+        return (self.atime, self.mtime)
+
+
+_ALL_ATTRS = (
+    FILEXFER_ATTR_SIZE
+    | FILEXFER_ATTR_UIDGID
+    | FILEXFER_ATTR_PERMISSIONS
+    | FILEXFER_ATTR_ACMODTIME
+)
+_ATTRS = struct.Struct(">IQIIIII")
+_NO_ATTRS = b"\0\0\0\0"
+
+
+def _clip32(value: float) -> int:
+    return min(max(int(value), 0), 0xFFFFFFFF)
+
+
+def encodeAttrs(st: os.stat_result) -> bytes:
+    return _ATTRS.pack(
+        _ALL_ATTRS,
+        st.st_size,
+        st.st_uid,
+        st.st_gid,
+        st.st_mode,
+        _clip32(st.st_atime),
+        _clip32(st.st_mtime),
+    )
+
+
+_SIX_MONTHS = 182 * 24 * 3600
+
+
+def longname(name: bytes, st: os.stat_result, now: Optional[float] = None) -> bytes:
+    """
+    An C{ls -l} line for a directory entry, in the form OpenSSH's server sends.
+
+    Owners are shown as numbers: the names on the host mean nothing inside a
+    container.
+    """
+    if now is None:
+        now = time.time()
+    mtime = time.localtime(st.st_mtime)
+    if abs(now - st.st_mtime) < _SIX_MONTHS:
+        when = time.strftime("%b %e %H:%M", mtime)
+    else:
+        when = time.strftime("%b %e  %Y", mtime)
+    head = "%s %3u %-8u %-8u %8u %s " % (
+        stat.filemode(st.st_mode),
+        st.st_nlink,
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        when,
+    )
+    return head.encode("ascii") + name
+
+
+class _FileHandle:
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _DirectoryHandle:
+    __slots__ = ("fd", "path", "_entries", "_dots")
+
+    def __init__(self, fd: int, path: bytes) -> None:
+        self.fd = fd
+        self.path = path
+        self._entries: Optional[Iterator[os.DirEntry]] = None
+        self._dots = True
+
+    def read(
+        self, filesystem: ConfinedFilesystem, limit: int
+    ) -> List[Tuple[bytes, os.stat_result]]:
+        """
+        The next entries with their lstat, at most C{limit}; empty at the end.
+
+        "." and ".." come first, as from OpenSSH's server; ".." of the root is
+        the root itself.
+        """
+        batch: List[Tuple[bytes, os.stat_result]] = []
+        if self._dots:
+            self._dots = False
+            batch.append((b".", os.fstat(self.fd)))
+            parent = virtualPath(normalize(self.path)[:-1])
+            try:
+                batch.append((b"..", filesystem.stat(parent)))
+            except OSError:
+                pass
+            self._entries = os.scandir(self.fd)
+        assert self._entries is not None
+        for entry in self._entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # removed since it was listed
+            batch.append((os.fsencode(entry.name), st))
+            if len(batch) >= limit:
+                break
+        return batch
+
+    def close(self) -> None:
+        if self._entries is not None:
+            self._entries.close()
+        os.close(self.fd)
+
+
+_Handle = Union[_FileHandle, _DirectoryHandle]
+
+
+@implementer(IPushProducer)
+class SFTPServer(Protocol):
+    """
+    One SFTP session over one channel.
+
+    @ivar maxHandles: open file and directory handles allowed at once.
+    """
+
+    _log = Logger()
+
+    def __init__(self, filesystem: ConfinedFilesystem, maxHandles: int = 512) -> None:
+        self.filesystem = filesystem
+        self.maxHandles = maxHandles
+        self._buffer = bytearray()
+        self._handles: Dict[bytes, _Handle] = {}
+        self._nextHandle = 0
+        self._version: Optional[int] = None
+        self._paused = False
+        self._closed = False
+        self._dispatch: Dict[int, Callable[[int, _Reader], bytes]] = {
+            FXP_OPEN: self._open,
+            FXP_CLOSE: self._close,
+            FXP_READ: self._read,
+            FXP_WRITE: self._write,
+            FXP_LSTAT: self._lstat,
+            FXP_FSTAT: self._fstat,
+            FXP_SETSTAT: self._setstat,
+            FXP_FSETSTAT: self._fsetstat,
+            FXP_OPENDIR: self._opendir,
+            FXP_READDIR: self._readdir,
+            FXP_REMOVE: self._remove,
+            FXP_MKDIR: self._mkdir,
+            FXP_RMDIR: self._rmdir,
+            FXP_REALPATH: self._realpath,
+            FXP_STAT: self._stat,
+            FXP_RENAME: self._rename,
+            FXP_READLINK: self._readlink,
+            FXP_SYMLINK: self._symlink,
+            FXP_EXTENDED: self._extended,
+        }
+        self.extensions: Dict[bytes, Callable[[int, _Reader], bytes]] = {}
+
+    # -- framing ----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        self._processBuffer()
+
+    def _processBuffer(self) -> None:
+        buffer = self._buffer
+        while not self._paused and not self._closed and len(buffer) >= 4:
+            (length,) = struct.unpack_from(">I", buffer)
+            if length > MAX_PACKET_LENGTH or length < 5:
+                # Too big to take, or too short to hold a type and an id we
+                # could answer: nothing sensible can follow on this stream.
+                self._abort()
+                return
+            if len(buffer) < 4 + length:
+                return
+            packet = bytes(buffer[4 : 4 + length])
+            del buffer[: 4 + length]
+            self._packetReceived(packet)
+
+    def _abort(self) -> None:
+        self._closed = True
+        self._buffer.clear()
+        self.transport.loseConnection()
+
+    def _send(self, kind: int, payload: bytes) -> None:
+        self.transport.write(struct.pack(">IB", len(payload) + 1, kind) + payload)
+
+    def _packetReceived(self, packet: bytes) -> None:
+        kind = packet[0]
+        if kind == FXP_INIT:
+            if self._version is not None:
+                self._abort()  # INIT carries no id to answer with
+                return
+            self._version = struct.unpack_from(">I", packet, 1)[0]
+            self._send(FXP_VERSION, self._versionPayload())
+            return
+        if self._version is None:
+            self._abort()  # OpenSSH's server closes too: no session yet
+            return
+        (requestId,) = struct.unpack_from(">I", packet, 1)
+        handler = self._dispatch.get(kind)
+        if handler is None:
+            self._status(requestId, FX_OP_UNSUPPORTED)
+            return
+        try:
+            reply = handler(requestId, _Reader(packet, 5))
+        except _Malformed:
+            self._status(requestId, FX_BAD_MESSAGE)
+        except SFTPError as e:
+            self._status(requestId, e.code, e.message)
+        except OSError as e:
+            self._status(requestId, *statusForError(e))
+        except Exception:
+            self._log.failure("SFTP request type {kind} failed", kind=kind)
+            self._status(requestId, FX_FAILURE)
+        else:
+            self.transport.write(reply)
+
+    def _versionPayload(self) -> bytes:
+        payload = [struct.pack(">I", SFTP_VERSION)]
+        for name, version in self.advertisedExtensions():
+            payload.append(_string(name) + _string(version))
+        return b"".join(payload)
+
+    def advertisedExtensions(self) -> List[Tuple[bytes, bytes]]:
+        return []
+
+    # -- replies ----------------------------------------------------------
+
+    @staticmethod
+    def _packet(kind: int, requestId: int, payload: bytes) -> bytes:
+        return struct.pack(">IBI", len(payload) + 5, kind, requestId) + payload
+
+    def _statusPacket(self, requestId: int, code: int, message: str = "") -> bytes:
+        text = (message or _STATUS_MESSAGES[code]).encode("utf-8")
+        return self._packet(
+            FXP_STATUS, requestId, struct.pack(">I", code) + _string(text) + _string(b"")
+        )
+
+    def _status(self, requestId: int, code: int, message: str = "") -> None:
+        self.transport.write(self._statusPacket(requestId, code, message))
+
+    def _ok(self, requestId: int) -> bytes:
+        return self._statusPacket(requestId, FX_OK)
+
+    def _names(self, requestId: int, entries: List[Tuple[bytes, bytes, bytes]]) -> bytes:
+        body = [struct.pack(">I", len(entries))]
+        for name, long, attrs in entries:
+            body.append(_string(name) + _string(long) + attrs)
+        return self._packet(FXP_NAME, requestId, b"".join(body))
+
+    # -- handles ----------------------------------------------------------
+
+    def _addHandle(self, requestId: int, handle: _Handle) -> bytes:
+        self._nextHandle += 1
+        key = str(self._nextHandle).encode("ascii")
+        self._handles[key] = handle
+        return self._packet(FXP_HANDLE, requestId, _string(key))
+
+    def _checkHandleRoom(self) -> None:
+        if len(self._handles) >= self.maxHandles:
+            raise SFTPError(FX_FAILURE, "Too many open handles")
+
+    def _handle(self, reader: _Reader, kind: type) -> _Handle:
+        handle = self._handles.get(reader.string())
+        if not isinstance(handle, kind):
+            raise SFTPError(FX_FAILURE, "Invalid handle")
+        return handle
+
+    def _anyHandle(self, reader: _Reader) -> _Handle:
+        handle = self._handles.get(reader.string())
+        if handle is None:
+            raise SFTPError(FX_FAILURE, "Invalid handle")
+        return handle
+
+    # -- requests ---------------------------------------------------------
+
+    def _open(self, requestId: int, reader: _Reader) -> bytes:
+        path = reader.string()
+        pflags = reader.uint32()
+        attrs = reader.attrs()
+        self._checkHandleRoom()
+        if pflags & FXF_READ and pflags & FXF_WRITE:
+            flags = os.O_RDWR
+        elif pflags & FXF_WRITE:
+            flags = os.O_WRONLY
+        else:
+            flags = os.O_RDONLY
+        if pflags & FXF_APPEND:
+            flags |= os.O_APPEND
+        if pflags & FXF_CREAT:
+            flags |= os.O_CREAT
+        if pflags & FXF_TRUNC:
+            flags |= os.O_TRUNC
+        if pflags & FXF_EXCL:
+            flags |= os.O_EXCL
+        fd = self.filesystem.openFile(path, flags, attrs.permissions)
+        return self._addHandle(requestId, _FileHandle(fd))
+
+    def _close(self, requestId: int, reader: _Reader) -> bytes:
+        key = reader.string()
+        handle = self._handles.pop(key, None)
+        if handle is None:
+            raise SFTPError(FX_FAILURE, "Invalid handle")
+        handle.close()
+        return self._ok(requestId)
+
+    def _read(self, requestId: int, reader: _Reader) -> bytes:
+        handle = self._handle(reader, _FileHandle)
+        offset = reader.uint64()
+        length = min(reader.uint32(), MAX_READ_LENGTH)
+        data = os.pread(handle.fd, length, offset)
+        if not data and length:
+            return self._statusPacket(requestId, FX_EOF)
+        return self._packet(FXP_DATA, requestId, _string(data))
+
+    def _write(self, requestId: int, reader: _Reader) -> bytes:
+        handle = self._handle(reader, _FileHandle)
+        offset = reader.uint64()
+        data = memoryview(reader.string())
+        while data:
+            written = os.pwrite(handle.fd, data, offset)
+            data = data[written:]
+            offset += written
+        return self._ok(requestId)
+
+    def _attrsReply(self, requestId: int, st: os.stat_result) -> bytes:
+        return self._packet(FXP_ATTRS, requestId, encodeAttrs(st))
+
+    def _lstat(self, requestId: int, reader: _Reader) -> bytes:
+        return self._attrsReply(requestId, self.filesystem.lstat(reader.string()))
+
+    def _stat(self, requestId: int, reader: _Reader) -> bytes:
+        return self._attrsReply(requestId, self.filesystem.stat(reader.string()))
+
+    def _fstat(self, requestId: int, reader: _Reader) -> bytes:
+        return self._attrsReply(requestId, os.fstat(self._anyHandle(reader).fd))
+
+    def _checkOwnership(self, attrs: Attributes, st: os.stat_result) -> None:
+        # Ownership belongs to the host: a client may restate it, not change it.
+        if attrs.uid is not None and (attrs.uid, attrs.gid) != (st.st_uid, st.st_gid):
+            raise SFTPError(FX_PERMISSION_DENIED, "Changing owners is not allowed")
+
+    def _setstat(self, requestId: int, reader: _Reader) -> bytes:
+        path = reader.string()
+        attrs = reader.attrs()
+        if attrs.uid is not None:
+            self._checkOwnership(attrs, self.filesystem.stat(path))
+        self.filesystem.setattrs(path, attrs.size, attrs.permissions, attrs.times)
+        return self._ok(requestId)
+
+    def _fsetstat(self, requestId: int, reader: _Reader) -> bytes:
+        handle = self._anyHandle(reader)
+        attrs = reader.attrs()
+        if attrs.uid is not None:
+            self._checkOwnership(attrs, os.fstat(handle.fd))
+        self.filesystem.fsetattrs(handle.fd, attrs.size, attrs.permissions, attrs.times)
+        return self._ok(requestId)
+
+    def _opendir(self, requestId: int, reader: _Reader) -> bytes:
+        path = reader.string()
+        self._checkHandleRoom()
+        fd = self.filesystem.openDirectory(path)
+        return self._addHandle(requestId, _DirectoryHandle(fd, path))
+
+    def _readdir(self, requestId: int, reader: _Reader) -> bytes:
+        handle = self._handle(reader, _DirectoryHandle)
+        batch = handle.read(self.filesystem, MAX_READDIR_ENTRIES)
+        if not batch:
+            return self._statusPacket(requestId, FX_EOF)
+        now = time.time()
+        return self._names(
+            requestId,
+            [(name, longname(name, st, now), encodeAttrs(st)) for name, st in batch],
+        )
+
+    def _remove(self, requestId: int, reader: _Reader) -> bytes:
+        self.filesystem.remove(reader.string())
+        return self._ok(requestId)
+
+    def _mkdir(self, requestId: int, reader: _Reader) -> bytes:
+        path = reader.string()
+        attrs = reader.attrs()
+        self.filesystem.mkdir(path, attrs.permissions)
+        return self._ok(requestId)
+
+    def _rmdir(self, requestId: int, reader: _Reader) -> bytes:
+        self.filesystem.rmdir(reader.string())
+        return self._ok(requestId)
+
+    def _realpath(self, requestId: int, reader: _Reader) -> bytes:
+        path = self.filesystem.realpath(reader.string())
+        return self._names(requestId, [(path, path, _NO_ATTRS)])
+
+    def _rename(self, requestId: int, reader: _Reader) -> bytes:
+        old = reader.string()
+        new = reader.string()
+        self.filesystem.rename(old, new)
+        return self._ok(requestId)
+
+    def _readlink(self, requestId: int, reader: _Reader) -> bytes:
+        target = self.filesystem.readlink(reader.string())
+        return self._names(requestId, [(target, target, _NO_ATTRS)])
+
+    def _symlink(self, requestId: int, reader: _Reader) -> bytes:
+        # OpenSSH's argument order (its PROTOCOL file): target first, then
+        # the link to create.  Every client in use follows it.
+        target = reader.string()
+        linkpath = reader.string()
+        self.filesystem.symlink(target, linkpath)
+        return self._ok(requestId)
+
+    def _extended(self, requestId: int, reader: _Reader) -> bytes:
+        name = reader.string()
+        handler = self.extensions.get(name)
+        if handler is None:
+            raise SFTPError(FX_OP_UNSUPPORTED, "Unsupported extension")
+        return handler(requestId, reader)
+
+    # -- flow control -----------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """
+        The channel's send side is full: read no more requests until it drains.
+        """
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._processBuffer()
+
+    def stopProducing(self) -> None:
+        self._closed = True
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def connectionLost(self, reason: object = None) -> None:
+        self._closed = True
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            try:
+                handle.close()
+            except OSError:
+                pass
+        self.filesystem.close()

@@ -1,0 +1,416 @@
+"""
+The SSH side: host key, factory, transport, user authentication, connection
+and the session channel that carries the SFTP subsystem.
+
+These classes translate SSH messages; the files are served by
+L{lightd_conch.sftp.SFTPServer} over L{lightd_conch.fs.ConfinedFilesystem}.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from typing import Deque, Optional
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.conch.error import ConchError
+from twisted.conch.ssh import common, connection, factory, keys, userauth
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh.transport import (
+    DISCONNECT_BY_APPLICATION,
+    DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+    SSHServerTransport,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    Logger,
+    globalLogPublisher,
+)
+
+from .sftp import SFTPServer
+
+log = Logger()
+
+# Conch reports every channel, key exchange and disconnect at info level; a
+# busy service wants one line per login and logout, so the Conch classes we
+# build on speak only from warn upwards.
+_conchLog = Logger(
+    namespace="lightd_conch.ssh.conch",
+    observer=FilteringLogObserver(
+        globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]
+    ),
+)
+
+# Algorithms offered, strongest first.  No NIST curves, SHA-1, group exchange,
+# CBC modes, 3DES or MD5.
+KEY_EXCHANGES = [
+    b"mlkem768x25519-sha256",
+    b"curve25519-sha256",
+    b"curve25519-sha256@libssh.org",
+]
+CIPHERS = [b"aes128-ctr", b"aes192-ctr", b"aes256-ctr"]
+MACS = [b"hmac-sha2-256", b"hmac-sha2-512"]
+
+
+def loadOrCreateHostKey(path: str) -> keys.Key:
+    """
+    The service's ED25519 host key, generated at C{path} (mode 0600) the first
+    time and read back on every later start, so clients see the same
+    fingerprint across restarts.
+    """
+    try:
+        with open(path, "rb") as f:
+            return keys.Key.fromString(f.read())
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return keys.Key.fromString(pem)
+
+
+def _peer(transport: SSHServerTransport) -> str:
+    peer = transport.transport.getPeer()
+    return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+
+class SSHTransport(SSHServerTransport):
+    """
+    The server transport, with the login grace time, an idle timeout and
+    TCP_NODELAY on every connection.
+    """
+
+    _log = _conchLog
+    supportedKeyExchanges = KEY_EXCHANGES
+    supportedCiphers = CIPHERS
+    supportedMACs = MACS
+    supportedCompressions = [b"none"]
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        settings = self.factory.settings
+        clock = self.factory.clock
+        self._lastActivity = clock.seconds()
+        self._graceCall = clock.callLater(settings.login_grace_time, self._graceExpired)
+        self._idleCall = (
+            clock.callLater(settings.idle_timeout, self._checkIdle)
+            if settings.idle_timeout
+            else None
+        )
+        # Stop reading while the socket's send buffer is full, so a client that
+        # does not read its replies cannot make us queue them without bound.
+        self.transport.registerProducer(_ReadPauser(self.transport), True)
+        super().connectionMade()
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        # A client saying goodbye is not an error of ours.
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        self._lastActivity = self.factory.clock.seconds()
+        super().dataReceived(data)
+
+    def _graceExpired(self) -> None:
+        self._graceCall = None
+        log.info("login grace time over for {peer}", peer=_peer(self))
+        self.sendDisconnect(
+            DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"login grace time exceeded"
+        )
+
+    def _checkIdle(self) -> None:
+        timeout = self.factory.settings.idle_timeout
+        idle = self.factory.clock.seconds() - self._lastActivity
+        if idle >= timeout:
+            self._idleCall = None
+            log.info("closing idle connection from {peer}", peer=_peer(self))
+            self.sendDisconnect(DISCONNECT_BY_APPLICATION, b"idle timeout")
+            return
+        self._idleCall = self.factory.clock.callLater(timeout - idle, self._checkIdle)
+
+    def authenticated(self, username: str, containerId: str) -> None:
+        """
+        Called by user authentication on success: the grace period is over.
+        """
+        if self._graceCall is not None and self._graceCall.active():
+            self._graceCall.cancel()
+        self._graceCall = None
+        self.loginUsername = username
+        log.info(
+            "login: user {username} (container {container}) from {peer}",
+            username=username,
+            container=containerId,
+            peer=_peer(self),
+        )
+
+    def connectionLost(self, reason=None) -> None:
+        for call in (self._graceCall, self._idleCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._graceCall = self._idleCall = None
+        if getattr(self, "avatar", None) is not None:
+            log.info(
+                "logout: user {username} (container {container}) from {peer}",
+                username=self.loginUsername,
+                container=self.avatar.containerId,
+                peer=_peer(self),
+            )
+        super().connectionLost(reason)
+
+
+class _ReadPauser:
+    """
+    A producer that pauses and resumes reading from its own transport.
+    """
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class UserAuthServer(userauth.SSHUserAuthServer):
+    """
+    Password authentication with the configured attempt limit; each failure
+    is logged with the username and the source address, never the password.
+    """
+
+    _log = _conchLog
+
+    def serviceStarted(self) -> None:
+        settings = self.transport.factory.settings
+        self.clock = self.transport.factory.clock
+        # The transport enforces the login grace time from the first byte.
+        self.loginTimeout = settings.login_grace_time + 60
+        # Conch disconnects on the failure after this many; OpenSSH's
+        # MaxAuthTries counts the disconnecting one.
+        self.attemptsBeforeDisconnect = settings.max_auth_tries - 1
+        self._pending = 0
+        super().serviceStarted()
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes):
+        # A client could send many attempts without waiting for answers; count
+        # the ones still being checked, so pipelining cannot exceed the limit.
+        if self.loginAttempts + self._pending > self.attemptsBeforeDisconnect:
+            self.transport.sendDisconnect(
+                DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many authentication failures"
+            )
+            return None
+        self._pending += 1
+        d = super().ssh_USERAUTH_REQUEST(packet)
+        if d is None:
+            self._pending -= 1
+            return None
+
+        def done(result):
+            self._pending -= 1
+            return result
+
+        return d.addBoth(done)
+
+    def _cbFinishedAuth(self, result) -> None:
+        interface, avatar, logout = result
+        username = self.user.decode("utf-8", "replace")
+        super()._cbFinishedAuth(result)
+        self.transport.authenticated(username, avatar.containerId)
+
+    def _ebBadAuth(self, reason) -> None:
+        if self.method != b"none" and not reason.check(ConchError):
+            log.info(
+                "failed login: user {username} from {peer}",
+                username=self.user.decode("utf-8", "replace")[:128],
+                peer=_peer(self.transport),
+            )
+        super()._ebBadAuth(reason)
+
+
+class SSHConnection(connection.SSHConnection):
+    """
+    The connection service: only session channels, whose receive window the
+    channel itself manages (see L{SessionChannel.consumed}).
+    """
+
+    _log = _conchLog
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        channelType, rest = common.getNS(packet)
+        if channelType != b"session":
+            (senderChannel,) = struct.unpack(">L", rest[:4])
+            self.transport.sendPacket(
+                connection.MSG_CHANNEL_OPEN_FAILURE,
+                struct.pack(">2L", senderChannel, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+                + common.NS(b"only session channels are served")
+                + common.NS(b""),
+            )
+            return
+        super().ssh_CHANNEL_OPEN(packet)
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        localChannel, dataLength = struct.unpack(">2L", packet[:8])
+        channel = self.channels[localChannel]
+        if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+            self.sendClose(channel)
+            return
+        data = common.getNS(packet[4:])[0]
+        channel.localWindowLeft -= len(data)
+        channel.dataReceived(data)
+
+
+class SessionChannel(SSHChannel):
+    """
+    A session channel that serves the C{sftp} subsystem and nothing else.
+
+    Output is queued as a list of chunks (not Conch's growing byte string,
+    twisted#12139); when more than L{highWater} bytes wait for the client's
+    window, the SFTP protocol is paused and reads no further requests, and
+    while it is paused this channel does not open its receive window.
+    """
+
+    name = b"session"
+    _log = _conchLog
+    highWater = 4 * 1024 * 1024
+    lowWater = 1024 * 1024
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._queue: Deque[bytes] = deque()
+        self._queued = 0
+        self.protocol: Optional[SFTPServer] = None
+
+    # -- requests ---------------------------------------------------------
+
+    def requestReceived(self, requestType: bytes, data: bytes) -> int:
+        # Shell, exec, pty, X11, agent forwarding and env are refused
+        # quietly: a refusal is an answer, not an event worth a log line.
+        if requestType == b"subsystem":
+            return self._startSubsystem(data)
+        return 0
+
+    def _startSubsystem(self, data: bytes) -> int:
+        name = common.getNS(data)[0]
+        if name != b"sftp" or self.protocol is not None:
+            return 0
+        try:
+            filesystem = self.avatar.openFilesystem()
+        except OSError:
+            log.warn(
+                "volume of container {container} is missing",
+                container=self.avatar.containerId,
+            )
+            return 0
+        self.protocol = SFTPServer(filesystem, self.avatar.settings.max_handles)
+        self.protocol.makeConnection(self)
+        return 1
+
+    # -- input ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.protocol is None:
+            self.loseConnection()  # data before any subsystem: nothing to feed
+            return
+        self.protocol.dataReceived(data)
+        self._openWindow()
+
+    def _openWindow(self) -> None:
+        if self.protocol is not None and self.protocol.paused:
+            return
+        if self.localWindowLeft < self.localWindowSize // 2 and not self.localClosed:
+            self.conn.adjustWindow(self, self.localWindowSize - self.localWindowLeft)
+
+    def eofReceived(self) -> None:
+        self.loseConnection()
+
+    def closeReceived(self) -> None:
+        self.loseConnection()
+
+    def closed(self) -> None:
+        self._queue.clear()
+        self._queued = 0
+        if self.protocol is not None:
+            protocol, self.protocol = self.protocol, None
+            protocol.connectionLost(None)
+
+    # -- output -----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.localClosed:
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        self._flush()
+        if self._queued > self.highWater and self.protocol is not None:
+            self.protocol.pauseProducing()
+
+    def writeSequence(self, seq) -> None:
+        self.write(b"".join(seq))
+
+    def _flush(self) -> None:
+        queue = self._queue
+        send = self.conn.sendData
+        while queue and self.remoteWindowLeft > 0:
+            chunk = queue[0]
+            size = min(len(chunk), self.remoteWindowLeft, self.remoteMaxPacket)
+            if size == len(chunk):
+                queue.popleft()
+                send(self, chunk)
+            else:
+                send(self, chunk[:size])
+                queue[0] = chunk[size:]
+            self.remoteWindowLeft -= size
+            self._queued -= size
+        if self.closing and not queue:
+            self.conn.sendClose(self)
+
+    def addWindowBytes(self, data: int) -> None:
+        self.remoteWindowLeft += data
+        self._flush()
+        protocol = self.protocol
+        if protocol is not None and protocol.paused and self._queued <= self.lowWater:
+            protocol.resumeProducing()
+            self._openWindow()
+
+    def loseConnection(self) -> None:
+        self.closing = 1
+        if not self._queue:
+            self.conn.sendClose(self)
+
+
+class SSHFactory(factory.SSHFactory):
+    """
+    Builds L{SSHTransport}s that share one host key, portal and settings.
+
+    @ivar settings: the C{sftp} section of the configuration.
+    @ivar clock: the reactor's time, injected for tests.
+    """
+
+    protocol = SSHTransport
+    noisy = False
+    services = {
+        b"ssh-userauth": UserAuthServer,
+        b"ssh-connection": SSHConnection,
+    }
+
+    def __init__(self, portal, hostKey: keys.Key, settings, clock: IReactorTime) -> None:
+        self.portal = portal
+        self.settings = settings
+        self.clock = clock
+        self.privateKeys = {hostKey.sshType(): hostKey}
+        self.publicKeys = {hostKey.sshType(): hostKey.public()}
+        self.primes = None

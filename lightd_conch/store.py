@@ -1,0 +1,183 @@
+"""
+The credential store: one record per container and a username index.
+
+L{ICredentialStore} is what the rest of the service uses;
+L{LMDBCredentialStore} keeps it in an LMDB environment, and this is the only
+module that imports lmdb.  L{lightd_conch.testing.MemoryCredentialStore} is
+the in-memory fake with the same behaviour.
+
+The records hold bcrypt hashes only, never a password.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import lmdb
+from zope.interface import Interface, implementer
+
+
+@dataclass(frozen=True)
+class Credential:
+    """
+    A container's SFTP login.  Times are unix seconds.
+    """
+
+    container_id: str
+    username: str
+    password_hash: bytes
+    created_at: int
+    updated_at: int
+
+
+class UsernameTaken(Exception):
+    """
+    The username belongs to another container.
+    """
+
+    def __init__(self, username: str, container_id: str) -> None:
+        super().__init__(username, container_id)
+        self.username = username
+        self.container_id = container_id
+
+
+class StoreError(Exception):
+    """
+    The store cannot be opened.  C{str()} says where and why.
+    """
+
+
+class ICredentialStore(Interface):
+    """
+    Credential records, keyed by container id, with unique usernames.
+
+    Methods block; the daemon calls them from a thread.
+    """
+
+    def get(container_id: str) -> "Credential | None":
+        """
+        The record of C{container_id}, or None.
+        """
+
+    def by_username(username: str) -> "Credential | None":
+        """
+        The record whose username is C{username}, or None.
+        """
+
+    def put(credential: Credential) -> None:
+        """
+        Create or replace the record of C{credential.container_id}, all or
+        nothing.  A changed username frees the old one.
+
+        @raise UsernameTaken: if another container has the username; nothing
+            is written.
+        """
+
+    def delete(container_id: str) -> "Credential | None":
+        """
+        Remove the record of C{container_id} and free its username, all or
+        nothing.  Return the removed record, or None if there was none.
+        """
+
+    def list() -> "list[Credential]":
+        """
+        All records, sorted by container id.
+        """
+
+    def close() -> None:
+        """
+        Release the store.  No other method may be called afterwards.
+        """
+
+
+def _encode(credential: Credential) -> bytes:
+    return json.dumps(
+        {
+            "container_id": credential.container_id,
+            "username": credential.username,
+            "password_hash": credential.password_hash.decode("ascii"),
+            "created_at": credential.created_at,
+            "updated_at": credential.updated_at,
+        }
+    ).encode("utf-8")
+
+
+def _decode(data: bytes) -> Credential:
+    record = json.loads(data)
+    return Credential(
+        container_id=record["container_id"],
+        username=record["username"],
+        password_hash=record["password_hash"].encode("ascii"),
+        created_at=record["created_at"],
+        updated_at=record["updated_at"],
+    )
+
+
+@implementer(ICredentialStore)
+class LMDBCredentialStore:
+    """
+    An L{ICredentialStore} in the LMDB environment at C{path}, created (mode
+    0700) if missing.
+
+    Other processes (the CLI beside the daemon) may have the environment
+    open at the same time: LMDB's locking serialises writers, and every
+    method uses its own short transaction, so each sees what others have
+    committed.  Each transaction stays on one thread, which makes the store
+    safe to call from several threads.  One process must open a given
+    environment only once.
+    """
+
+    def __init__(self, path: str) -> None:
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._env = lmdb.open(
+                path, map_size=64 * 1024 * 1024, max_dbs=2, subdir=True, mode=0o700
+            )
+            self._credentials = self._env.open_db(b"credentials")
+            self._usernames = self._env.open_db(b"usernames")
+        except (OSError, lmdb.Error) as e:
+            raise StoreError(f"cannot open the credential store {path}: {e}") from e
+
+    def get(self, container_id: str) -> "Credential | None":
+        with self._env.begin() as txn:
+            data = txn.get(container_id.encode(), db=self._credentials)
+        return None if data is None else _decode(data)
+
+    def by_username(self, username: str) -> "Credential | None":
+        with self._env.begin() as txn:
+            owner = txn.get(username.encode(), db=self._usernames)
+            data = None if owner is None else txn.get(owner, db=self._credentials)
+        return None if data is None else _decode(data)
+
+    def put(self, credential: Credential) -> None:
+        key = credential.container_id.encode()
+        username = credential.username.encode()
+        # Leaving the block by an exception aborts the transaction.
+        with self._env.begin(write=True) as txn:
+            owner = txn.get(username, db=self._usernames)
+            if owner is not None and owner != key:
+                raise UsernameTaken(credential.username, owner.decode())
+            old = txn.get(key, db=self._credentials)
+            if old is not None:
+                txn.delete(_decode(old).username.encode(), db=self._usernames)
+            txn.put(key, _encode(credential), db=self._credentials)
+            txn.put(username, key, db=self._usernames)
+
+    def delete(self, container_id: str) -> "Credential | None":
+        key = container_id.encode()
+        with self._env.begin(write=True) as txn:
+            data = txn.pop(key, db=self._credentials)
+            if data is None:
+                return None
+            removed = _decode(data)
+            txn.delete(removed.username.encode(), db=self._usernames)
+        return removed
+
+    def list(self) -> "list[Credential]":
+        # LMDB orders keys bytewise, which for UTF-8 is code point order,
+        # the same order as sorting the ids as str.
+        with self._env.begin(db=self._credentials) as txn:
+            return [_decode(data) for data in txn.cursor().iternext(keys=False)]
+
+    def close(self) -> None:
+        self._env.close()

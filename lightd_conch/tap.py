@@ -1,0 +1,159 @@
+"""
+C{twistd lightd-sftp}: the command-line options and the service tree.
+
+One L{MultiService} holds the credential store's lifecycle, the bcrypt thread
+pool and the SSH listener.  Blocking resources (LMDB, threads) are opened in
+C{startService}, after twistd has forked, never at import or in makeService.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from . import config as _config
+from .cred import ContainerRealm, PasswordChecker
+from .ssh import SSHFactory, loadOrCreateHostKey
+from .store import LMDBCredentialStore
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = "Serve each container's volume over SFTP, confined to the volume."
+    optParameters = [
+        ["config", "c", "config.json", "Path to config.json (default: ./config.json)."],
+    ]
+
+
+class _LazyStore:
+    """
+    The credential store, opened when the service starts.
+
+    The checker holds this from makeService on; the LMDB environment itself is
+    only opened in the running process.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._store = None
+
+    def open(self) -> None:
+        self._store = LMDBCredentialStore(self._path)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __getattr__(self, name):
+        if self._store is None:
+            raise RuntimeError("credential store is not open")
+        return getattr(self._store, name)
+
+
+class _StoreService(Service):
+    def __init__(self, store: _LazyStore) -> None:
+        self._store = store
+
+    def startService(self) -> None:
+        self._store.open()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        self._store.close()
+
+
+class _ThreadPoolService(Service):
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        self.pool.start()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+class _Listener(Service):
+    """
+    Listens on a TCP address and logs the port actually bound (port 0 asks
+    for any free one).
+    """
+
+    def __init__(self, reactor, label: str, host: str, port: int, factory) -> None:
+        self._reactor = reactor
+        self._label = label
+        self._host = host
+        self._port = port
+        self._factory = factory
+        self.listeningPort = None
+
+    def privilegedStartService(self) -> None:
+        self.listeningPort = self._reactor.listenTCP(
+            self._port, self._factory, interface=self._host
+        )
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.listeningPort is None:
+            self.privilegedStartService()
+        address = self.listeningPort.getHost()
+        log.info(
+            "{label} listening on {host} port {port}",
+            label=self._label,
+            host=address.host,
+            port=address.port,
+        )
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        port, self.listeningPort = self.listeningPort, None
+        if port is not None:
+            return port.stopListening()
+
+
+def makeService(options, reactor=None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        cfg = _config.load(os.path.abspath(options["config"]))
+    except _config.ConfigError as e:
+        # Stop before anything is bound or written, with one clear line.
+        sys.stderr.write(f"lightd-sftp: {e}\n")
+        raise SystemExit(1)
+
+    for folder in (cfg.storage.base_path, cfg.storage.volumes_path):
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+
+    top = MultiService()
+    store = _LazyStore(cfg.credentials_path)
+    _StoreService(store).setServiceParent(top)
+
+    if cfg.sftp.enabled:
+        # bcrypt holds the GIL only briefly; two threads keep a burst of
+        # logins from queueing behind each other without starving transfers.
+        pool = ThreadPool(minthreads=1, maxthreads=2, name="lightd-sftp-bcrypt")
+        _ThreadPoolService(pool).setServiceParent(top)
+        portal = Portal(
+            ContainerRealm(cfg),
+            [PasswordChecker(store, reactor, pool, cfg.sftp.bcrypt_cost)],
+        )
+        factory = SSHFactory(
+            portal, loadOrCreateHostKey(cfg.sftp.host_key), cfg.sftp, reactor
+        )
+        _Listener(
+            reactor, "SFTP", cfg.sftp.host, cfg.sftp.port, factory
+        ).setServiceParent(top)
+    return top

@@ -1,0 +1,368 @@
+"""
+Tests for L{lightd_conch.sftp}: the protocol driven with hand-built packets.
+"""
+
+import os
+import stat
+import struct
+
+from twisted.internet.address import IPv4Address
+from twisted.test.proto_helpers import StringTransport
+from twisted.trial.unittest import TestCase
+
+from lightd_conch import sftp
+from lightd_conch.fs import ConfinedFilesystem
+
+
+def string(value):
+    return struct.pack(">I", len(value)) + value
+
+
+def packet(kind, requestId=None, payload=b""):
+    body = bytes([kind])
+    if requestId is not None:
+        body += struct.pack(">I", requestId)
+    body += payload
+    return struct.pack(">I", len(body)) + body
+
+
+def attrs(permissions=None, times=None, size=None):
+    flags, body = 0, b""
+    if size is not None:
+        flags |= sftp.FILEXFER_ATTR_SIZE
+        body += struct.pack(">Q", size)
+    if permissions is not None:
+        flags |= sftp.FILEXFER_ATTR_PERMISSIONS
+        body += struct.pack(">I", permissions)
+    if times is not None:
+        flags |= sftp.FILEXFER_ATTR_ACMODTIME
+        body += struct.pack(">II", *times)
+    return struct.pack(">I", flags) + body
+
+
+class Reply:
+    def __init__(self, kind, data):
+        self.kind = kind
+        self.data = data
+        self.id = struct.unpack_from(">I", data)[0] if kind != sftp.FXP_VERSION else None
+
+    @property
+    def status(self):
+        assert self.kind == sftp.FXP_STATUS, self.kind
+        return struct.unpack_from(">I", self.data, 4)[0]
+
+    @property
+    def message(self):
+        (length,) = struct.unpack_from(">I", self.data, 8)
+        return self.data[12 : 12 + length].decode()
+
+    @property
+    def handle(self):
+        assert self.kind == sftp.FXP_HANDLE, (self.kind, self.data)
+        return sftp._Reader(self.data, 4).string()
+
+    @property
+    def payload(self):
+        assert self.kind == sftp.FXP_DATA, self.kind
+        return sftp._Reader(self.data, 4).string()
+
+    def names(self):
+        assert self.kind == sftp.FXP_NAME, self.kind
+        reader = sftp._Reader(self.data, 4)
+        result = []
+        for _ in range(reader.uint32()):
+            name, long = reader.string(), reader.string()
+            reader.attrs()
+            result.append((name, long))
+        return result
+
+
+class _Transport(StringTransport):
+    def __init__(self):
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+        self.lost = False
+
+    def loseConnection(self):
+        self.lost = True
+
+
+class ProtocolTests(TestCase):
+    def setUp(self):
+        self.volume = os.path.abspath(self.mktemp())
+        os.makedirs(self.volume)
+        self.server = sftp.SFTPServer(ConfinedFilesystem(self.volume), maxHandles=8)
+        self.transport = _Transport()
+        self.server.makeConnection(self.transport)
+        self.addCleanup(self.server.connectionLost, None)
+        self.nextId = 0
+
+    def feed(self, data):
+        self.server.dataReceived(data)
+        return self.replies()
+
+    def replies(self):
+        data = self.transport.value()
+        self.transport.clear()
+        out = []
+        while data:
+            (length,) = struct.unpack_from(">I", data)
+            out.append(Reply(data[4], data[5 : 4 + length]))
+            data = data[4 + length :]
+        return out
+
+    def init(self):
+        [reply] = self.feed(packet(sftp.FXP_INIT, payload=struct.pack(">I", 3)))
+        self.assertEqual(reply.kind, sftp.FXP_VERSION)
+        self.assertEqual(struct.unpack_from(">I", reply.data)[0], 3)
+
+    def request(self, kind, payload=b""):
+        self.nextId += 1
+        replies = self.feed(packet(kind, self.nextId, payload))
+        self.assertEqual(len(replies), 1, "exactly one reply per request")
+        self.assertEqual(replies[0].id, self.nextId)
+        return replies[0]
+
+    def open(self, path, pflags, attributes=b"\0\0\0\0"):
+        return self.request(sftp.FXP_OPEN, string(path) + struct.pack(">I", pflags) + attributes)
+
+    # -- framing and malformed input ---------------------------------------
+
+    def test_version(self):
+        self.init()
+
+    def test_requestBeforeInit(self):
+        self.assertEqual(self.feed(packet(sftp.FXP_STAT, 1, string(b"/"))), [])
+        self.assertTrue(self.transport.lost)
+
+    def test_initTwice(self):
+        self.init()
+        self.feed(packet(sftp.FXP_INIT, payload=struct.pack(">I", 3)))
+        self.assertTrue(self.transport.lost)
+
+    def test_oversizePacket(self):
+        self.init()
+        self.feed(struct.pack(">IB", sftp.MAX_PACKET_LENGTH + 1, sftp.FXP_WRITE) + b"x" * 100)
+        self.assertTrue(self.transport.lost)
+
+    def test_packetAtLimitAccepted(self):
+        self.init()
+        handle = self.open(b"f", sftp.FXF_WRITE | sftp.FXF_CREAT).handle
+        header = string(handle) + struct.pack(">Q", 0)
+        room = sftp.MAX_PACKET_LENGTH - 5 - len(header) - 4
+        reply = self.request(sftp.FXP_WRITE, header + string(b"z" * room))
+        self.assertEqual(reply.status, sftp.FX_OK)
+        self.assertEqual(os.path.getsize(os.path.join(self.volume, "f")), room)
+
+    def test_hugeLength(self):
+        self.init()
+        self.feed(b"\xff\xff\xff\xff" + b"x" * 10)
+        self.assertTrue(self.transport.lost)
+
+    def test_tinyLengths(self):
+        for length in range(5):
+            self.setUp()
+            self.init()
+            self.feed(struct.pack(">I", length) + b"\x11" * length)
+            self.assertTrue(self.transport.lost, length)
+
+    def test_truncatedFields(self):
+        """
+        A packet whose fields run past its end gets BAD_MESSAGE, for every type.
+        """
+        self.init()
+        for kind in sorted(self.server._dispatch):
+            reply = self.request(kind, b"\0\0\0\x50ab")
+            self.assertEqual((kind, reply.status), (kind, sftp.FX_BAD_MESSAGE))
+        self.assertFalse(self.transport.lost)
+
+    def test_unknownType(self):
+        self.init()
+        self.assertEqual(self.request(99).status, sftp.FX_OP_UNSUPPORTED)
+
+    def test_unknownExtension(self):
+        self.init()
+        reply = self.request(sftp.FXP_EXTENDED, string(b"nope@example.com"))
+        self.assertEqual(reply.status, sftp.FX_OP_UNSUPPORTED)
+
+    def test_invalidHandles(self):
+        self.init()
+        os.mkdir(os.path.join(self.volume, "d"))
+        dirHandle = self.request(sftp.FXP_OPENDIR, string(b"d")).handle
+        fileHandle = self.open(b"f", sftp.FXF_WRITE | sftp.FXF_CREAT).handle
+        closed = self.open(b"g", sftp.FXF_WRITE | sftp.FXF_CREAT).handle
+        self.assertEqual(self.request(sftp.FXP_CLOSE, string(closed)).status, sftp.FX_OK)
+        for handle in (b"nope", closed, b""):
+            for kind, rest in (
+                (sftp.FXP_READ, struct.pack(">QI", 0, 10)),
+                (sftp.FXP_WRITE, struct.pack(">Q", 0) + string(b"x")),
+                (sftp.FXP_FSTAT, b""),
+                (sftp.FXP_FSETSTAT, attrs(permissions=0o600)),
+                (sftp.FXP_READDIR, b""),
+                (sftp.FXP_CLOSE, b""),
+            ):
+                reply = self.request(kind, string(handle) + rest)
+                self.assertEqual(reply.status, sftp.FX_FAILURE)
+        # A directory handle is not a file handle, and the other way round.
+        self.assertEqual(
+            self.request(sftp.FXP_READ, string(dirHandle) + struct.pack(">QI", 0, 10)).status,
+            sftp.FX_FAILURE,
+        )
+        self.assertEqual(self.request(sftp.FXP_READDIR, string(fileHandle)).status, sftp.FX_FAILURE)
+
+    # -- requests -----------------------------------------------------------
+
+    def test_writeReadStat(self):
+        self.init()
+        handle = self.open(b"/a/../f.txt", sftp.FXF_WRITE | sftp.FXF_CREAT | sftp.FXF_TRUNC).handle
+        reply = self.request(sftp.FXP_WRITE, string(handle) + struct.pack(">Q", 3) + string(b"data"))
+        self.assertEqual(reply.status, sftp.FX_OK)
+        self.request(sftp.FXP_CLOSE, string(handle))
+        with open(os.path.join(self.volume, "f.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"\0\0\0data")
+        handle = self.open(b"f.txt", sftp.FXF_READ).handle
+        read = self.request(sftp.FXP_READ, string(handle) + struct.pack(">QI", 2, 0xFFFFFFFF))
+        self.assertEqual(read.payload, b"\0data")
+        eof = self.request(sftp.FXP_READ, string(handle) + struct.pack(">QI", 7, 10))
+        self.assertEqual(eof.status, sftp.FX_EOF)
+        attributes = self.request(sftp.FXP_FSTAT, string(handle))
+        self.assertEqual(attributes.kind, sftp.FXP_ATTRS)
+        parsed = sftp._Reader(attributes.data, 4).attrs()
+        self.assertEqual((parsed.size, stat.S_IMODE(parsed.permissions)), (7, 0o644))
+
+    def test_readCappedAt261120(self):
+        self.init()
+        with open(os.path.join(self.volume, "big"), "wb") as f:
+            f.write(b"b" * 400000)
+        handle = self.open(b"big", sftp.FXF_READ).handle
+        read = self.request(sftp.FXP_READ, string(handle) + struct.pack(">QI", 0, 0xFFFFFFFF))
+        self.assertEqual(len(read.payload), 261120)
+
+    def test_append(self):
+        self.init()
+        with open(os.path.join(self.volume, "log"), "wb") as f:
+            f.write(b"one")
+        handle = self.open(b"log", sftp.FXF_WRITE | sftp.FXF_APPEND).handle
+        self.request(sftp.FXP_WRITE, string(handle) + struct.pack(">Q", 0) + string(b"two"))
+        with open(os.path.join(self.volume, "log"), "rb") as f:
+            self.assertEqual(f.read(), b"onetwo")
+
+    def test_exclusiveCreateOfExistingIsFailure(self):
+        """
+        EEXIST is FAILURE (4), never a status code v3 does not have.
+        """
+        self.init()
+        self.open(b"f", sftp.FXF_WRITE | sftp.FXF_CREAT)
+        reply = self.open(b"f", sftp.FXF_WRITE | sftp.FXF_CREAT | sftp.FXF_EXCL)
+        self.assertEqual(reply.status, sftp.FX_FAILURE)
+        self.assertEqual(reply.message, "File exists")
+
+    def test_statusCodes(self):
+        self.init()
+        missing = self.request(sftp.FXP_STAT, string(b"missing"))
+        self.assertEqual(missing.status, sftp.FX_NO_SUCH_FILE)
+        os.makedirs(os.path.join(self.volume, "full", "x"))
+        notEmpty = self.request(sftp.FXP_RMDIR, string(b"full"))
+        self.assertEqual(notEmpty.status, sftp.FX_FAILURE)
+        self.assertNotIn(self.volume, notEmpty.message)
+
+    def test_noHostPathInMessages(self):
+        self.init()
+        for kind, payload in (
+            (sftp.FXP_STAT, string(b"/x/y/z")),
+            (sftp.FXP_REMOVE, string(b"nope")),
+            (sftp.FXP_RENAME, string(b"a") + string(b"b")),
+            (sftp.FXP_READLINK, string(b"nope")),
+        ):
+            reply = self.request(kind, payload)
+            self.assertNotIn(os.path.basename(self.volume), reply.message)
+
+    def test_handleLimit(self):
+        self.init()
+        handles = [self.open(b"f%d" % i, sftp.FXF_WRITE | sftp.FXF_CREAT).handle for i in range(8)]
+        refused = self.open(b"more", sftp.FXF_WRITE | sftp.FXF_CREAT)
+        self.assertEqual(refused.status, sftp.FX_FAILURE)
+        self.assertFalse(os.path.exists(os.path.join(self.volume, "more")))
+        self.request(sftp.FXP_CLOSE, string(handles[0]))
+        self.assertEqual(self.open(b"more", sftp.FXF_WRITE | sftp.FXF_CREAT).kind, sftp.FXP_HANDLE)
+
+    def test_handlesClosedOnDisconnect(self):
+        self.init()
+        for i in range(5):
+            self.open(b"f%d" % i, sftp.FXF_WRITE | sftp.FXF_CREAT)
+        before = len(os.listdir("/proc/self/fd"))
+        self.server.connectionLost(None)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before - 6)  # 5 files + the root
+
+    def test_readdirBatches(self):
+        self.init()
+        for i in range(250):
+            open(os.path.join(self.volume, "e%03d" % i), "w").close()
+        handle = self.request(sftp.FXP_OPENDIR, string(b"/")).handle
+        seen = []
+        while True:
+            reply = self.request(sftp.FXP_READDIR, string(handle))
+            if reply.kind == sftp.FXP_STATUS:
+                self.assertEqual(reply.status, sftp.FX_EOF)
+                break
+            names = reply.names()
+            self.assertLessEqual(len(names), 100)
+            self.assertLessEqual(len(reply.data), sftp.MAX_PACKET_LENGTH)
+            seen.extend(names)
+        self.assertEqual(sorted(n for n, _ in seen), sorted([b".", b".."] + [b"e%03d" % i for i in range(250)]))
+        long = dict(seen)[b"e007"]
+        self.assertTrue(long.startswith(b"-rw-r--r--"), long)
+        self.assertTrue(long.endswith(b" e007"), long)
+
+    def test_realpath(self):
+        self.init()
+        for path, expected in ((b".", b"/"), (b"", b"/"), (b"../../a/./b/..", b"/a")):
+            self.assertEqual(self.request(sftp.FXP_REALPATH, string(path)).names()[0][0], expected)
+
+    def test_renameRefusesExistingTarget(self):
+        self.init()
+        self.open(b"a", sftp.FXF_WRITE | sftp.FXF_CREAT)
+        self.open(b"b", sftp.FXF_WRITE | sftp.FXF_CREAT)
+        self.assertEqual(self.request(sftp.FXP_RENAME, string(b"a") + string(b"b")).status, sftp.FX_FAILURE)
+        self.assertEqual(self.request(sftp.FXP_RENAME, string(b"a") + string(b"c")).status, sftp.FX_OK)
+
+    def test_symlinkOpenSSHOrder(self):
+        self.init()
+        reply = self.request(sftp.FXP_SYMLINK, string(b"../target text") + string(b"link"))
+        self.assertEqual(reply.status, sftp.FX_OK)
+        self.assertEqual(os.readlink(os.path.join(self.volume, "link")), "../target text")
+        self.assertEqual(self.request(sftp.FXP_READLINK, string(b"link")).names()[0][0], b"../target text")
+
+    def test_setstat(self):
+        self.init()
+        self.open(b"f", sftp.FXF_WRITE | sftp.FXF_CREAT)
+        reply = self.request(sftp.FXP_SETSTAT, string(b"f") + attrs(0o600, (100, 200), 5))
+        self.assertEqual(reply.status, sftp.FX_OK)
+        st = os.stat(os.path.join(self.volume, "f"))
+        self.assertEqual((stat.S_IMODE(st.st_mode), st.st_atime, st.st_mtime, st.st_size), (0o600, 100, 200, 5))
+
+    def test_chownRefused(self):
+        self.init()
+        self.open(b"f", sftp.FXF_WRITE | sftp.FXF_CREAT)
+        st = os.stat(os.path.join(self.volume, "f"))
+        same = struct.pack(">III", sftp.FILEXFER_ATTR_UIDGID, st.st_uid, st.st_gid)
+        self.assertEqual(self.request(sftp.FXP_SETSTAT, string(b"f") + same).status, sftp.FX_OK)
+        other = struct.pack(">III", sftp.FILEXFER_ATTR_UIDGID, st.st_uid + 1, st.st_gid)
+        self.assertEqual(self.request(sftp.FXP_SETSTAT, string(b"f") + other).status, sftp.FX_PERMISSION_DENIED)
+
+    # -- flow control -------------------------------------------------------
+
+    def test_pausedServerReadsNoRequests(self):
+        self.init()
+        self.server.pauseProducing()
+        self.assertEqual(self.feed(packet(sftp.FXP_STAT, 1, string(b"/"))), [])
+        self.server.resumeProducing()
+        [reply] = self.replies()
+        self.assertEqual((reply.kind, reply.id), (sftp.FXP_ATTRS, 1))
+
+    def test_partialPackets(self):
+        self.init()
+        data = packet(sftp.FXP_STAT, 1, string(b"/")) + packet(sftp.FXP_STAT, 2, string(b"/"))
+        out = []
+        for i in range(len(data)):
+            out.extend(self.feed(data[i : i + 1]))
+        self.assertEqual([r.id for r in out], [1, 2])
