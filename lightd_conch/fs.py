@@ -378,6 +378,23 @@ class ConfinedFilesystem:
             else:
                 _renameat2(olddir, oldname, newdir, newname)
 
+    def hardlink(self, old: bytes, new: bytes) -> None:
+        """
+        Make C{new} another name of the regular file C{old}.
+
+        C{old} itself must be a regular file: a symlink is not followed and a
+        directory is refused.  The inode checked is pinned by an fd and linked
+        through it, so nothing swapped in after the check can be linked.
+        """
+        with self._parent(old) as (olddir, oldname):
+            fd = os.open(oldname, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=olddir)
+        try:
+            self._checkRegular(fd)
+            with self._parent(new) as (newdir, newname):
+                os.link(_procPath(fd), newname, dst_dir_fd=newdir, follow_symlinks=True)
+        finally:
+            os.close(fd)
+
     def symlink(self, target: bytes, linkpath: bytes) -> None:
         """
         Create C{linkpath} holding C{target} verbatim.  An absolute target
@@ -411,6 +428,44 @@ class ConfinedFilesystem:
                 os.chmod(target, mode & _PERMISSION_BITS)
             if times is not None:
                 os.utime(target, times)
+
+    def lsetattrs(
+        self,
+        path: bytes,
+        mode: Optional[int] = None,
+        times: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        """
+        Change the attributes of C{path} itself, never following a final
+        symlink.  Linux keeps no permissions on a symlink, so a mode for one
+        is refused with C{EOPNOTSUPP} before anything changes.
+        """
+        if not normalize(path):
+            self.setattrs(path, mode=mode, times=times)
+            return
+        with self._parent(path) as (dirfd, name):
+            fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            try:
+                if stat.S_ISLNK(os.fstat(fd).st_mode):
+                    if mode is not None:
+                        raise OSError(errno.EOPNOTSUPP, "Symbolic links have no permissions")
+                    if times is not None:
+                        os.utime(name, times, dir_fd=dirfd, follow_symlinks=False)
+                    return
+                target = _procPath(fd)
+                if mode is not None:
+                    os.chmod(target, mode & _PERMISSION_BITS)
+                if times is not None:
+                    os.utime(target, times)
+            finally:
+                os.close(fd)
+
+    def statvfs(self, path: bytes) -> os.statvfs_result:
+        """
+        The figures of the filesystem holding what C{path} leads to.
+        """
+        with self._opened(normalize(path), _O_PATH) as fd:
+            return os.fstatvfs(fd)
 
     @staticmethod
     def fsetattrs(

@@ -16,13 +16,15 @@ that maps an C{OSError} to an SFTP status.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import struct
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Cooperator, CooperativeTask, TaskStopped, cooperate
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -88,6 +90,32 @@ MAX_PACKET_LENGTH = 256 * 1024
 MAX_READ_LENGTH = MAX_PACKET_LENGTH - 1024
 """READ replies carry at most this many bytes (261120, as OpenSSH)."""
 MAX_READDIR_ENTRIES = 100
+MAX_WRITE_LENGTH = MAX_READ_LENGTH
+"""The WRITE payload clients are told to stay under (limits@openssh.com)."""
+MAX_COPIES = 4
+"""copy-data requests of one session running at once."""
+COPY_CHUNK = 8 * 1024 * 1024
+"""Bytes one copy-data step moves in the kernel before other work gets a turn."""
+_COPY_FALLBACK_CHUNK = 256 * 1024
+
+# statvfs@openssh.com flag bits.
+_FXE_STATVFS_ST_RDONLY = 0x1
+_FXE_STATVFS_ST_NOSUID = 0x2
+
+EXTENSIONS: Tuple[Tuple[bytes, bytes], ...] = (
+    (b"posix-rename@openssh.com", b"1"),
+    (b"statvfs@openssh.com", b"2"),
+    (b"fstatvfs@openssh.com", b"2"),
+    (b"hardlink@openssh.com", b"1"),
+    (b"fsync@openssh.com", b"1"),
+    (b"lsetstat@openssh.com", b"1"),
+    (b"limits@openssh.com", b"1"),
+    (b"expand-path@openssh.com", b"1"),
+    (b"copy-data", b"1"),
+    (b"home-directory", b"1"),
+    (b"users-groups-by-id@openssh.com", b"1"),
+)
+"""The extensions advertised in VERSION, with their versions, in OpenSSH's order."""
 
 _STATUS_MESSAGES = {
     FX_OK: "Success",
@@ -335,19 +363,92 @@ class _DirectoryHandle:
 _Handle = Union[_FileHandle, _DirectoryHandle]
 
 
+class _Copy:
+    """
+    One copy-data request: bytes moved from one fd to another in bounded
+    steps, in the kernel (copy_file_range) where it can, else by pread and
+    write.
+
+    @ivar shortRead: the source ended before C{length} bytes were copied.
+    """
+
+    def __init__(
+        self, source: int, readOffset: int, length: int, target: int, writeOffset: int
+    ) -> None:
+        self.source = source
+        self.readOffset = readOffset
+        self.remaining: Optional[int] = length or None  # 0 means "to the end"
+        self.target = target
+        self.writeOffset = writeOffset
+        self.shortRead = False
+
+    def steps(self) -> Iterator[None]:
+        appending = bool(fcntl.fcntl(self.target, fcntl.F_GETFL) & os.O_APPEND)
+        # copy_file_range cannot append, nor cross some filesystems.
+        inKernel = not appending
+        while self.remaining is None or self.remaining > 0:
+            want = COPY_CHUNK if self.remaining is None else min(COPY_CHUNK, self.remaining)
+            if inKernel:
+                try:
+                    moved = os.copy_file_range(
+                        self.source, self.target, want, self.readOffset, self.writeOffset
+                    )
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    inKernel = False
+                    continue
+            else:
+                data = os.pread(self.source, min(want, _COPY_FALLBACK_CHUNK), self.readOffset)
+                moved = len(data)
+                self._writeAll(data, appending)
+            if not moved:
+                self.shortRead = self.remaining is not None
+                return
+            self.readOffset += moved
+            self.writeOffset += moved
+            if self.remaining is not None:
+                self.remaining -= moved
+            yield None
+
+    def _writeAll(self, data: bytes, appending: bool) -> None:
+        view = memoryview(data)
+        while view:
+            if appending:
+                written = os.write(self.target, view)
+            else:
+                written = os.pwrite(self.target, view, self.writeOffset + len(data) - len(view))
+            view = view[written:]
+
+    def close(self) -> None:
+        for fd in (self.source, self.target):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 @implementer(IPushProducer)
 class SFTPServer(Protocol):
     """
     One SFTP session over one channel.
 
     @ivar maxHandles: open file and directory handles allowed at once.
+    @ivar extensions: the FXP_EXTENDED requests served, by name.
     """
 
     _log = Logger()
 
-    def __init__(self, filesystem: ConfinedFilesystem, maxHandles: int = 512) -> None:
+    def __init__(
+        self,
+        filesystem: ConfinedFilesystem,
+        maxHandles: int = 512,
+        cooperator: Optional[Cooperator] = None,
+    ) -> None:
         self.filesystem = filesystem
         self.maxHandles = maxHandles
+        self._cooperate = cooperate if cooperator is None else cooperator.cooperate
+        self._copies: Set[CooperativeTask] = set()
         self._buffer = bytearray()
         self._handles: Dict[bytes, _Handle] = {}
         self._nextHandle = 0
@@ -375,7 +476,19 @@ class SFTPServer(Protocol):
             FXP_SYMLINK: self._symlink,
             FXP_EXTENDED: self._extended,
         }
-        self.extensions: Dict[bytes, Callable[[int, _Reader], bytes]] = {}
+        self.extensions: Dict[bytes, Callable[[int, _Reader], Optional[bytes]]] = {
+            b"posix-rename@openssh.com": self._posixRename,
+            b"statvfs@openssh.com": self._statvfs,
+            b"fstatvfs@openssh.com": self._fstatvfs,
+            b"hardlink@openssh.com": self._hardlink,
+            b"fsync@openssh.com": self._fsync,
+            b"lsetstat@openssh.com": self._lsetstat,
+            b"limits@openssh.com": self._limits,
+            b"expand-path@openssh.com": self._expandPath,
+            b"copy-data": self._copyData,
+            b"home-directory": self._homeDirectory,
+            b"users-groups-by-id@openssh.com": self._usersGroupsById,
+        }
 
     # -- framing ----------------------------------------------------------
 
@@ -435,7 +548,9 @@ class SFTPServer(Protocol):
             self._log.failure("SFTP request type {kind} failed", kind=kind)
             self._status(requestId, FX_FAILURE)
         else:
-            self.transport.write(reply)
+            # None: the reply follows later (a copy-data still running).
+            if reply is not None:
+                self.transport.write(reply)
 
     def _versionPayload(self) -> bytes:
         payload = [struct.pack(">I", SFTP_VERSION)]
@@ -444,7 +559,7 @@ class SFTPServer(Protocol):
         return b"".join(payload)
 
     def advertisedExtensions(self) -> List[Tuple[bytes, bytes]]:
-        return []
+        return [(name, version) for name, version in EXTENSIONS if name in self.extensions]
 
     # -- replies ----------------------------------------------------------
 
@@ -631,12 +746,161 @@ class SFTPServer(Protocol):
         self.filesystem.symlink(target, linkpath)
         return self._ok(requestId)
 
-    def _extended(self, requestId: int, reader: _Reader) -> bytes:
+    def _extended(self, requestId: int, reader: _Reader) -> Optional[bytes]:
         name = reader.string()
         handler = self.extensions.get(name)
         if handler is None:
             raise SFTPError(FX_OP_UNSUPPORTED, "Unsupported extension")
         return handler(requestId, reader)
+
+    # -- extensions (formats: OpenSSH's PROTOCOL, section 4) ----------------
+
+    def _extendedReply(self, requestId: int, payload: bytes) -> bytes:
+        return self._packet(FXP_EXTENDED_REPLY, requestId, payload)
+
+    def _posixRename(self, requestId: int, reader: _Reader) -> bytes:
+        old = reader.string()
+        new = reader.string()
+        self.filesystem.rename(old, new, replace=True)
+        return self._ok(requestId)
+
+    def _statvfsReply(self, requestId: int, st: os.statvfs_result) -> bytes:
+        flag = 0
+        if st.f_flag & os.ST_RDONLY:
+            flag |= _FXE_STATVFS_ST_RDONLY
+        if st.f_flag & os.ST_NOSUID:
+            flag |= _FXE_STATVFS_ST_NOSUID
+        return self._extendedReply(
+            requestId,
+            struct.pack(
+                ">11Q",
+                st.f_bsize,
+                st.f_frsize,
+                st.f_blocks,
+                st.f_bfree,
+                st.f_bavail,
+                st.f_files,
+                st.f_ffree,
+                st.f_favail,
+                st.f_fsid & 0xFFFFFFFFFFFFFFFF,
+                flag,
+                st.f_namemax,
+            ),
+        )
+
+    def _statvfs(self, requestId: int, reader: _Reader) -> bytes:
+        return self._statvfsReply(requestId, self.filesystem.statvfs(reader.string()))
+
+    def _fstatvfs(self, requestId: int, reader: _Reader) -> bytes:
+        return self._statvfsReply(requestId, os.fstatvfs(self._anyHandle(reader).fd))
+
+    def _hardlink(self, requestId: int, reader: _Reader) -> bytes:
+        old = reader.string()
+        new = reader.string()
+        self.filesystem.hardlink(old, new)
+        return self._ok(requestId)
+
+    def _fsync(self, requestId: int, reader: _Reader) -> bytes:
+        os.fsync(self._handle(reader, _FileHandle).fd)
+        return self._ok(requestId)
+
+    def _lsetstat(self, requestId: int, reader: _Reader) -> bytes:
+        path = reader.string()
+        attrs = reader.attrs()
+        if attrs.size is not None:
+            # A size means nothing for a link; OpenSSH answers the same.
+            raise SFTPError(FX_BAD_MESSAGE, "lsetstat cannot set a size")
+        if attrs.uid is not None:
+            self._checkOwnership(attrs, self.filesystem.lstat(path))
+        self.filesystem.lsetattrs(path, attrs.permissions, attrs.times)
+        return self._ok(requestId)
+
+    def _limits(self, requestId: int, reader: _Reader) -> bytes:
+        return self._extendedReply(
+            requestId,
+            struct.pack(
+                ">4Q", MAX_PACKET_LENGTH, MAX_READ_LENGTH, MAX_WRITE_LENGTH, self.maxHandles
+            ),
+        )
+
+    def _expandPath(self, requestId: int, reader: _Reader) -> bytes:
+        # The volume is every user's home here: "~", "~/x" and "~user/x"
+        # all start at the root.  Otherwise REALPATH's lexical rules apply.
+        path = reader.string()
+        if path.startswith(b"~"):
+            slash = path.find(b"/")
+            path = b"/" if slash < 0 else path[slash:]
+        resolved = self.filesystem.realpath(path)
+        return self._names(requestId, [(resolved, resolved, _NO_ATTRS)])
+
+    def _homeDirectory(self, requestId: int, reader: _Reader) -> bytes:
+        reader.string()  # whose home: every one is the volume root here
+        return self._names(requestId, [(b"/", b"/", _NO_ATTRS)])
+
+    def _usersGroupsById(self, requestId: int, reader: _Reader) -> bytes:
+        # Host account names mean nothing inside a container and are not ours
+        # to show: every id is answered with an empty name ("unknown"), and
+        # clients fall back to the numbers, as in the longnames.
+        uids = reader.string()
+        gids = reader.string()
+        if len(uids) % 4 or len(gids) % 4:
+            raise _Malformed()
+        unknown = _string(b"")
+        return self._extendedReply(
+            requestId,
+            _string(unknown * (len(uids) // 4)) + _string(unknown * (len(gids) // 4)),
+        )
+
+    def _copyData(self, requestId: int, reader: _Reader) -> None:
+        readKey = reader.string()
+        readOffset = reader.uint64()
+        length = reader.uint64()
+        writeKey = reader.string()
+        writeOffset = reader.uint64()
+        source = self._handles.get(readKey)
+        target = self._handles.get(writeKey)
+        if (
+            not isinstance(source, _FileHandle)
+            or not isinstance(target, _FileHandle)
+            or readKey == writeKey
+        ):
+            raise SFTPError(FX_FAILURE, "Invalid handle")
+        sourceStat, targetStat = os.fstat(source.fd), os.fstat(target.fd)
+        if (sourceStat.st_dev, sourceStat.st_ino) == (targetStat.st_dev, targetStat.st_ino):
+            raise SFTPError(FX_FAILURE, "Source and destination are the same file")
+        if len(self._copies) >= MAX_COPIES:
+            raise SFTPError(FX_FAILURE, "Too many copies in progress")
+        # The copy owns duplicates of both fds: a CLOSE meanwhile cannot make
+        # it write into whatever file reuses the number.
+        job = _Copy(os.dup(source.fd), readOffset, length, os.dup(target.fd), writeOffset)
+        task = self._cooperate(job.steps())
+        self._copies.add(task)
+
+        def finished(_: object) -> None:
+            if job.shortRead:
+                self._reply(self._statusPacket(requestId, FX_EOF))
+            else:
+                self._reply(self._ok(requestId))
+
+        def failed(failure) -> None:
+            if failure.check(TaskStopped):
+                return  # the session ended
+            if failure.check(OSError):
+                self._reply(self._statusPacket(requestId, *statusForError(failure.value)))
+                return
+            self._log.failure("copy-data failed", failure)
+            self._reply(self._statusPacket(requestId, FX_FAILURE))
+
+        def cleanup(_: object) -> None:
+            self._copies.discard(task)
+            job.close()
+
+        task.whenDone().addCallbacks(finished, failed).addBoth(cleanup)
+        return None
+
+    def _reply(self, packet: bytes) -> None:
+        if not self._closed:
+            self.transport.write(packet)
 
     # -- flow control -----------------------------------------------------
 
@@ -659,6 +923,8 @@ class SFTPServer(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self._closed = True
+        for task in list(self._copies):
+            task.stop()
         handles, self._handles = self._handles, {}
         for handle in handles.values():
             try:
