@@ -32,6 +32,7 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
+from .commands import execProtocol
 from .sftp import SFTPServer
 
 log = Logger()
@@ -273,9 +274,14 @@ class SSHConnection(connection.SSHConnection):
         channel.dataReceived(data)
 
 
+class _Stderr(bytes):
+    """Queued output that goes out as extended data (stderr)."""
+
+
 class SessionChannel(SSHChannel):
     """
-    A session channel that serves the C{sftp} subsystem and nothing else.
+    A session channel that serves the C{sftp} subsystem, and as C{exec}
+    legacy scp and rsync's server (see L{lightd_conch.commands}).
 
     Output is queued as a list of chunks (not Conch's growing byte string,
     twisted#12139); when more than L{highWater} bytes wait for the client's
@@ -287,21 +293,42 @@ class SessionChannel(SSHChannel):
     _log = _conchLog
     highWater = 4 * 1024 * 1024
     lowWater = 1024 * 1024
+    clock = None  # for exec: the reactor unless a test sets one
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._queue: Deque[bytes] = deque()
         self._queued = 0
+        self._exitStatus: Optional[int] = None
         self.protocol: Optional[SFTPServer] = None
 
     # -- requests ---------------------------------------------------------
 
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
-        # Shell, exec, pty, X11, agent forwarding and env are refused
-        # quietly: a refusal is an answer, not an event worth a log line.
+        # Shell, pty, X11, agent forwarding and env are refused quietly: a
+        # refusal is an answer, not an event worth a log line.  An exec of
+        # anything but scp or rsync is accepted and ends with status 127.
         if requestType == b"subsystem":
             return self._startSubsystem(data)
+        if requestType == b"exec":
+            return self._startExec(data)
         return 0
+
+    def _startExec(self, data: bytes) -> int:
+        if self.protocol is not None:
+            return 0
+        self.protocol = execProtocol(common.getNS(data)[0], self.avatar)
+        # Started once the request's reply is out, so no output (or exit
+        # status) of the command can overtake it; input meanwhile is kept.
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        clock.callLater(0, self._connectExec, self.protocol)
+        return 1
+
+    def _connectExec(self, protocol) -> None:
+        if self.protocol is protocol and not self.localClosed:
+            protocol.makeConnection(self)
 
     def _startSubsystem(self, data: bytes) -> int:
         name = common.getNS(data)[0]
@@ -335,7 +362,17 @@ class SessionChannel(SSHChannel):
             self.conn.adjustWindow(self, self.localWindowSize - self.localWindowLeft)
 
     def eofReceived(self) -> None:
-        self.loseConnection()
+        eofReceived = getattr(self.protocol, "eofReceived", None)
+        if eofReceived is None:
+            self.loseConnection()
+        else:
+            eofReceived()
+
+    def resumeInput(self) -> None:
+        """
+        The protocol can take input again: reopen the receive window.
+        """
+        self._openWindow()
 
     def closeReceived(self) -> None:
         self.loseConnection()
@@ -361,13 +398,35 @@ class SessionChannel(SSHChannel):
     def writeSequence(self, seq) -> None:
         self.write(b"".join(seq))
 
+    def writeStderr(self, data: bytes) -> None:
+        """
+        Queue C{data} as extended data of type stderr, in order with output.
+        """
+        self.write(_Stderr(data))
+
+    def exit(self, code: int) -> None:
+        """
+        End a command: once the output queued so far is out, send its exit
+        status, EOF and close.
+        """
+        self._exitStatus = code
+        self.loseConnection()
+
     def _flush(self) -> None:
         queue = self._queue
         send = self.conn.sendData
         while queue and self.remoteWindowLeft > 0:
             chunk = queue[0]
             size = min(len(chunk), self.remoteWindowLeft, self.remoteMaxPacket)
-            if size == len(chunk):
+            if chunk.__class__ is _Stderr:
+                self.conn.sendExtendedData(
+                    self, connection.EXTENDED_DATA_STDERR, bytes(chunk[:size])
+                )
+                if size == len(chunk):
+                    queue.popleft()
+                else:
+                    queue[0] = _Stderr(chunk[size:])
+            elif size == len(chunk):
                 queue.popleft()
                 send(self, chunk)
             else:
@@ -376,7 +435,14 @@ class SessionChannel(SSHChannel):
             self.remoteWindowLeft -= size
             self._queued -= size
         if self.closing and not queue:
-            self.conn.sendClose(self)
+            self._close()
+
+    def _close(self) -> None:
+        if self._exitStatus is not None and not self.localClosed:
+            code, self._exitStatus = self._exitStatus, None
+            self.conn.sendRequest(self, b"exit-status", struct.pack(">L", code))
+            self.conn.sendEOF(self)
+        self.conn.sendClose(self)
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
@@ -389,7 +455,7 @@ class SessionChannel(SSHChannel):
     def loseConnection(self) -> None:
         self.closing = 1
         if not self._queue:
-            self.conn.sendClose(self)
+            self._close()
 
 
 class SSHFactory(factory.SSHFactory):

@@ -1,0 +1,522 @@
+"""
+rsync's server side (``rsync -e ssh``): the real rsync binary, run with a
+validated argv inside a bubblewrap sandbox whose root holds nothing but rsync,
+its libraries and the volume.
+
+The argv is checked word by word against the option forms rsync's client
+sends for uploads and downloads; anything that could run a program (``-e``,
+``--rsync-path``), start a daemon, write a log or batch file on the host,
+or hide the paths from us (``--protect-args``) is refused.  Paths get chroot
+semantics: ``/x``, ``x`` and ``~/x`` all mean ``x`` in the volume, and ``..``
+cannot climb above it.  The sandbox then enforces what the argv check
+promises: a new mount, network, pid, IPC and user namespace, a read-only
+root, the volume as the only writable place, and rsync running as the
+volume's owner.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+from typing import List, Optional, Sequence, Tuple
+
+from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.logger import Logger
+
+from .fs import normalize
+
+SANDBOX_VOLUME = b"/volume"
+"""Where the volume is mounted inside the sandbox (also rsync's cwd)."""
+
+_log = Logger()
+
+
+class RsyncRefused(ValueError):
+    """
+    An rsync command line this service does not run; the message says why.
+    """
+
+
+# Single-letter options rsync's client puts in its bundle (see rsync's
+# server_options()).  "e" is special: in a server bundle it carries the
+# client's protocol capabilities ("e.iLsfxCIvu"), never a remote shell.
+_SHORT = set("vqcuLlkKHDgoptrxWnbSzCIiRdAXEUNOJmyFh")
+_BUNDLE = re.compile(r"-([A-Za-z]+?)?(e\.[A-Za-z0-9.]*)?")
+
+# Long options without a value.
+_FLAGS = {
+    "--sender",
+    "--delete", "--delete-before", "--delete-during", "--delete-after",
+    "--delete-delay", "--delete-excluded", "--delete-missing-args",
+    "--ignore-missing-args", "--ignore-errors", "--force",
+    "--partial", "--append", "--append-verify", "--inplace", "--sparse",
+    "--preallocate", "--numeric-ids", "--mkpath", "--remove-source-files",
+    "--size-only", "--ignore-times", "--existing", "--ignore-existing",
+    "--ignore-non-existing", "--delay-updates", "--safe-links", "--munge-links",
+    "--copy-unsafe-links", "--copy-dirlinks", "--keep-dirlinks", "--hard-links",
+    "--omit-dir-times", "--omit-link-times", "--no-implied-dirs", "--fuzzy",
+    "--prune-empty-dirs", "--from0", "--checksum", "--compress", "--old-compress",
+    "--new-compress", "--fake-super", "--open-noatime", "--write-devices",
+    "--trust-sender", "--no-whole-file", "--whole-file", "--list-only",
+    "--msgs2stderr", "--no-msgs2stderr", "--stats", "--atimes", "--crtimes",
+    "--no-inc-recursive", "--no-i-r", "--qsort", "--use-qsort",
+}
+# Long options with a plain value (never a path), and what the value may be.
+_VALUED = {
+    "--suffix": re.compile(r"[^/]{0,64}"),
+    "--compress-level": re.compile(r"-?\d{1,3}"),
+    "--compress-choice": re.compile(r"[a-z0-9]{1,16}"),
+    "--zc": re.compile(r"[a-z0-9]{1,16}"),
+    "--zl": re.compile(r"-?\d{1,3}"),
+    "--checksum-choice": re.compile(r"[a-z0-9,]{1,40}"),
+    "--cc": re.compile(r"[a-z0-9,]{1,40}"),
+    "--checksum-seed": re.compile(r"\d{1,10}"),
+    "--timeout": re.compile(r"\d{1,9}"),
+    "--contimeout": re.compile(r"\d{1,9}"),
+    "--modify-window": re.compile(r"-?\d{1,9}"),
+    "--max-delete": re.compile(r"-?\d{1,12}"),
+    "--max-size": re.compile(r"[0-9.]{1,20}[a-zA-Z]{0,3}([+-]1)?"),
+    "--min-size": re.compile(r"[0-9.]{1,20}[a-zA-Z]{0,3}([+-]1)?"),
+    "--max-alloc": re.compile(r"[0-9.]{1,20}[a-zA-Z]{0,3}"),
+    "--block-size": re.compile(r"\d{1,12}[a-zA-Z]{0,3}"),
+    "--bwlimit": re.compile(r"[0-9.]{1,20}[a-zA-Z]{0,3}"),
+    "--log-format": re.compile(r"[%A-Za-z0-9 '\-:,.\[\]]{1,64}"),
+    "--out-format": re.compile(r"[%A-Za-z0-9 '\-:,.\[\]]{1,64}"),
+    "--info": re.compile(r"[A-Za-z0-9,]{1,200}"),
+    "--debug": re.compile(r"[A-Za-z0-9,]{1,200}"),
+    "--chmod": re.compile(r"[ugoaDFrwxXst0-7,=+\-]{1,100}"),
+    "--files-from": re.compile(r"-"),
+    "--filter": re.compile(r"[^\0]{0,256}"),
+    "--exclude": re.compile(r"[^\0]{0,256}"),
+    "--include": re.compile(r"[^\0]{0,256}"),
+    "--stop-after": re.compile(r"\d{1,9}"),
+    "--stop-at": re.compile(r"[0-9T:\-]{1,20}"),
+}
+# Long options whose value is a path: mapped into the volume like the paths.
+_PATHS = {
+    "--partial-dir", "--temp-dir", "--backup-dir",
+    "--link-dest", "--compare-dest", "--copy-dest",
+}
+# Refused with a reason a user can act on.
+_REFUSED = {
+    "-e": "a remote shell is not run here",
+    "--rsh": "a remote shell is not run here",
+    "--rsync-path": "the rsync program is chosen by the server",
+    "--daemon": "daemon mode is not served",
+    "--config": "daemon mode is not served",
+    "--dparam": "daemon mode is not served",
+    "--address": "daemon mode is not served",
+    "--port": "daemon mode is not served",
+    "--sockopts": "daemon mode is not served",
+    "--log-file": "no log file may be written on the server",
+    "--log-file-format": "no log file may be written on the server",
+    "--write-batch": "batch files are not served",
+    "--only-write-batch": "batch files are not served",
+    "--read-batch": "batch files are not served",
+    "--protect-args": "protected (secluded) arguments are not served; drop -s",
+    "--secluded-args": "protected (secluded) arguments are not served; drop -s",
+    "--iconv": "charset conversion is not served",
+    "--copy-as": "changing user is not served",
+    "--super": "super-user mode is not served",
+    "--usermap": "user mapping is not served",
+    "--groupmap": "group mapping is not served",
+    "--chown": "changing owners is not served",
+}
+
+
+def isRsyncCommand(command: bytes) -> bool:
+    return command.lstrip(b" \t").split(b" ", 1)[0] == b"rsync"
+
+
+def _mapPath(value: str) -> str:
+    """
+    A client path as a path relative to the volume (rsync's cwd), with chroot
+    semantics: the volume is the root and the home, and ".." stops at it.  A
+    trailing slash (rsync's "the contents of") is kept.  Relative, so rsync's
+    messages name the path as the client sees it.
+    """
+    raw = os.fsencode(value)
+    if raw.startswith(b"~"):
+        slash = raw.find(b"/")
+        raw = b"/" if slash < 0 else raw[slash:]
+    parts = normalize(raw)
+    mapped = b"/".join(parts) or b"."
+    if parts and (raw.endswith(b"/") or raw.endswith(b"/.")):
+        mapped += b"/"
+    return os.fsdecode(mapped)
+
+
+def _mapOptionPath(value: str) -> str:
+    """
+    The value of an option such as --link-dest: an absolute (or ~) path is
+    mapped into the volume; a relative one is rsync's to resolve against the
+    destination, as C{--link-dest=../previous} must be, and can climb no
+    further than the sandbox's read-only, empty root.
+    """
+    if value.startswith(("/", "~")):
+        return os.fsdecode(SANDBOX_VOLUME) + "/" + _mapPath(value)
+    return value
+
+
+def parseCommand(command: bytes) -> List[str]:
+    """
+    The argv to run inside the sandbox for an ``rsync --server`` command.
+
+    @raise RsyncRefused: the command is not one this service runs.
+    """
+    try:
+        words = shlex.split(command.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        raise RsyncRefused("the command line does not parse")
+    if len(words) < 3 or words[0] != "rsync" or words[1] != "--server":
+        raise RsyncRefused("only 'rsync --server' (rsync -e ssh) is served")
+    argv = ["rsync", "--server"]
+    index = 2
+    while index < len(words):
+        word = words[index]
+        index += 1
+        if word == ".":
+            break
+        if not word.startswith("-"):
+            raise RsyncRefused(f"unexpected argument {word!r} before '.'")
+        name, equals, value = word.partition("=")
+        if name in _REFUSED:
+            raise RsyncRefused(f"{name}: {_REFUSED[name]}")
+        if not name.startswith("--"):
+            match = _BUNDLE.fullmatch(word)
+            letters = (match.group(1) or "") if match else None
+            if match is None or not (letters or match.group(2)):
+                if "s" in word[1:] and word[1:].isalpha():
+                    raise RsyncRefused(f"-s: {_REFUSED['--protect-args']}")
+                raise RsyncRefused(f"option {word!r} is not served")
+            if "s" in letters:
+                raise RsyncRefused(f"-s: {_REFUSED['--protect-args']}")
+            unknown = set(letters) - _SHORT
+            if unknown:
+                raise RsyncRefused(f"option -{''.join(sorted(unknown))} is not served")
+            argv.append(word)
+            continue
+        if name in _FLAGS and not equals:
+            argv.append(word)
+            continue
+        if name in _VALUED or name in _PATHS:
+            if not equals:
+                if index >= len(words):
+                    raise RsyncRefused(f"{name} needs a value")
+                value = words[index]
+                index += 1
+            if name in _PATHS:
+                argv.append(f"{name}={_mapOptionPath(value)}")
+                continue
+            if not _VALUED[name].fullmatch(value):
+                raise RsyncRefused(f"{name}: value {value!r} is not served")
+            argv.append(f"{name}={value}")
+            continue
+        raise RsyncRefused(f"option {name!r} is not served")
+    else:
+        raise RsyncRefused("no '.' before the paths")
+    paths = words[index:]
+    if not paths:
+        raise RsyncRefused("no path given")
+    argv.append(".")
+    argv.extend(_mapPath(p) for p in paths)
+    return argv
+
+
+# -- the sandbox -------------------------------------------------------------
+
+
+def _libraries(binary: str) -> List[str]:
+    """
+    The shared objects C{binary} loads (as ldd names them), loader included.
+    """
+    output = subprocess.run(
+        ["ldd", binary], capture_output=True, text=True, timeout=10, env={"LC_ALL": "C"}
+    ).stdout
+    found = []
+    for line in output.splitlines():
+        for word in line.split():
+            if word.startswith("/"):
+                found.append(word)
+    return found
+
+
+def _merged(path: str) -> str:
+    """C{path} with its directory resolved (merged /usr), keeping its name."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+class Sandbox:
+    """
+    How to run rsync in bubblewrap on this host: the paths of both programs
+    and the read-only binds rsync needs, found once.
+    """
+
+    def __init__(
+        self,
+        bwrap: str,
+        rsync: str,
+        binds: Sequence[Tuple[str, str]],
+        links: Sequence[Tuple[str, str]],
+        setpriv: Optional[str] = None,
+    ) -> None:
+        self.bwrap = bwrap
+        self.rsync = rsync
+        self.setpriv = setpriv
+        self.binds = list(binds)
+        self.links = list(links)
+
+    @classmethod
+    def find(cls) -> Optional["Sandbox"]:
+        search = "/usr/bin:/bin:/usr/local/bin"
+        bwrap = shutil.which("bwrap", path=search)
+        rsync = shutil.which("rsync", path=search)
+        setpriv = shutil.which("setpriv", path=search)
+        if bwrap is None or rsync is None:
+            return None
+        rsync = _merged(rsync)
+        binds = {rsync: os.path.realpath(rsync)}
+        try:
+            libraries = _libraries(rsync)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        for library in libraries:
+            binds[_merged(library)] = os.path.realpath(library)
+        # Merged-/usr hosts reach /usr/lib through /lib and /lib64 links.
+        links = [
+            (os.readlink(top), top)
+            for top in ("/lib", "/lib64", "/lib32", "/bin")
+            if os.path.islink(top)
+        ]
+        return cls(
+            bwrap, rsync, [(src, dest) for dest, src in sorted(binds.items())], links, setpriv
+        )
+
+    def argv(
+        self,
+        volumeFD: int,
+        rsyncArgv: Sequence[str],
+        ids: Optional[Tuple[int, int]] = None,
+    ) -> List[str]:
+        """
+        The command line running C{rsyncArgv} on the volume open as
+        C{volumeFD}; with C{ids}, as that uid and gid and no other groups
+        (Twisted's own uid switch needs a passwd entry and keeps groups).
+        """
+        argv: List[str] = []
+        if ids is not None:
+            if self.setpriv is None:
+                raise OSError("setpriv is needed to run rsync as the volume's owner")
+            argv = [
+                self.setpriv,
+                "--reuid", str(ids[0]),
+                "--regid", str(ids[1]),
+                "--clear-groups",
+                "--",
+            ]
+        argv += [
+            self.bwrap,
+            "--unshare-all",
+            "--die-with-parent",
+            "--new-session",
+            "--clearenv",
+            "--setenv", "PATH", "/usr/bin",
+            # popt reads $HOME/.popt: an alias file there must not reach rsync.
+            "--setenv", "HOME", "/nonexistent",
+        ]
+        for src, dest in self.binds:
+            argv += ["--ro-bind", src, dest]
+        for target, link in self.links:
+            argv += ["--symlink", target, link]
+        argv += [
+            "--dev", "/dev",
+            "--bind-fd", str(volumeFD), os.fsdecode(SANDBOX_VOLUME),
+            "--chdir", os.fsdecode(SANDBOX_VOLUME),
+            "--remount-ro", "/",
+            "--",
+            self.rsync,
+        ]
+        return argv + list(rsyncArgv[1:])
+
+
+_sandbox: Optional[Sandbox] = None
+_sandboxFound = False
+
+
+def findSandbox() -> Optional[Sandbox]:
+    """
+    This host's sandbox, or None if bubblewrap or rsync is missing.
+    """
+    global _sandbox, _sandboxFound
+    if not _sandboxFound:
+        _sandbox = Sandbox.find()
+        _sandboxFound = True
+    return _sandbox
+
+
+class _Process(ProcessProtocol):
+    def __init__(self, owner: "RsyncServer") -> None:
+        self.owner = owner
+
+    def outReceived(self, data: bytes) -> None:
+        self.owner.transport.write(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.owner.transport.writeStderr(data)
+
+    def processEnded(self, reason) -> None:
+        self.owner._processEnded(getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None))
+
+
+class _StdinProducer:
+    """
+    Told by the process's stdin pipe when it is full: then the channel stops
+    opening its receive window, so a client cannot fill our memory.
+    """
+
+    def __init__(self, owner: "RsyncServer") -> None:
+        self.owner = owner
+
+    def pauseProducing(self) -> None:
+        self.owner._stdinFull = True
+
+    def resumeProducing(self) -> None:
+        self.owner._stdinFull = False
+        self.owner.transport.resumeInput()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class RsyncServer(Protocol):
+    """
+    One rsync server process in its sandbox, wired to a session channel:
+    channel data to its stdin, its stdout to the channel, its stderr as
+    extended data, and its exit code as the channel's exit status.
+    """
+
+    reactor = None
+
+    def __init__(self, sandbox: Sandbox, volumePath: str, argv: List[str]) -> None:
+        self.sandbox = sandbox
+        self.volumePath = volumePath
+        self.argv = argv
+        self.process = None
+        self._early: List[bytes] = []
+        self._eof = False
+        self._stdinFull = False
+        self._outputPaused = False
+        self._done = False
+
+    @property
+    def paused(self) -> bool:
+        return self._stdinFull or self._outputPaused
+
+    def connectionMade(self) -> None:
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        try:
+            volumeFD = os.open(self.volumePath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            self._refuse("lightd-sftp: the volume is missing\n", 1)
+            return
+        try:
+            owner = os.fstat(volumeFD)
+            # rsync runs as the volume's owner, as if the container wrote.
+            ids = None
+            if os.geteuid() == 0 and owner.st_uid != 0:
+                ids = (owner.st_uid, owner.st_gid)
+            argv = self.sandbox.argv(3, self.argv, ids)
+            self.process = reactor.spawnProcess(
+                _Process(self),
+                argv[0],
+                argv,
+                env={},
+                path="/",
+                childFDs={0: "w", 1: "r", 2: "r", 3: volumeFD},
+            )
+        except OSError as e:
+            _log.warn("cannot start rsync: {error}", error=e)
+            self._refuse("lightd-sftp: rsync could not be started\n", 127)
+            return
+        finally:
+            os.close(volumeFD)
+        self.process.registerProducer(_StdinProducer(self), True)
+        for data in self._early:
+            self.process.write(data)
+        self._early = []
+        if self._eof:
+            self.process.closeStdin()
+
+    def _refuse(self, message: str, code: int) -> None:
+        self._done = True
+        self.transport.writeStderr(message.encode("utf-8"))
+        self.transport.exit(code)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.process is None:
+            self._early.append(data)
+        elif not self._done:
+            self.process.write(data)
+
+    def eofReceived(self) -> None:
+        self._eof = True
+        if self.process is not None and not self._done:
+            self.process.closeStdin()
+
+    def pauseProducing(self) -> None:
+        self._outputPaused = True
+        if self.process is not None:
+            self.process.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._outputPaused = False
+        if self.process is not None:
+            self.process.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._kill()
+
+    def _processEnded(self, code: Optional[int], signalNumber: Optional[int]) -> None:
+        if self._done:
+            return
+        self._done = True
+        if code is None:
+            code = 128 + (signalNumber or signal.SIGKILL)
+        self.transport.exit(code)
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.pid is not None:
+            try:
+                self.process.signalProcess("KILL")
+            except Exception:
+                pass
+
+    def connectionLost(self, reason: object = None) -> None:
+        self._done = True
+        self._kill()
+
+
+def rsyncProtocol(command: bytes, volumePath: str) -> Protocol:
+    """
+    The protocol serving C{command} (an ``rsync --server`` line), or a
+    refusal that says why on stderr.
+    """
+    from .commands import Refusal
+
+    sandbox = findSandbox()
+    if sandbox is None:
+        return Refusal(
+            "lightd-sftp: rsync is not available on this server (bubblewrap or rsync missing)",
+            127,
+        )
+    try:
+        argv = parseCommand(command)
+    except RsyncRefused as e:
+        return Refusal(f"lightd-sftp: rsync refused: {e}", 1)
+    return RsyncServer(sandbox, volumePath, argv)

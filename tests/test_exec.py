@@ -1,0 +1,215 @@
+"""
+Tests for what an exec request runs: the scp and rsync command lines, and
+legacy scp's protocol driven through a fake channel.
+"""
+
+import os
+import stat
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from lightd_conch import commands, rsync, scp
+from lightd_conch.fs import ConfinedFilesystem
+
+
+class ScpCommandTests(TestCase):
+    def test_sink(self):
+        command = scp.parseCommand(b"scp -r -p -t ~/x y")
+        self.assertTrue(command.sink)
+        self.assertTrue(command.recursive)
+        self.assertTrue(command.preserve)
+        self.assertEqual(command.paths, [b"/x y"])
+
+    def test_source(self):
+        command = scp.parseCommand(b"scp -d -f b")
+        self.assertFalse(command.sink)
+        self.assertTrue(command.targetIsDirectory)
+        self.assertEqual(command.paths, [b"b"])
+
+    def test_hostileNamesAreVerbatim(self):
+        for line, path in [
+            (b"scp -t $(touch /tmp/owned)", b"$(touch /tmp/owned)"),
+            (b"scp -t `touch /tmp/owned`", b"`touch /tmp/owned`"),
+            (b"scp -t a;touch /tmp/owned", b"a;touch /tmp/owned"),
+            (b"scp -t 'quoted name'", b"quoted name"),
+            (b"scp -t -- -dash", b"-dash"),
+            (b"scp -v -t ../../etc", b"../../etc"),
+        ]:
+            self.assertEqual(scp.parseCommand(line).paths, [path], line)
+
+    def test_notScp(self):
+        self.assertIsNone(scp.parseCommand(b"scpx -t a"))
+        self.assertIsNone(scp.parseCommand(b"/usr/bin/scp -t a"))
+
+    def test_refused(self):
+        for line in (b"scp -t", b"scp -t -f a", b"scp a", b"scp -S evil -t a", b"scp -o x -t a"):
+            self.assertRaises(scp.ScpUsageError, scp.parseCommand, line)
+
+
+class RsyncCommandTests(TestCase):
+    def test_upload(self):
+        self.assertEqual(
+            rsync.parseCommand(b"rsync --server -vlogDtpre.iLsfxCIvu --delete . /dst/"),
+            ["rsync", "--server", "-vlogDtpre.iLsfxCIvu", "--delete", ".", "dst/"],
+        )
+
+    def test_download(self):
+        self.assertEqual(
+            rsync.parseCommand(b"rsync --server --sender -vlogDtpre.iLsfxCIvu . ~/src/ b"),
+            ["rsync", "--server", "--sender", "-vlogDtpre.iLsfxCIvu", ".", "src/", "b"],
+        )
+
+    def test_pathsStayInside(self):
+        argv = rsync.parseCommand(b"rsync --server -r . ../../etc/")
+        self.assertEqual(argv[-1], "etc/")
+        self.assertEqual(rsync.parseCommand(b"rsync --server -r . /")[-1], ".")
+        self.assertEqual(rsync.parseCommand(b"rsync --server -r . '$(id)'")[-1], "$(id)")
+        self.assertEqual(
+            rsync.parseCommand(b"rsync --server -r --temp-dir /tmp --link-dest ../prev . d"),
+            ["rsync", "--server", "-r", "--temp-dir=/volume/tmp", "--link-dest=../prev", ".", "d"],
+        )
+
+    def test_valuedOptions(self):
+        argv = rsync.parseCommand(
+            b"rsync --server -logDtprcze.iLsfxCIvu --compress-level=3 --suffix=.bak"
+            b" --log-format=%i --timeout=30 . d"
+        )
+        self.assertIn("--compress-level=3", argv)
+        self.assertIn("--log-format=%i", argv)
+
+    def test_refused(self):
+        for line in (
+            b"rsync --server -e ssh . d",
+            b"rsync --server --rsh=sh . d",
+            b"rsync --server --rsync-path=/bin/sh . d",
+            b"rsync --daemon --server .",
+            b"rsync --server --daemon . d",
+            b"rsync --server --log-file=/etc/x . d",
+            b"rsync --server --write-batch=x . d",
+            b"rsync --server -slogDtpre.iLsfxCIvu",
+            b"rsync --server -vlogDtpre.iLsfxCIvu . ",
+            b"rsync --server --suffix=../../x . d",
+            b"rsync --server --unknown . d",
+            b"rsync --server -vZ . d",
+            b"rsync --server -ve . d",
+            b"rsync -r . d",
+            b"rsync --server -r d",
+            b"sh -c rsync --server",
+        ):
+            self.assertRaises(rsync.RsyncRefused, rsync.parseCommand, line)
+
+
+class _Channel:
+    """What an exec protocol sees of its session channel."""
+
+    def __init__(self):
+        self.out = []
+        self.err = []
+        self.exitCode = None
+        self.window = 0
+
+    def write(self, data):
+        self.out.append(bytes(data))
+
+    def writeStderr(self, data):
+        self.err.append(bytes(data))
+
+    def exit(self, code):
+        self.exitCode = code
+
+    def resumeInput(self):
+        pass
+
+    def output(self):
+        data, self.out = b"".join(self.out), []
+        return data
+
+
+class ScpProtocolTests(TestCase):
+    def setUp(self):
+        self.volume = os.path.abspath(self.mktemp())
+        os.makedirs(self.volume)
+
+    def start(self, line):
+        protocol = commands.execProtocol(line, self)
+        protocol.clock = Clock()
+        channel = _Channel()
+        protocol.makeConnection(channel)
+        return protocol, channel
+
+    def openFilesystem(self):
+        return ConfinedFilesystem(self.volume)
+
+    def test_sinkFile(self):
+        protocol, channel = self.start(b"scp -p -t /")
+        self.assertEqual(channel.output(), b"\0")
+        protocol.dataReceived(b"T1000000000 0 1000000000 0\n")
+        self.assertEqual(channel.output(), b"\0")
+        protocol.dataReceived(b"C0640 5 $(touch x);`y`\n")
+        self.assertEqual(channel.output(), b"\0")
+        protocol.dataReceived(b"hel")
+        protocol.dataReceived(b"lo\0")
+        self.assertEqual(channel.output(), b"\0")
+        protocol.eofReceived()
+        self.assertEqual(channel.exitCode, 0)
+        path = os.path.join(self.volume, "$(touch x);`y`")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"hello")
+        st = os.stat(path)
+        self.assertEqual((stat.S_IMODE(st.st_mode), st.st_mtime), (0o640, 1000000000))
+
+    def test_sinkRefusesSlashInName(self):
+        protocol, channel = self.start(b"scp -t /")
+        channel.output()
+        protocol.dataReceived(b"C0644 1 ../evil\n")
+        self.assertTrue(channel.output().startswith(b"\x02scp: error: unexpected filename"))
+        self.assertEqual(channel.exitCode, 1)
+        self.assertEqual(os.listdir(self.volume), [])
+
+    def test_sinkDirectoryNeedsRecursive(self):
+        protocol, channel = self.start(b"scp -t /")
+        channel.output()
+        protocol.dataReceived(b"D0755 0 d\n")
+        self.assertEqual(channel.exitCode, 1)
+
+    def test_sinkTree(self):
+        protocol, channel = self.start(b"scp -r -t ~")
+        protocol.dataReceived(b"D0755 0 d\nC0644 2 f\nhi\0E\n")
+        self.assertEqual(channel.output(), b"\0" * 5)
+        protocol.eofReceived()
+        self.assertEqual(channel.exitCode, 0)
+        with open(os.path.join(self.volume, "d", "f"), "rb") as f:
+            self.assertEqual(f.read(), b"hi")
+
+    def test_sourceFile(self):
+        with open(os.path.join(self.volume, "f"), "wb") as f:
+            f.write(b"data")
+        protocol, channel = self.start(b"scp -f ~/f")
+        self.assertEqual(channel.output(), b"")
+        protocol.dataReceived(b"\0")
+        self.assertEqual(channel.output(), b"C0644 4 f\n")
+        protocol.dataReceived(b"\0")
+        self.assertEqual(channel.output(), b"data\0")
+        protocol.dataReceived(b"\0")
+        self.assertEqual(channel.exitCode, 0)
+
+    def test_sourceMissing(self):
+        protocol, channel = self.start(b"scp -f /nope")
+        protocol.dataReceived(b"\0")
+        self.assertEqual(channel.output(), b"\x01scp: /nope: No such file or directory\n")
+        self.assertEqual(channel.exitCode, 1)
+
+    def test_sourceLinkLoop(self):
+        os.mkdir(os.path.join(self.volume, "d"))
+        os.symlink("/", os.path.join(self.volume, "d", "up"))
+        protocol, channel = self.start(b"scp -r -f d")
+        for _ in range(10):
+            protocol.dataReceived(b"\0")
+        self.assertIn(b"directory loop", channel.output())
+        self.assertEqual(channel.exitCode, 1)
+
+    def test_notServed(self):
+        protocol, channel = self.start(b"bash -i")
+        self.assertEqual(channel.err, [b"lightd-sftp: only sftp, scp and rsync are served\n"])
+        self.assertEqual(channel.exitCode, 127)
