@@ -22,6 +22,23 @@ from .ssh import SessionChannel
 BCRYPT_MAX_PASSWORD = 72
 
 
+class ContainerId(str):
+    """
+    The avatar id the checker returns: the container id, carrying the
+    credential record the password was checked against, so that the session
+    can be ended when that record is reset or revoked (see
+    L{lightd_conch.sessions}), even by a change made while it was checked.
+    """
+
+    credential = None
+
+    @classmethod
+    def of(cls, credential) -> "ContainerId":
+        containerId = cls(credential.container_id)
+        containerId.credential = credential
+        return containerId
+
+
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """
@@ -62,20 +79,24 @@ class PasswordChecker:
             raise UnauthorizedLogin()
         if not bcrypt.checkpw(password, record.password_hash):
             raise UnauthorizedLogin()
-        return record.container_id
+        return ContainerId.of(record)
 
 
 class ContainerAvatar(ConchUser):
     """
     A logged-in user of one container: session channels only, rooted at the
     container's volume.
+
+    @ivar credential: the credential record the login was checked against,
+        or None if unknown.
     """
 
-    def __init__(self, containerId: str, volumePath: str, settings) -> None:
+    def __init__(self, containerId: str, volumePath: str, settings, credential=None) -> None:
         super().__init__()
-        self.containerId = containerId
+        self.containerId = str(containerId)
         self.volumePath = volumePath
         self.settings = settings
+        self.credential = credential
 
     def lookupChannel(self, channelType, windowSize, maxPacket, data):
         return SessionChannel(
@@ -102,6 +123,9 @@ class ContainerRealm:
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         avatar = ContainerAvatar(
-            avatarId, self._config.volume_path(avatarId), self._config.sftp
+            avatarId,
+            self._config.volume_path(avatarId),
+            self._config.sftp,
+            getattr(avatarId, "credential", None),
         )
         return interfaces[0], avatar, lambda: None

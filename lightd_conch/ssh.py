@@ -153,6 +153,8 @@ class SSHTransport(SSHServerTransport):
             container=containerId,
             peer=_peer(self),
         )
+        if self.factory.sessions is not None:
+            self.factory.sessions.loggedIn(self)
 
     def connectionLost(self, reason=None) -> None:
         for call in (self._graceCall, self._idleCall):
@@ -166,6 +168,8 @@ class SSHTransport(SSHServerTransport):
                 container=self.avatar.containerId,
                 peer=_peer(self),
             )
+            if self.factory.sessions is not None:
+                self.factory.sessions.loggedOut(self)
         super().connectionLost(reason)
 
 
@@ -464,10 +468,13 @@ class SSHFactory(factory.SSHFactory):
 
     @ivar settings: the C{sftp} section of the configuration.
     @ivar clock: the reactor's time, injected for tests.
+    @ivar sessions: a L{lightd_conch.sessions.SessionRegistry} told of each
+        login and logout, or None.
     """
 
     protocol = SSHTransport
     noisy = False
+    sessions = None
     services = {
         b"ssh-userauth": UserAuthServer,
         b"ssh-connection": SSHConnection,

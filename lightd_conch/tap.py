@@ -1,8 +1,9 @@
 """
 C{twistd lightd-sftp}: the command-line options and the service tree.
 
-One L{MultiService} holds the credential store's lifecycle, the bcrypt thread
-pool and the SSH listener.  Blocking resources (LMDB, threads) are opened in
+One L{MultiService} holds the credential store's lifecycle, the watcher that
+ends sessions whose credentials changed, the bcrypt thread pool and the SSH
+listener.  Blocking resources (LMDB, threads) are opened in
 C{startService}, after twistd has forked, never at import or in makeService.
 """
 
@@ -19,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from . import config as _config
 from .cred import ContainerRealm, PasswordChecker
+from .sessions import CredentialWatcher, SessionRegistry
 from .ssh import SSHFactory, loadOrCreateHostKey
 from .store import LMDBCredentialStore
 
@@ -137,9 +139,14 @@ def makeService(options, reactor=None) -> MultiService:
     for folder in (cfg.storage.base_path, cfg.storage.volumes_path):
         os.makedirs(folder, mode=0o755, exist_ok=True)
 
+    # Children stop in reverse order: the listeners and thread pools before
+    # the watcher, the watcher before the store closes.
     top = MultiService()
     store = _LazyStore(cfg.credentials_path)
     _StoreService(store).setServiceParent(top)
+    sessions = SessionRegistry()
+    watcher = CredentialWatcher(store, sessions, reactor)
+    watcher.setServiceParent(top)
 
     if cfg.sftp.enabled:
         # bcrypt holds the GIL only briefly; two threads keep a burst of
@@ -153,6 +160,7 @@ def makeService(options, reactor=None) -> MultiService:
         factory = SSHFactory(
             portal, loadOrCreateHostKey(cfg.sftp.host_key), cfg.sftp, reactor
         )
+        factory.sessions = sessions
         _Listener(
             reactor, "SFTP", cfg.sftp.host, cfg.sftp.port, factory
         ).setServiceParent(top)

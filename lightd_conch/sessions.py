@@ -1,0 +1,149 @@
+"""
+Live SFTP sessions, and ending them when their container's credentials change.
+
+L{SessionRegistry} knows which SSH transports are logged in to which
+container, and the credential record each one logged in with.
+L{CredentialWatcher} compares those records with the store every second, and
+at once after the admin API changes something, and disconnects the sessions
+whose record was reset or revoked.  Polling the store, rather than being told,
+is what lets the CLI, a separate process writing LMDB directly, end sessions
+too.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import Service
+from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+log = Logger()
+
+# How often the store is compared with the live sessions; a reset from the
+# CLI ends sessions within this, plus the time to disconnect.
+CHECK_INTERVAL = 1.0
+# A client that stops reading keeps an ended session's socket open while the
+# goodbye waits to be written; after this many seconds it is dropped.
+ABORT_AFTER = 3.0
+
+
+def _peer(transport) -> str:
+    peer = transport.transport.getPeer()
+    return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+
+class SessionRegistry:
+    """
+    The logged-in SSH transports, by container id.
+
+    A transport is added by L{loggedIn} once user authentication succeeds and
+    removed by L{loggedOut} when its connection ends (or when the watcher
+    ends it).  Its avatar says which container it belongs to and which
+    credential record (username, bcrypt hash) its password was checked
+    against.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[str, dict[object, "tuple[str, bytes] | None"]] = {}
+
+    def loggedIn(self, transport) -> None:
+        avatar = transport.avatar
+        credential = getattr(avatar, "credential", None)
+        login = (
+            None
+            if credential is None
+            else (credential.username, credential.password_hash)
+        )
+        self._live.setdefault(avatar.containerId, {})[transport] = login
+
+    def loggedOut(self, transport) -> None:
+        containerId = transport.avatar.containerId
+        sessions = self._live.get(containerId)
+        if sessions is None:
+            return
+        sessions.pop(transport, None)
+        if not sessions:
+            del self._live[containerId]
+
+    def containers(self) -> "list[str]":
+        """
+        The ids of the containers that have live sessions.
+        """
+        return list(self._live)
+
+    def sessions(self, containerId: str) -> "list[tuple[object, tuple[str, bytes] | None]]":
+        """
+        The live transports of C{containerId}, each with the (username,
+        password hash) it logged in with, or None where that is unknown.
+        """
+        return list(self._live.get(containerId, {}).items())
+
+
+class CredentialWatcher(Service):
+    """
+    Ends the sessions whose credentials were reset or revoked.
+
+    Every L{CHECK_INTERVAL} seconds on C{clock}, it re-reads the records of
+    the containers that have live sessions (a few LMDB reads, cheap enough
+    for the reactor thread) and disconnects each session whose record is
+    gone or no longer has the username and hash it logged in with.  Sessions
+    whose login is unknown end only when the record is gone.
+    """
+
+    def __init__(self, store, registry: SessionRegistry, clock, interval=CHECK_INTERVAL) -> None:
+        self._store = store
+        self._registry = registry
+        self._clock = clock
+        self._interval = interval
+        self._loop = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self):
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+        return super().stopService()
+
+    def check(self, containerIds=None) -> int:
+        """
+        Compare now, for C{containerIds} or every container with live
+        sessions; return how many sessions were ended.
+        """
+        ended = 0
+        if containerIds is None:
+            containerIds = self._registry.containers()
+        for containerId in containerIds:
+            try:
+                record = self._store.get(containerId)
+            except Exception:
+                # Keep the loop alive; the next tick tries again.
+                log.failure("cannot read the credentials of {container}", container=containerId)
+                continue
+            current = None if record is None else (record.username, record.password_hash)
+            for transport, login in self._registry.sessions(containerId):
+                if record is not None and (login is None or login == current):
+                    continue
+                self._end(transport, containerId, "revoked" if record is None else "changed")
+                ended += 1
+        return ended
+
+    def _end(self, transport, containerId: str, why: str) -> None:
+        self._registry.loggedOut(transport)
+        log.info(
+            "ending session of user {username} (container {container}) from {peer}:"
+            " credentials {why}",
+            username=getattr(transport, "loginUsername", "?"),
+            container=containerId,
+            peer=_peer(transport),
+            why=why,
+        )
+        # Sends the reason and closes once it is written; the transport
+        # stops reading, so the session serves no further request.
+        transport.sendDisconnect(DISCONNECT_BY_APPLICATION, f"credentials {why}".encode())
+        # A no-op once the connection is closed.
+        self._clock.callLater(ABORT_AFTER, transport.transport.abortConnection)
