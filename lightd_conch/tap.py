@@ -2,8 +2,8 @@
 C{twistd lightd-sftp}: the command-line options and the service tree.
 
 One L{MultiService} holds the credential store's lifecycle, the watcher that
-ends sessions whose credentials changed, the bcrypt thread pool and the SSH
-listener.  Blocking resources (LMDB, threads) are opened in
+ends sessions whose credentials changed, the thread pools, the SSH listener
+and the admin API listener.  Blocking resources (LMDB, threads) are opened in
 C{startService}, after twistd has forked, never at import or in makeService.
 """
 
@@ -14,11 +14,14 @@ import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from . import config as _config
+from .accounts import Accounts
+from .api import AdminAPI, TokenError, configureToken, makeSite
 from .cred import ContainerRealm, PasswordChecker
 from .sessions import CredentialWatcher, SessionRegistry
 from .ssh import SSHFactory, loadOrCreateHostKey
@@ -138,6 +141,11 @@ def makeService(options, reactor=None) -> MultiService:
 
     for folder in (cfg.storage.base_path, cfg.storage.volumes_path):
         os.makedirs(folder, mode=0o755, exist_ok=True)
+    try:
+        token = configureToken(cfg)
+    except TokenError as e:
+        sys.stderr.write(f"lightd-sftp: {e}\n")
+        raise SystemExit(1)
 
     # Children stop in reverse order: the listeners and thread pools before
     # the watcher, the watcher before the store closes.
@@ -164,4 +172,18 @@ def makeService(options, reactor=None) -> MultiService:
         _Listener(
             reactor, "SFTP", cfg.sftp.host, cfg.sftp.port, factory
         ).setServiceParent(top)
+
+    # The API's own thread, for bcrypt and LMDB writes: a burst of API calls
+    # queues here instead of delaying logins or stalling the reactor.
+    apiPool = ThreadPool(minthreads=1, maxthreads=1, name="lightd-sftp-api")
+    _ThreadPoolService(apiPool).setServiceParent(top)
+    api = AdminAPI(
+        Accounts(cfg, store),
+        token,
+        run=lambda f, *args: deferToThreadPool(reactor, apiPool, f, *args),
+        changed=lambda containerId: watcher.check([containerId]),
+    )
+    _Listener(
+        reactor, "API", cfg.server.host, cfg.server.port, makeSite(api)
+    ).setServiceParent(top)
     return top

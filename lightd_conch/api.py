@@ -1,0 +1,366 @@
+"""
+The admin HTTP API, Lightd-compatible JSON on twisted.web:
+
+    POST   /containers/{id}/sftp/credentials   create or reset (200, shows the password)
+    GET    /containers/{id}/sftp/info          show, without the password (200)
+    DELETE /containers/{id}/sftp/credentials   revoke (204)
+
+This module translates HTTP to L{lightd_conch.accounts.Accounts}, the same
+rules the CLI uses, and owns the bearer token.  The blocking work of
+L{Accounts} (bcrypt, LMDB writes) runs through an injected C{run} function,
+in the daemon a thread pool, so the reactor keeps serving transfers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+import stat
+
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from .accounts import AccountError
+
+log = Logger()
+
+MAX_BODY = 64 * 1024
+
+_STATUS = {"invalid": 400, "not_found": 404, "conflict": 409}
+
+# (segment after the id, last segment) -> {method: handler name}
+_ROUTES = {
+    (b"sftp", b"credentials"): {b"POST": "_generate", b"DELETE": "_revoke"},
+    (b"sftp", b"info"): {b"GET": "_info"},
+}
+
+
+class TokenError(Exception):
+    """
+    The API token file cannot be used; C{str()} names it and says why.
+    """
+
+
+def loadOrCreateToken(path: str) -> "tuple[str, bool]":
+    """
+    The token kept in the file at C{path}, surrounding whitespace stripped,
+    or a new one (C{lightd_} and 32 hex digits) written there with mode 0600
+    if the file does not exist.
+
+    @return: the token, and whether it was created now.
+    @raise TokenError: if the file cannot be read or created, or is empty.
+    """
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise TokenError(f"cannot create the API token file {path}: {e.strerror}") from None
+    else:
+        token = "lightd_" + secrets.token_hex(16)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token, True
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenError(f"cannot read the API token file {path}: {e}") from None
+    if not token:
+        raise TokenError(
+            f"the API token file {path} is empty: delete it to generate a new token"
+        )
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warn(
+            "the API token file {path} is readable by others (mode {mode:04o});"
+            " chmod 600 it",
+            path=path,
+            mode=stat.S_IMODE(mode),
+        )
+    return token, False
+
+
+def _isLoopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def configureToken(config) -> "str | None":
+    """
+    The bearer token the API requires, or None when C{authorization.enabled}
+    is false.  Logs where the token comes from, never the token itself.
+
+    @raise TokenError: if a generated token's file cannot be used.
+    """
+    if not config.authorization.enabled:
+        where = f"{config.server.host} port {config.server.port}"
+        if _isLoopback(config.server.host):
+            log.warn(
+                "admin API authorization is disabled: any local user or process"
+                " that can connect to {where} can manage SFTP credentials",
+                where=where,
+            )
+        else:
+            log.critical(
+                "admin API authorization is disabled and the API is bound to"
+                " {where}, reachable from other hosts: anyone who can connect"
+                " can manage SFTP credentials",
+                where=where,
+            )
+        return None
+    if config.authorization.token:
+        log.info(
+            "admin API token: authorization.token in {path}", path=config.path
+        )
+        return config.authorization.token
+    token, created = loadOrCreateToken(config.api_token_path)
+    log.info(
+        "admin API token {how} {path}",
+        how="generated into" if created else "read from",
+        path=config.api_token_path,
+    )
+    return token
+
+
+def _isJSON(contentType: bytes) -> bool:
+    mediaType = contentType.split(b";", 1)[0].strip().lower()
+    return (
+        mediaType == b"application/json"
+        # Lightd's vendor types, e.g. application/vnd.pkglatest+json.
+        or (mediaType.startswith(b"application/") and mediaType.endswith(b"+json"))
+        # What `curl -d` and many HTTP tools send unless told otherwise;
+        # the body must still be a JSON object.
+        or mediaType == b"application/x-www-form-urlencoded"
+    )
+
+
+class _Refused(Exception):
+    """
+    A request refused before it reached L{Accounts}.
+    """
+
+    def __init__(self, code: int, message: str, headers=()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+class AdminAPI(Resource):
+    """
+    The whole API as one leaf resource: it authenticates, routes, parses the
+    body and maps L{AccountError}s to statuses.
+
+    @param accounts: an L{Accounts}; its methods block.
+    @param token: the bearer token as C{str}, or None for no authorization.
+    @param run: C{run(f, *args)} calls C{f(*args)} where blocking is
+        allowed and returns a Deferred of its result.
+    @param changed: called with a container id on the reactor thread after
+        its credentials were reset or revoked, to end its sessions now.
+    """
+
+    isLeaf = True
+
+    def __init__(self, accounts, token, run, changed=lambda containerId: None) -> None:
+        super().__init__()
+        self._accounts = accounts
+        self._token = None if token is None else token.encode("utf-8")
+        self._run = run
+        self._changed = changed
+
+    def render(self, request):
+        try:
+            self._authorize(request)
+            containerId, handler = self._route(request)
+            d = getattr(self, handler)(request, containerId)
+        except _Refused as e:
+            return self._error(request, e.code, e.message, e.headers)
+
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def respond(result):
+            if finished:
+                return  # the client went away; the change is made all the same
+            code, body = result
+            request.setResponseCode(code)
+            if body is not None:
+                request.write(self._json(request, body))
+            request.finish()
+
+        def refused(failure):
+            failure.trap(AccountError)
+            error = failure.value
+            return _STATUS[error.kind], {"error": error.message}
+
+        def failed(failure):
+            log.failure("admin API request failed", failure)
+            return 500, {"error": "internal error, see the service log"}
+
+        d.addErrback(refused).addErrback(failed).addCallback(respond)
+        d.addErrback(lambda failure: log.failure("cannot answer an admin API request", failure))
+        return server.NOT_DONE_YET
+
+    # -- steps ----------------------------------------------------------------
+
+    def _authorize(self, request) -> None:
+        if self._token is None:
+            return
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not given.strip():
+            raise _Refused(
+                401,
+                "missing bearer token",
+                [(b"WWW-Authenticate", b'Bearer realm="lightd-sftp"')],
+            )
+        if not hmac.compare_digest(given.strip(), self._token):
+            log.info(
+                "admin API: refused a request from {peer}: wrong bearer token",
+                peer=_peer(request),
+            )
+            raise _Refused(
+                401,
+                "invalid bearer token",
+                [(b"WWW-Authenticate", b'Bearer realm="lightd-sftp", error="invalid_token"')],
+            )
+
+    def _route(self, request) -> "tuple[str, str]":
+        segments = request.postpath
+        methods = None
+        if len(segments) >= 4 and segments[0] == b"containers":
+            methods = _ROUTES.get((segments[-2], segments[-1]))
+        if methods is None:
+            raise _Refused(404, "no such endpoint")
+        handler = methods.get(request.method)
+        if handler is None:
+            allowed = b", ".join(methods)
+            raise _Refused(
+                405,
+                f"method {request.method.decode('latin-1')} is not allowed here;"
+                f" use {allowed.decode()}",
+                [(b"Allow", allowed)],
+            )
+        # Ids are checked by Accounts, like the CLI's: an id of several
+        # segments (/containers/a/b/sftp/info) is the invalid id "a/b", and
+        # bytes that are not UTF-8 become U+FFFD, which no valid id contains.
+        return b"/".join(segments[1:-2]).decode("utf-8", "replace"), handler
+
+    def _body(self, request) -> dict:
+        contentType = request.getHeader(b"content-type")
+        if contentType is not None and not _isJSON(contentType):
+            raise _Refused(415, "request body must be JSON (Content-Type: application/json)")
+        length = request.getHeader(b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > MAX_BODY:
+            raise _Refused(413, f"request body is larger than {MAX_BODY} bytes")
+        request.content.seek(0)
+        data = request.content.read(MAX_BODY + 1)
+        if len(data) > MAX_BODY:
+            raise _Refused(413, f"request body is larger than {MAX_BODY} bytes")
+        if not data.strip():
+            return {}
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _Refused(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise _Refused(400, "request body must be a JSON object")
+        return body
+
+    # -- endpoints --------------------------------------------------------------
+
+    def _generate(self, request, containerId: str):
+        body = self._body(request)
+        fields = {}
+        for name in ("username", "password"):
+            value = body.get(name)
+            if value is not None and not isinstance(value, str):
+                raise _Refused(400, f'"{name}" must be a string')
+            fields[name] = value
+
+        def done(result):
+            log.info(
+                "admin API: credentials of container {container} set (user {username})",
+                container=containerId,
+                username=result["username"],
+            )
+            self._changed(containerId)
+            return 200, result
+
+        d = self._run(self._accounts.generate, containerId, fields["username"], fields["password"])
+        return d.addCallback(done)
+
+    def _info(self, request, containerId: str):
+        d = self._run(self._accounts.info, containerId)
+        return d.addCallback(lambda result: (200, result))
+
+    def _revoke(self, request, containerId: str):
+        def done(result):
+            log.info("admin API: credentials of container {container} revoked", container=containerId)
+            self._changed(containerId)
+            return 204, None
+
+        return self._run(self._accounts.revoke, containerId).addCallback(done)
+
+    # -- responses --------------------------------------------------------------
+
+    def _json(self, request, body) -> bytes:
+        data = json.dumps(body).encode("utf-8") + b"\n"
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", b"%d" % len(data))
+        # The POST response holds a password.
+        request.setHeader(b"Cache-Control", b"no-store")
+        return data
+
+    def _error(self, request, code: int, message: str, headers=()) -> bytes:
+        request.setResponseCode(code)
+        for name, value in headers:
+            request.setHeader(name, value)
+        return self._json(request, {"error": message})
+
+
+def _peer(request) -> str:
+    peer = request.getClientAddress()
+    return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+
+class _BoundedRequest(server.Request):
+    """
+    A request that keeps at most C{MAX_BODY + 1} bytes of its body, so an
+    oversized upload fills neither memory nor disk; the resource sees that
+    it is too long and answers 413.
+    """
+
+    def gotLength(self, length) -> None:
+        # twisted.web spools long bodies to a temporary file; never needed here.
+        super().gotLength(0)
+        self._kept = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        room = MAX_BODY + 1 - self._kept
+        if room > 0:
+            data = data[:room]
+            self._kept += len(data)
+            self.content.write(data)
+
+
+def makeSite(resource) -> server.Site:
+    """
+    The site serving C{resource}, with bounded request bodies, a one-minute
+    idle timeout and no start/stop noise in the log.
+    """
+    site = server.Site(resource, timeout=60)
+    site.requestFactory = _BoundedRequest
+    site.noisy = False
+    site.displayTracebacks = False
+    return site
