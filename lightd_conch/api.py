@@ -294,7 +294,7 @@ class AdminAPI(Resource):
                 container=containerId,
                 username=result["username"],
             )
-            self._changed(containerId)
+            self._notifyChanged(containerId)
             return 200, result
 
         d = self._run(self._accounts.generate, containerId, fields["username"], fields["password"])
@@ -307,10 +307,18 @@ class AdminAPI(Resource):
     def _revoke(self, request, containerId: str):
         def done(result):
             log.info("admin API: credentials of container {container} revoked", container=containerId)
-            self._changed(containerId)
+            self._notifyChanged(containerId)
             return 204, None
 
         return self._run(self._accounts.revoke, containerId).addCallback(done)
+
+    def _notifyChanged(self, containerId: str) -> None:
+        # The change is made: a failure to end sessions now must not turn
+        # the answer into an error (the watcher's next tick tries again).
+        try:
+            self._changed(containerId)
+        except Exception:
+            log.failure("cannot end the sessions of container {container}", container=containerId)
 
     # -- responses --------------------------------------------------------------
 

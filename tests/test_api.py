@@ -478,6 +478,17 @@ class AsyncTests(APITestCase):
         self.assertEqual([str(f.value) for f in failures], ["disk on fire"])
 
 
+class ChangedFailureTests(APITestCase):
+    def test_answerStandsWhenEndingSessionsFails(self):
+        def changed(containerId):
+            raise RuntimeError("registry broken")
+
+        self.api = api.AdminAPI(self.accounts, TOKEN, run=maybeDeferred, changed=changed)
+        self.assertResponse(self.generate(), 200)
+        self.assertResponse(self.request("DELETE", "/containers/demo/sftp/credentials"), 204)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+
 class BoundedRequestTests(TestCase):
     def test_keepsAtMostOneByteOverTheLimit(self):
         request = api._BoundedRequest(DummyChannel())
