@@ -278,14 +278,18 @@ class Sandbox:
         setpriv = shutil.which("setpriv", path=search)
         if bwrap is None or rsync is None:
             return None
-        rsync = _merged(rsync)
-        binds = {rsync: os.path.realpath(rsync)}
-        try:
-            libraries = _libraries(rsync)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        for library in libraries:
-            binds[_merged(library)] = os.path.realpath(library)
+        programs = [_merged(rsync)] + ([_merged(setpriv)] if setpriv else [])
+        binds = {}
+        for program in programs:
+            binds[program] = os.path.realpath(program)
+            try:
+                libraries = _libraries(program)
+            except (OSError, subprocess.SubprocessError):
+                return None
+            for library in libraries:
+                binds[_merged(library)] = os.path.realpath(library)
+        rsync = programs[0]
+        setpriv = programs[1] if setpriv else None
         # Merged-/usr hosts reach /usr/lib through /lib and /lib64 links.
         links = [
             (os.readlink(top), top)
@@ -304,23 +308,25 @@ class Sandbox:
     ) -> List[str]:
         """
         The command line running C{rsyncArgv} on the volume open as
-        C{volumeFD}; with C{ids}, as that uid and gid and no other groups
-        (Twisted's own uid switch needs a passwd entry and keeps groups).
+        C{volumeFD}.
+
+        Without C{ids} (a volume owned by root) rsync runs as root in a new
+        user namespace.  With C{ids}, bwrap sets the sandbox up as root
+        without a user namespace (the volume's owner may not be able to reach
+        the volume's host path) and setpriv, inside, becomes that uid and gid
+        with no other groups and no capabilities before running rsync.
         """
-        argv: List[str] = []
-        if ids is not None:
+        argv = [self.bwrap]
+        if ids is None:
+            argv.append("--unshare-all")
+        else:
             if self.setpriv is None:
                 raise OSError("setpriv is needed to run rsync as the volume's owner")
-            argv = [
-                self.setpriv,
-                "--reuid", str(ids[0]),
-                "--regid", str(ids[1]),
-                "--clear-groups",
-                "--",
+            argv += [
+                "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+                "--unshare-cgroup-try",
             ]
         argv += [
-            self.bwrap,
-            "--unshare-all",
             "--die-with-parent",
             "--new-session",
             "--clearenv",
@@ -328,6 +334,15 @@ class Sandbox:
             # popt reads $HOME/.popt: an alias file there must not reach rsync.
             "--setenv", "HOME", "/nonexistent",
         ]
+        # Directories bwrap makes for mount points are 0700 unless told.
+        parents = set()
+        for _, dest in self.binds:
+            parent = os.path.dirname(dest)
+            while parent not in ("/", ""):
+                parents.add(parent)
+                parent = os.path.dirname(parent)
+        for directory in sorted(parents):
+            argv += ["--perms", "0755", "--dir", directory]
         for src, dest in self.binds:
             argv += ["--ro-bind", src, dest]
         for target, link in self.links:
@@ -338,9 +353,19 @@ class Sandbox:
             "--chdir", os.fsdecode(SANDBOX_VOLUME),
             "--remount-ro", "/",
             "--",
-            self.rsync,
         ]
-        return argv + list(rsyncArgv[1:])
+        if ids is not None:
+            argv += [
+                self.setpriv,
+                "--reuid", str(ids[0]),
+                "--regid", str(ids[1]),
+                "--clear-groups",
+                "--no-new-privs",
+                "--bounding-set", "-all",
+                "--inh-caps", "-all",
+                "--",
+            ]
+        return argv + [self.rsync] + list(rsyncArgv[1:])
 
 
 _sandbox: Optional[Sandbox] = None

@@ -367,10 +367,14 @@ class SessionChannel(SSHChannel):
 
     def eofReceived(self) -> None:
         eofReceived = getattr(self.protocol, "eofReceived", None)
-        if eofReceived is None:
-            self.loseConnection()
-        else:
+        if eofReceived is not None:
             eofReceived()
+        elif self.protocol is not None:
+            # The client ended the sftp session: exit 0, as OpenSSH's
+            # sftp-server does.  scp in SFTP mode fails without a status.
+            self.exit(0)
+        else:
+            self.loseConnection()
 
     def resumeInput(self) -> None:
         """
