@@ -213,3 +213,114 @@ class ScpProtocolTests(TestCase):
         protocol, channel = self.start(b"bash -i")
         self.assertEqual(channel.err, [b"lightd-sftp: only sftp, scp and rsync are served\n"])
         self.assertEqual(channel.exitCode, 127)
+
+
+class RsyncSandboxTests(TestCase):
+    def test_missingSandboxRefused(self):
+        self.patch(rsync, "findSandbox", lambda: None)
+        protocol = rsync.rsyncProtocol(b"rsync --server -r . d", "/nonexistent")
+        channel = _Channel()
+        protocol.makeConnection(channel)
+        self.assertEqual(channel.exitCode, 127)
+        self.assertIn(b"rsync is not available on this server", b"".join(channel.err))
+
+    def test_refusedArgvExitsOne(self):
+        self.patch(rsync, "findSandbox", lambda: rsync.Sandbox("/bwrap", "/rsync", [], []))
+        protocol = rsync.rsyncProtocol(b"rsync --server --rsync-path=sh . d", "/nonexistent")
+        channel = _Channel()
+        protocol.makeConnection(channel)
+        self.assertEqual(channel.exitCode, 1)
+        self.assertIn(b"--rsync-path", b"".join(channel.err))
+
+    def test_sandboxArgv(self):
+        sandbox = rsync.Sandbox(
+            "/usr/bin/bwrap", "/usr/bin/rsync",
+            [("/usr/bin/rsync", "/usr/bin/rsync"), ("/usr/lib/x/libc.so.6", "/usr/lib/x/libc.so.6")],
+            [("usr/lib", "/lib")], "/usr/bin/setpriv",
+        )
+        argv = sandbox.argv(3, ["rsync", "--server", ".", "d"])
+        self.assertIn("--unshare-all", argv)
+        self.assertEqual(argv[-4:], ["/usr/bin/rsync", "--server", ".", "d"])
+        self.assertEqual(argv[argv.index("--bind-fd") + 1 : argv.index("--bind-fd") + 3],
+                         ["3", "/volume"])
+        owned = sandbox.argv(3, ["rsync", "--server", ".", "d"], (1000, 1000))
+        self.assertNotIn("--unshare-all", owned)
+        self.assertIn("--unshare-net", owned)
+        tail = owned[owned.index("--") + 1 :]
+        self.assertEqual(tail[:5], ["/usr/bin/setpriv", "--reuid", "1000", "--regid", "1000"])
+        self.assertIn("--clear-groups", tail)
+
+
+class _Conn:
+    def __init__(self):
+        self.events = []
+
+    def sendData(self, channel, data):
+        self.events.append(("data", data))
+
+    def sendExtendedData(self, channel, kind, data):
+        self.events.append(("stderr", data))
+
+    def sendRequest(self, channel, name, data, wantReply=0):
+        self.events.append(("request", name, data))
+
+    def sendEOF(self, channel):
+        self.events.append(("eof",))
+
+    def sendClose(self, channel):
+        if not channel.localClosed:
+            channel.localClosed = True
+            self.events.append(("close",))
+
+    def adjustWindow(self, channel, size):
+        pass
+
+
+class ChannelExitTests(TestCase):
+    def test_outputThenStatusThenClose(self):
+        """
+        A command's output and stderr go out in order within the window;
+        exit-status, EOF and close follow only once all of it is out.
+        """
+        from lightd_conch.ssh import SessionChannel
+
+        channel = SessionChannel(localWindow=1000, localMaxPacket=100,
+                                 remoteWindow=10, remoteMaxPacket=100)
+        channel.conn = _Conn()
+        channel.write(b"out-123456")
+        channel.writeStderr(b"err")
+        channel.exit(127)
+        self.assertEqual(channel.conn.events, [("data", b"out-123456")])
+        channel.addWindowBytes(100)
+        self.assertEqual(channel.conn.events[1:], [
+            ("stderr", b"err"),
+            ("request", b"exit-status", b"\0\0\0\x7f"),
+            ("eof",),
+            ("close",),
+        ])
+
+    def test_execStartsAfterReply(self):
+        from lightd_conch.ssh import SessionChannel
+
+        volume = os.path.abspath(self.mktemp())
+        os.makedirs(volume)
+
+        class Avatar:
+            volumePath = volume
+
+            def openFilesystem(self):
+                return ConfinedFilesystem(volume)
+
+        channel = SessionChannel(localWindow=1000, localMaxPacket=100,
+                                 remoteWindow=1000, remoteMaxPacket=100, avatar=Avatar())
+        channel.conn = _Conn()
+        channel.clock = Clock()
+        import struct
+
+        command = b"uname -a"
+        self.assertEqual(channel.requestReceived(b"exec", struct.pack(">I", len(command)) + command), 1)
+        self.assertEqual(channel.conn.events, [])
+        channel.clock.advance(0)
+        self.assertEqual(channel.conn.events[0],
+                         ("stderr", b"lightd-sftp: only sftp, scp and rsync are served\n"))
+        self.assertEqual(channel.conn.events[1], ("request", b"exit-status", b"\0\0\0\x7f"))
