@@ -21,6 +21,7 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.transport import (
     DISCONNECT_BY_APPLICATION,
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+    MSG_SERVICE_ACCEPT,
     SSHServerTransport,
 )
 from twisted.internet.interfaces import IReactorTime
@@ -103,7 +104,12 @@ class SSHTransport(SSHServerTransport):
         settings = self.factory.settings
         clock = self.factory.clock
         self._lastActivity = clock.seconds()
-        self._graceCall = clock.callLater(settings.login_grace_time, self._graceExpired)
+        # A time of 0 disables that timer, as in OpenSSH.
+        self._graceCall = (
+            clock.callLater(settings.login_grace_time, self._graceExpired)
+            if settings.login_grace_time
+            else None
+        )
         self._idleCall = (
             clock.callLater(settings.idle_timeout, self._checkIdle)
             if settings.idle_timeout
@@ -138,6 +144,17 @@ class SSHTransport(SSHServerTransport):
             self.sendDisconnect(DISCONNECT_BY_APPLICATION, b"idle timeout")
             return
         self._idleCall = self.factory.clock.callLater(timeout - idle, self._checkIdle)
+
+    def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
+        # Some clients (paramiko) request ssh-userauth before every attempt;
+        # Conch would start a fresh service with a fresh failure count each
+        # time.  Keep the running one, as OpenSSH keeps its auth context.
+        if common.getNS(packet)[0] == b"ssh-userauth" and isinstance(
+            self.service, UserAuthServer
+        ):
+            self.sendPacket(MSG_SERVICE_ACCEPT, common.NS(b"ssh-userauth"))
+            return
+        super().ssh_SERVICE_REQUEST(packet)
 
     def authenticated(self, username: str, containerId: str) -> None:
         """
@@ -203,7 +220,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         settings = self.transport.factory.settings
         self.clock = self.transport.factory.clock
         # The transport enforces the login grace time from the first byte.
-        self.loginTimeout = settings.login_grace_time + 60
+        self.loginTimeout = 10 * 365 * 24 * 3600
         # Conch disconnects on the failure after this many; OpenSSH's
         # MaxAuthTries counts the disconnecting one.
         self.attemptsBeforeDisconnect = settings.max_auth_tries - 1
@@ -478,6 +495,7 @@ class SSHFactory(factory.SSHFactory):
 
     protocol = SSHTransport
     noisy = False
+    _log = _conchLog
     sessions = None
     services = {
         b"ssh-userauth": UserAuthServer,

@@ -1,0 +1,444 @@
+"""
+Tests for L{lightd_conch.ssh} and L{lightd_conch.cred}: timers with a Clock,
+the checker, the session channel's flow control, and logins from paramiko
+against the service's factory listening in this process.
+"""
+
+import os
+import socket
+import struct
+
+import bcrypt
+import paramiko
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.conch.ssh import keys
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.python.threadpool import ThreadPool
+from twisted.test.proto_helpers import StringTransport
+from twisted.trial.unittest import TestCase
+
+from lightd_conch.config import SFTPConfig
+from lightd_conch.cred import ContainerRealm, PasswordChecker
+from lightd_conch.ssh import SessionChannel, SSHFactory, loadOrCreateHostKey
+from lightd_conch.store import Credential
+from lightd_conch.testing import MemoryCredentialStore
+
+
+def settings(**kwargs):
+    return SFTPConfig(host_key="/nonexistent", bcrypt_cost=4, **kwargs)
+
+
+def hostKey():
+    return keys.Key(Ed25519PrivateKey.generate())
+
+
+class _TCPTransport(StringTransport):
+    def __init__(self):
+        super().__init__(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 2022),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+        )
+        self.noDelay = False
+
+    def setTcpNoDelay(self, enabled):
+        self.noDelay = enabled
+
+
+class TransportTimerTests(TestCase):
+    def connect(self, **kwargs):
+        clock = Clock()
+        factory = SSHFactory(Portal(None, []), hostKey(), settings(**kwargs), clock)
+        factory.startFactory()
+        transport = factory.buildProtocol(None)
+        tcp = _TCPTransport()
+        transport.makeConnection(tcp)
+        return clock, transport, tcp
+
+    def test_noDelay(self):
+        clock, transport, tcp = self.connect()
+        self.assertTrue(tcp.noDelay)
+
+    def test_loginGraceTime(self):
+        clock, transport, tcp = self.connect(login_grace_time=120, idle_timeout=0)
+        clock.advance(119)
+        self.assertFalse(tcp.disconnecting)
+        clock.advance(1)
+        self.assertTrue(tcp.disconnecting)
+
+    def test_graceEndsAtLogin(self):
+        clock, transport, tcp = self.connect(login_grace_time=120, idle_timeout=0)
+        transport.authenticated("demo", "demo")
+        clock.advance(1000)
+        self.assertFalse(tcp.disconnecting)
+
+    def test_idleTimeout(self):
+        clock, transport, tcp = self.connect(login_grace_time=0, idle_timeout=300)
+        clock.advance(200)
+        transport.dataReceived(b"SSH-2.0-test\r\n")  # activity
+        clock.advance(299)
+        self.assertFalse(tcp.disconnecting)
+        clock.advance(1)
+        self.assertTrue(tcp.disconnecting)
+
+    def test_timersDisabled(self):
+        clock, transport, tcp = self.connect(login_grace_time=0, idle_timeout=0)
+        clock.advance(10**6)
+        self.assertFalse(tcp.disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_algorithms(self):
+        clock, transport, tcp = self.connect()
+        offered = tcp.value()
+        for weak in (b"cbc", b"sha1", b"md5", b"nistp", b"group-exchange", b"ssh-rsa", b"zlib"):
+            self.assertNotIn(weak, offered)
+        for strong in (b"curve25519-sha256", b"aes128-ctr", b"hmac-sha2-256", b"ssh-ed25519"):
+            self.assertIn(strong, offered)
+
+
+class _Pool:
+    """
+    A thread pool that runs work at once, for checker tests.
+    """
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            from twisted.python.failure import Failure
+
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+class _Reactor:
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class CheckerTests(TestCase):
+    def setUp(self):
+        self.store = MemoryCredentialStore()
+        self.store.put(
+            Credential("c1", "alice", bcrypt.hashpw(b"right password", bcrypt.gensalt(4)), 1, 1)
+        )
+        self.checker = PasswordChecker(self.store, _Reactor(), _Pool(), 4)
+
+    def check(self, username, password):
+        from twisted.cred.credentials import UsernamePassword
+
+        return self.checker.requestAvatarId(UsernamePassword(username, password))
+
+    def test_right(self):
+        self.assertEqual(self.successResultOf(self.check(b"alice", b"right password")), "c1")
+
+    def test_wrongUnknownAndOversize(self):
+        for username, password in (
+            (b"alice", b"wrong password"),
+            (b"bob", b"right password"),
+            (b"\xff\xfe", b"x"),
+            (b"alice", b"right password" + b"x" * 100),
+            (b"alice", b"x" * 1000),
+        ):
+            self.failureResultOf(self.check(username, password), UnauthorizedLogin)
+
+
+class _Conn:
+    def __init__(self):
+        self.sent = []
+        self.closed = []
+        self.adjusted = 0
+
+    def sendData(self, channel, data):
+        self.sent.append(data)
+
+    def sendClose(self, channel):
+        self.closed.append(channel)
+
+    def adjustWindow(self, channel, amount):
+        self.adjusted += amount
+        channel.localWindowLeft += amount
+
+
+class _Protocol:
+    def __init__(self):
+        self.paused = False
+        self.received = []
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+
+class SessionChannelTests(TestCase):
+    def channel(self, remoteWindow=100, remoteMaxPacket=40):
+        channel = SessionChannel(
+            localWindow=1000, localMaxPacket=100,
+            remoteWindow=remoteWindow, remoteMaxPacket=remoteMaxPacket,
+        )
+        channel.conn = _Conn()
+        channel.protocol = _Protocol()
+        return channel
+
+    def test_packetsWithinWindow(self):
+        channel = self.channel()
+        channel.write(b"a" * 150)
+        self.assertEqual([len(d) for d in channel.conn.sent], [40, 40, 20])
+        channel.addWindowBytes(30)
+        self.assertEqual([len(d) for d in channel.conn.sent], [40, 40, 20, 30])
+        channel.addWindowBytes(1000)
+        self.assertEqual(b"".join(channel.conn.sent), b"a" * 150)
+
+    def test_backpressure(self):
+        channel = self.channel(remoteWindow=0)
+        channel.highWater, channel.lowWater = 100, 50
+        channel.write(b"x" * 90)
+        self.assertFalse(channel.protocol.paused)
+        channel.write(b"x" * 20)
+        self.assertTrue(channel.protocol.paused)
+        channel.addWindowBytes(40)
+        self.assertTrue(channel.protocol.paused)  # 70 still queued
+        channel.addWindowBytes(40)
+        self.assertFalse(channel.protocol.paused)
+
+    def test_windowHeldWhilePaused(self):
+        channel = self.channel()
+        channel.localWindowLeft = 400
+        channel.protocol.paused = True
+        channel.dataReceived(b"req")
+        self.assertEqual(channel.conn.adjusted, 0)
+        channel.protocol.paused = False
+        channel.dataReceived(b"req")
+        self.assertEqual(channel.localWindowLeft, 1000)
+
+    def test_closeAfterDrain(self):
+        channel = self.channel(remoteWindow=10)
+        channel.write(b"y" * 30)
+        channel.loseConnection()
+        self.assertEqual(channel.conn.closed, [])
+        channel.addWindowBytes(100)
+        self.assertEqual(channel.conn.closed, [channel])
+
+
+class _Config:
+    """
+    Just what the realm needs from a configuration.
+    """
+
+    def __init__(self, volumes, sftp):
+        self.volumes = volumes
+        self.sftp = sftp
+
+    def volume_path(self, containerId):
+        return os.path.join(self.volumes, containerId)
+
+
+class LiveServiceTests(TestCase):
+    """
+    paramiko against the factory listening on loopback in this process.
+    """
+
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        self.volumes = os.path.join(base, "volumes")
+        os.makedirs(os.path.join(self.volumes, "c1"))
+        store = MemoryCredentialStore()
+        store.put(Credential("c1", "alice", bcrypt.hashpw(b"secret-pass", bcrypt.gensalt(4)), 1, 1))
+        pool = ThreadPool(1, 2)
+        pool.start()
+        self.addCleanup(pool.stop)
+        sftpSettings = settings(max_auth_tries=3)
+        portal = Portal(
+            ContainerRealm(_Config(self.volumes, sftpSettings)),
+            [PasswordChecker(store, reactor, pool, 4)],
+        )
+        factory = SSHFactory(
+            portal, loadOrCreateHostKey(os.path.join(base, "key")), sftpSettings, reactor
+        )
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.connections = []
+        build = factory.buildProtocol
+
+        def buildProtocol(addr):
+            protocol = build(addr)
+            self.connections.append(protocol)
+            return protocol
+
+        factory.buildProtocol = buildProtocol
+        self.addCleanup(self.disconnectAll)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def disconnectAll(self):
+        """
+        Close what the clients left open and wait until the server side is
+        gone, so each test leaves a clean reactor.
+        """
+        waits = []
+        for protocol in self.connections:
+            if protocol.transport.connected:
+                lost = Deferred()
+                original = protocol.connectionLost
+
+                def connectionLost(reason, original=original, lost=lost):
+                    original(reason)
+                    lost.callback(None)
+
+                protocol.connectionLost = connectionLost
+                protocol.transport.loseConnection()
+                waits.append(lost)
+        return gatherResults(waits)
+
+    def client(self):
+        transport = paramiko.Transport(("127.0.0.1", self.port.getHost().port))
+        transport.start_client(timeout=10)
+        return transport
+
+    def messages(self):
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events]
+
+    def test_loginSessionAndLogs(self):
+        def session():
+            transport = self.client()
+            transport.auth_password("alice", "secret-pass")
+            sftpClient = paramiko.SFTPClient.from_transport(transport)
+            with sftpClient.open("hello.txt", "w") as f:
+                f.write(b"hi")
+            names = sftpClient.listdir("/")
+            transport.close()
+            return names
+
+        def check(names):
+            self.assertEqual(names, ["hello.txt"])
+            with open(os.path.join(self.volumes, "c1", "hello.txt"), "rb") as f:
+                self.assertEqual(f.read(), b"hi")
+            text = "\n".join(self.messages())
+            self.assertIn("login: user alice (container c1) from 127.0.0.1:", text)
+            self.assertNotIn("secret-pass", text)
+
+        return deferToThread(session).addCallback(check)
+
+    def test_failedLoginsAndAttemptLimit(self):
+        def attempts():
+            transport = self.client()
+            failures = 0
+            try:
+                for _ in range(10):
+                    try:
+                        transport.auth_password("alice", "wrong-pass")
+                    except paramiko.AuthenticationException:
+                        failures += 1
+            except (paramiko.SSHException, EOFError, OSError):
+                pass
+            active = transport.is_active()
+            transport.close()
+            return failures, active
+
+        def check(result):
+            failures, active = result
+            self.assertEqual(failures, 3)
+            self.assertFalse(active)
+            text = "\n".join(self.messages())
+            self.assertEqual(text.count("failed login: user alice from 127.0.0.1:"), 3)
+            self.assertNotIn("wrong-pass", text)
+
+        return deferToThread(attempts).addCallback(check)
+
+    def test_refusedRequestsWithoutTracebacks(self):
+        def refused():
+            transport = self.client()
+            transport.auth_password("alice", "secret-pass")
+            outcomes = {}
+            channel = transport.open_session()
+            channel.set_environment_variable("LANG", "C")  # ignored quietly
+            for name, request in (
+                ("pty", lambda c: c.get_pty()),
+                ("shell", lambda c: c.invoke_shell()),
+                ("exec", lambda c: c.exec_command("id")),
+                ("x11", lambda c: c.request_x11()),
+                ("agent", lambda c: c.request_forward_agent(lambda *a: None)),
+            ):
+                try:
+                    request(channel)
+                    outcomes[name] = "accepted"
+                except paramiko.SSHException:
+                    outcomes[name] = "refused"
+            try:
+                transport.open_channel("direct-tcpip", ("127.0.0.1", 22), ("127.0.0.1", 1))
+                outcomes["forward"] = "accepted"
+            except paramiko.ChannelException:
+                outcomes["forward"] = "refused"
+            try:
+                transport.request_port_forward("127.0.0.1", 0)
+                outcomes["remote-forward"] = "accepted"
+            except paramiko.SSHException:
+                outcomes["remote-forward"] = "refused"
+            transport.close()
+            return outcomes
+
+        def check(outcomes):
+            self.assertEqual(set(outcomes.values()), {"refused"}, outcomes)
+            self.assertFalse([e for e in self.events if e.get("log_failure")])
+
+        return deferToThread(refused).addCallback(check)
+
+    def test_malformedAndOversizePacketsLeaveServiceUp(self):
+        def abuse():
+            transport = self.client()
+            transport.auth_password("alice", "secret-pass")
+            channel = transport.open_session()
+            channel.invoke_subsystem("sftp")
+            channel.settimeout(10)
+            channel.sendall(struct.pack(">IBI", 5, 1, 3))
+            version = b""
+            while len(version) < 4 or len(version) < 4 + struct.unpack(">I", version[:4])[0]:
+                version += channel.recv(4096)
+            channel.sendall(struct.pack(">I", 300000) + b"\x06" + b"x" * 1000)
+            rest = b""
+            while True:
+                chunk = channel.recv(100)
+                if not chunk:
+                    break
+                rest += chunk
+            transport.close()
+            # A second session still works.
+            transport = self.client()
+            transport.auth_password("alice", "secret-pass")
+            names = paramiko.SFTPClient.from_transport(transport).listdir(".")
+            transport.close()
+            return version, rest, names
+
+        def check(result):
+            version, rest, names = result
+            self.assertEqual(version[4], 2)  # SSH_FXP_VERSION
+            self.assertEqual(rest, b"")
+            self.assertEqual(names, [])
+
+        return deferToThread(abuse).addCallback(check)
+
+
+class HostKeyTests(TestCase):
+    def test_createdOnceAndReused(self):
+        path = os.path.join(os.path.abspath(self.mktemp()), "key")
+        first = loadOrCreateHostKey(path)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(first.sshType(), b"ssh-ed25519")
+        self.assertEqual(
+            loadOrCreateHostKey(path).fingerprint(), first.fingerprint()
+        )
