@@ -8,10 +8,11 @@ job, and a refused configuration must leave the host as it found it.
 """
 
 import difflib
+import ipaddress
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ConfigError(Exception):
@@ -63,6 +64,23 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DefenderConfig:
+    """
+    The brute-force defender: failed logins score per source address (1 for
+    a known user, 2 for an unknown one); reaching C{threshold} within
+    C{observation_time} seconds bans the address for C{ban_time} seconds,
+    each further ban half as long again.  C{safe_list} networks are never
+    banned.
+    """
+
+    enabled: bool = True
+    threshold: int = 15
+    observation_time: float = 1800.0
+    ban_time: float = 1800.0
+    safe_list: tuple = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class SFTPConfig:
     """
     The SFTP listener and its limits.  Times are seconds; an C{idle_timeout}
@@ -81,6 +99,10 @@ class SFTPConfig:
     window_size: int = 2 * 1024 * 1024
     max_packet_size: int = 32 * 1024
     max_handles: int = 512
+    max_channels: int = 10
+    max_startups: int = 128
+    max_startups_per_ip: int = 16
+    defender: DefenderConfig = field(default_factory=DefenderConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +142,14 @@ class Config:
 class _Invalid(ValueError):
     """
     A value does not fit its key; the message says why, without the key.
+
+    @ivar subkey: for a value that is itself an object, the key inside it
+        that is wrong.
     """
+
+    def __init__(self, message: str, subkey: "str | None" = None) -> None:
+        super().__init__(message)
+        self.subkey = subkey
 
 
 def _show(value: object) -> str:
@@ -179,6 +208,44 @@ def _resolve(folder: str, path: str) -> str:
 
 _port = _integer(0, 65535)
 
+
+def _networks(value: object, folder: str) -> tuple:
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list of networks, got {_show(value)}")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise _Invalid(
+                f"must be a list of addresses or networks like 10.0.0.0/8,"
+                f" got {_show(item)}"
+            ) from None
+    return tuple(networks)
+
+
+def _object(cls, checks: dict):
+    """
+    A check for a value that is an object with keys of its own.
+    """
+
+    def check(value: object, folder: str):
+        if not isinstance(value, dict):
+            raise _Invalid(f"must be an object, got {_show(value)}")
+        values = {}
+        for key, item in value.items():
+            if key not in checks:
+                close = difflib.get_close_matches(key, checks, n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                raise _Invalid(f"unknown key{hint}", key)
+            try:
+                values[key] = checks[key](item, folder)
+            except _Invalid as e:
+                raise _Invalid(str(e), key if e.subkey is None else f"{key}.{e.subkey}")
+        return cls(**values)
+
+    return check
+
 # section -> key -> check.  Defaults live on the dataclasses, except the
 # storage paths below, which depend on where the file is.
 _SCHEMA = {
@@ -200,6 +267,19 @@ _SCHEMA = {
         # RFC 4253 requires 32 KiB; OpenSSH refuses packets above 256 KiB.
         "max_packet_size": _integer(4096, 256 * 1024),
         "max_handles": _integer(1, 65536),
+        "max_channels": _integer(1, 1024),
+        "max_startups": _integer(1, 65536),
+        "max_startups_per_ip": _integer(1, 65536),
+        "defender": _object(
+            DefenderConfig,
+            {
+                "enabled": _flag,
+                "threshold": _integer(1, 1_000_000),
+                "observation_time": _seconds,
+                "ban_time": _seconds,
+                "safe_list": _networks,
+            },
+        ),
     },
 }
 
@@ -236,7 +316,8 @@ def _section(path: str, document: dict, name: str, folder: str) -> dict:
         try:
             values[key] = checks[key](value, folder)
         except _Invalid as e:
-            raise ConfigError(path, f"{name}.{key}", str(e)) from None
+            dotted = f"{name}.{key}" if e.subkey is None else f"{name}.{key}.{e.subkey}"
+            raise ConfigError(path, dotted, str(e)) from None
     return values
 
 

@@ -16,6 +16,7 @@ from twisted.cred.portal import IRealm
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
+from .defender import UnknownUser
 from .fs import ConfinedFilesystem
 from .ssh import SessionChannel
 
@@ -76,7 +77,7 @@ class PasswordChecker:
             record = None
         if record is None or len(password) > BCRYPT_MAX_PASSWORD:
             bcrypt.checkpw(password[:BCRYPT_MAX_PASSWORD], self._dummyHash)
-            raise UnauthorizedLogin()
+            raise UnknownUser() if record is None else UnauthorizedLogin()
         if not bcrypt.checkpw(password, record.password_hash):
             raise UnauthorizedLogin()
         return ContainerId.of(record)

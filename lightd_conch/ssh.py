@@ -15,9 +15,9 @@ from typing import Deque, Optional
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.conch.error import ConchError
 from twisted.conch.ssh import common, connection, factory, keys, userauth
 from twisted.conch.ssh.channel import SSHChannel
+from twisted.cred.error import UnauthorizedLogin
 from twisted.conch.ssh.transport import (
     DISCONNECT_BY_APPLICATION,
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
@@ -34,6 +34,7 @@ from twisted.logger import (
 )
 
 from .commands import execProtocol
+from .defender import Defender, StartupLimiter, UnknownUser
 from .sftp import SFTPServer
 
 log = Logger()
@@ -98,6 +99,7 @@ class SSHTransport(SSHServerTransport):
     supportedCiphers = CIPHERS
     supportedMACs = MACS
     supportedCompressions = [b"none"]
+    startupHost: Optional[str] = None
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -156,6 +158,12 @@ class SSHTransport(SSHServerTransport):
             return
         super().ssh_SERVICE_REQUEST(packet)
 
+    def _releaseStartup(self) -> None:
+        # This connection no longer counts as an unauthenticated startup.
+        host, self.startupHost = self.startupHost, None
+        if host is not None:
+            self.factory.startups.release(host)
+
     def authenticated(self, username: str, containerId: str) -> None:
         """
         Called by user authentication on success: the grace period is over.
@@ -163,6 +171,7 @@ class SSHTransport(SSHServerTransport):
         if self._graceCall is not None and self._graceCall.active():
             self._graceCall.cancel()
         self._graceCall = None
+        self._releaseStartup()
         self.loginUsername = username
         log.info(
             "login: user {username} (container {container}) from {peer}",
@@ -178,6 +187,7 @@ class SSHTransport(SSHServerTransport):
             if call is not None and call.active():
                 call.cancel()
         self._graceCall = self._idleCall = None
+        self._releaseStartup()
         if getattr(self, "avatar", None) is not None:
             log.info(
                 "logout: user {username} (container {container}) from {peer}",
@@ -254,12 +264,21 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         self.transport.authenticated(username, avatar.containerId)
 
     def _ebBadAuth(self, reason) -> None:
-        if self.method != b"none" and not reason.check(ConchError):
+        if self.method != b"none" and reason.check(UnauthorizedLogin):
             log.info(
                 "failed login: user {username} from {peer}",
                 username=self.user.decode("utf-8", "replace")[:128],
                 peer=_peer(self.transport),
             )
+            host = self.transport.transport.getPeer().host
+            defender = self.transport.factory.defender
+            defender.failedLogin(host, knownUser=not reason.check(UnknownUser))
+            if defender.isBanned(host):
+                self.transport.sendDisconnect(
+                    DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+                    b"too many authentication failures",
+                )
+                return
         super()._ebBadAuth(reason)
 
 
@@ -274,15 +293,26 @@ class SSHConnection(connection.SSHConnection):
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         channelType, rest = common.getNS(packet)
         if channelType != b"session":
-            (senderChannel,) = struct.unpack(">L", rest[:4])
-            self.transport.sendPacket(
-                connection.MSG_CHANNEL_OPEN_FAILURE,
-                struct.pack(">2L", senderChannel, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
-                + common.NS(b"only session channels are served")
-                + common.NS(b""),
+            self._refuseChannel(
+                rest,
+                connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                b"only session channels are served",
             )
-            return
-        super().ssh_CHANNEL_OPEN(packet)
+        elif len(self.channels) >= self.transport.factory.settings.max_channels:
+            self._refuseChannel(
+                rest, connection.OPEN_RESOURCE_SHORTAGE, b"too many channels"
+            )
+        else:
+            super().ssh_CHANNEL_OPEN(packet)
+
+    def _refuseChannel(self, rest: bytes, reason: int, message: bytes) -> None:
+        (senderChannel,) = struct.unpack(">L", rest[:4])
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", senderChannel, reason)
+            + common.NS(message)
+            + common.NS(b""),
+        )
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         localChannel, dataLength = struct.unpack(">2L", packet[:8])
@@ -491,6 +521,9 @@ class SSHFactory(factory.SSHFactory):
     @ivar clock: the reactor's time, injected for tests.
     @ivar sessions: a L{lightd_conch.sessions.SessionRegistry} told of each
         login and logout, or None.
+    @ivar defender: the L{Defender} that scores failed logins and refuses
+        banned addresses before key exchange.
+    @ivar startups: the L{StartupLimiter} for unauthenticated connections.
     """
 
     protocol = SSHTransport
@@ -502,10 +535,34 @@ class SSHFactory(factory.SSHFactory):
         b"ssh-connection": SSHConnection,
     }
 
-    def __init__(self, portal, hostKey: keys.Key, settings, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        portal,
+        hostKey: keys.Key,
+        settings,
+        clock: IReactorTime,
+        defender: Optional[Defender] = None,
+    ) -> None:
         self.portal = portal
         self.settings = settings
         self.clock = clock
+        self.defender = defender or Defender.fromConfig(clock, settings.defender)
+        self.startups = StartupLimiter(
+            settings.max_startups, settings.max_startups_per_ip
+        )
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None
+
+    def buildProtocol(self, addr):
+        """
+        Refuse a banned address, or one over the unauthenticated-connection
+        limits, before anything is sent: returning None closes the socket.
+        """
+        host = getattr(addr, "host", None)
+        if host is not None:
+            if self.defender.isBanned(host) or self.startups.acquire(host):
+                return None
+        transport = super().buildProtocol(addr)
+        transport.startupHost = host
+        return transport

@@ -267,6 +267,7 @@ class LiveServiceTests(TestCase):
         factory = SSHFactory(
             portal, loadOrCreateHostKey(os.path.join(base, "key")), sftpSettings, reactor
         )
+        self.factory = factory
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.connections = []
@@ -274,7 +275,8 @@ class LiveServiceTests(TestCase):
 
         def buildProtocol(addr):
             protocol = build(addr)
-            self.connections.append(protocol)
+            if protocol is not None:
+                self.connections.append(protocol)
             return protocol
 
         factory.buildProtocol = buildProtocol
@@ -359,6 +361,54 @@ class LiveServiceTests(TestCase):
             self.assertNotIn("wrong-pass", text)
 
         return deferToThread(attempts).addCallback(check)
+
+    def test_bannedAddressRefusedBeforeKeyExchange(self):
+        self.factory.defender.threshold = 4  # two tries as an unknown user
+
+        def attempts():
+            transport = self.client()
+            for _ in range(2):
+                try:
+                    transport.auth_password("mallory", "guess-pass")
+                except paramiko.AuthenticationException:
+                    pass
+            transport.close()
+            sock = socket.create_connection(("127.0.0.1", self.port.getHost().port), 10)
+            sock.settimeout(10)
+            try:
+                return sock.recv(100)
+            except ConnectionResetError:
+                return b""
+            finally:
+                sock.close()
+
+        def check(banner):
+            self.assertEqual(banner, b"")  # closed before even the version line
+            self.assertTrue(self.factory.defender.isBanned("127.0.0.1"))
+            text = "\n".join(self.messages())
+            self.assertIn("banned 127.0.0.1", text)
+
+        return deferToThread(attempts).addCallback(check)
+
+    def test_channelLimit(self):
+        def channels():
+            transport = self.client()
+            transport.auth_password("alice", "secret-pass")
+            opened = []
+            try:
+                for _ in range(12):
+                    opened.append(transport.open_session())
+            except paramiko.ChannelException as e:
+                refused = e.code
+            else:
+                refused = None
+            transport.close()
+            return len(opened), refused
+
+        def check(result):
+            self.assertEqual(result, (10, 4))  # OPEN_RESOURCE_SHORTAGE
+
+        return deferToThread(channels).addCallback(check)
 
     def test_refusedRequestsWithoutTracebacks(self):
         def refused():
