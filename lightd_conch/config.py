@@ -63,6 +63,27 @@ class StorageConfig:
     volumes_path: str
 
 
+# The packet protections the transport implements (lightd_conch.ciphers), and
+# the ones offered by default: AEAD and encrypt-then-MAC only, so nothing is
+# encrypt-and-MAC.  The plain HMACs stay available for old clients.
+SUPPORTED_CIPHERS = (
+    "chacha20-poly1305@openssh.com",
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
+SUPPORTED_MACS = (
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+)
+DEFAULT_CIPHERS = SUPPORTED_CIPHERS
+DEFAULT_MACS = SUPPORTED_MACS[:2]
+
+
 @dataclass(frozen=True, kw_only=True)
 class DefenderConfig:
     """
@@ -99,6 +120,8 @@ class SFTPConfig:
     window_size: int = 2 * 1024 * 1024
     max_packet_size: int = 32 * 1024
     max_handles: int = 512
+    ciphers: tuple = DEFAULT_CIPHERS
+    macs: tuple = DEFAULT_MACS
     max_channels: int = 10
     max_startups: int = 128
     max_startups_per_ip: int = 16
@@ -209,6 +232,24 @@ def _resolve(folder: str, path: str) -> str:
 _port = _integer(0, 65535)
 
 
+def _names(supported):
+    """
+    A check for a non-empty list of algorithm names, each one supported.
+    """
+
+    def check(value: object, folder: str) -> tuple:
+        if not isinstance(value, list) or not value:
+            raise _Invalid(f"must be a non-empty list of names, got {_show(value)}")
+        for name in value:
+            if name not in supported:
+                raise _Invalid(
+                    f"unsupported algorithm {_show(name)}; supported: {', '.join(supported)}"
+                )
+        return tuple(value)
+
+    return check
+
+
 def _networks(value: object, folder: str) -> tuple:
     if not isinstance(value, list):
         raise _Invalid(f"must be a list of networks, got {_show(value)}")
@@ -268,6 +309,8 @@ _SCHEMA = {
         "max_packet_size": _integer(4096, 256 * 1024),
         "max_handles": _integer(1, 65536),
         "max_channels": _integer(1, 1024),
+        "ciphers": _names(SUPPORTED_CIPHERS),
+        "macs": _names(SUPPORTED_MACS),
         "max_startups": _integer(1, 65536),
         "max_startups_per_ip": _integer(1, 65536),
         "defender": _object(

@@ -20,8 +20,13 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.cred.error import UnauthorizedLogin
 from twisted.conch.ssh.transport import (
     DISCONNECT_BY_APPLICATION,
+    DISCONNECT_MAC_ERROR,
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+    DISCONNECT_PROTOCOL_ERROR,
+    MSG_KEXINIT,
+    MSG_NEWKEYS,
     MSG_SERVICE_ACCEPT,
+    SSHCiphers,
     SSHServerTransport,
 )
 from twisted.internet.interfaces import IReactorTime
@@ -33,6 +38,7 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
+from .ciphers import PacketError, PlainSealer, makeSealer
 from .commands import execProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
 from .sftp import SFTPServer
@@ -49,15 +55,45 @@ _conchLog = Logger(
     ),
 )
 
-# Algorithms offered, strongest first.  No NIST curves, SHA-1, group exchange,
-# CBC modes, 3DES or MD5.
+# Algorithms offered, strongest first.  No NIST curves, SHA-1, group
+# exchange, CBC modes, 3DES or MD5.  The key exchanges are fixed; ciphers and
+# MACs come from sftp.ciphers and sftp.macs (see lightd_conch.ciphers).
 KEY_EXCHANGES = [
     b"mlkem768x25519-sha256",
     b"curve25519-sha256",
     b"curve25519-sha256@libssh.org",
 ]
-CIPHERS = [b"aes128-ctr", b"aes192-ctr", b"aes256-ctr"]
-MACS = [b"hmac-sha2-256", b"hmac-sha2-512"]
+# What server-sig-algs announces: the signature algorithms Conch verifies for
+# user keys (RFC 8308 3.1), not the host key's.
+USER_KEY_ALGORITHMS = [
+    b"ssh-ed25519",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+]
+_STRICT_KEX_SERVER = b"kex-strict-s-v00@openssh.com"
+_STRICT_KEX_CLIENT = b"kex-strict-c-v00@openssh.com"
+_KEX_MESSAGES = frozenset([MSG_KEXINIT, MSG_NEWKEYS, *range(30, 50)])
+
+
+class _Ciphers(SSHCiphers):
+    """
+    A negotiated set of algorithms, sealing packets with
+    L{lightd_conch.ciphers}; the names stay for Conch's isEncrypted checks.
+    """
+
+    def setKeys(self, outIV, outKey, inIV, inKey, outInteg, inInteg) -> None:
+        if self.outCipType == b"none":
+            self.outbound = self.inbound = PlainSealer()
+            return
+        self.outbound = makeSealer(
+            self.outCipType, self.outMACType, outIV, outKey, outInteg, True
+        )
+        self.inbound = makeSealer(
+            self.inCipType, self.inMACType, inIV, inKey, inInteg, False
+        )
 
 
 def loadOrCreateHostKey(path: str) -> keys.Key:
@@ -96,10 +132,11 @@ class SSHTransport(SSHServerTransport):
 
     _log = _conchLog
     supportedKeyExchanges = KEY_EXCHANGES
-    supportedCiphers = CIPHERS
-    supportedMACs = MACS
     supportedCompressions = [b"none"]
     startupHost: Optional[str] = None
+    _strictKex = False
+    _firstKexDone = False
+    _kexInitSent = False
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -120,7 +157,105 @@ class SSHTransport(SSHServerTransport):
         # Stop reading while the socket's send buffer is full, so a client that
         # does not read its replies cannot make us queue them without bound.
         self.transport.registerProducer(_ReadPauser(self.transport), True)
-        super().connectionMade()
+        self.transport.write(self.ourVersionString + b"\r\n")
+        self.currentEncryptions = _Ciphers(b"none", b"none", b"none", b"none")
+        self.currentEncryptions.setKeys(b"", b"", b"", b"", b"", b"")
+        self.sendKexInit()
+
+    # -- the binary packet protocol ------------------------------------------
+
+    def sendKexInit(self) -> None:
+        if self._kexInitSent:
+            super().sendKexInit()
+            return
+        # Offer strict key exchange (the Terrapin fix) in the first KEXINIT
+        # only, as OpenSSH does.
+        self._kexInitSent = True
+        offered = self.supportedKeyExchanges
+        self.supportedKeyExchanges = list(offered) + [_STRICT_KEX_SERVER]
+        try:
+            super().sendKexInit()
+        finally:
+            self.supportedKeyExchanges = offered
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
+            if not self._allowedKeyExchangeMessageType(messageType):
+                self._blockedByKeyExchange.append((messageType, payload))
+                return
+        self.transport.write(
+            self.currentEncryptions.outbound.seal(
+                self.outgoingPacketSequence, bytes((messageType,)) + payload
+            )
+        )
+        if messageType == MSG_NEWKEYS and self._strictKex:
+            self.outgoingPacketSequence = 0
+        else:
+            self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
+
+    def getPacket(self) -> Optional[bytes]:
+        try:
+            opened = self.currentEncryptions.inbound.open(
+                self.incomingPacketSequence, self.buf
+            )
+        except PacketError as e:
+            self.sendDisconnect(
+                DISCONNECT_MAC_ERROR if "MAC" in str(e) else DISCONNECT_PROTOCOL_ERROR,
+                str(e).encode("ascii"),
+            )
+            self.buf = b""
+            return None
+        if opened is None:
+            return None
+        payload, consumed = opened
+        self.buf = self.buf[consumed:]
+        self.incomingPacketSequence = (self.incomingPacketSequence + 1) & 0xFFFFFFFF
+        return payload
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        if self._strictKex and not self._firstKexDone and messageNum not in _KEX_MESSAGES:
+            # Strict key exchange: nothing but key exchange until the first
+            # NEWKEYS, so no packet can be slipped into the handshake.
+            self.sendDisconnect(
+                DISCONNECT_PROTOCOL_ERROR, b"unexpected message during strict key exchange"
+            )
+            return
+        super().dispatchMessage(messageNum, payload)
+
+    def ssh_KEXINIT(self, packet: bytes) -> None:
+        if not self._firstKexDone and self.sessionID is None:
+            kexAlgorithms = common.getNS(packet[16:])[0].split(b",")
+            if _STRICT_KEX_CLIENT in kexAlgorithms:
+                self._strictKex = True
+                if self.incomingPacketSequence != 1:
+                    self.sendDisconnect(
+                        DISCONNECT_PROTOCOL_ERROR,
+                        b"strict key exchange: KEXINIT was not the first packet",
+                    )
+                    return
+        super().ssh_KEXINIT(packet)
+        negotiated = getattr(self, "nextEncryptions", None)
+        if negotiated is not None and not isinstance(negotiated, _Ciphers):
+            self.nextEncryptions = _Ciphers(
+                negotiated.outCipType,
+                negotiated.inCipType,
+                negotiated.outMACType,
+                negotiated.inMACType,
+            )
+
+    def ssh_NEWKEYS(self, packet: bytes) -> None:
+        super().ssh_NEWKEYS(packet)
+        self._firstKexDone = True
+        if self._strictKex:
+            self.incomingPacketSequence = 0
+
+    def sendExtInfo(self, extensions) -> None:
+        super().sendExtInfo(
+            [
+                (name, b",".join(USER_KEY_ALGORITHMS) if name == b"server-sig-algs" else value)
+                for name, value in extensions
+            ]
+        )
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         # A client saying goodbye is not an error of ours.
@@ -565,4 +700,6 @@ class SSHFactory(factory.SSHFactory):
                 return None
         transport = super().buildProtocol(addr)
         transport.startupHost = host
+        transport.supportedCiphers = [c.encode("ascii") for c in self.settings.ciphers]
+        transport.supportedMACs = [m.encode("ascii") for m in self.settings.macs]
         return transport

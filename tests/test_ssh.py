@@ -245,10 +245,13 @@ class _Config:
         return os.path.join(self.volumes, containerId)
 
 
-class LiveServiceTests(TestCase):
+class LiveService:
     """
-    paramiko against the factory listening on loopback in this process.
+    The service's factory listening on loopback in this process, with one
+    container "c1" whose user is alice / secret-pass.
     """
+
+    sftpSettings = settings(max_auth_tries=3)
 
     def setUp(self):
         base = os.path.abspath(self.mktemp())
@@ -259,7 +262,7 @@ class LiveServiceTests(TestCase):
         pool = ThreadPool(1, 2)
         pool.start()
         self.addCleanup(pool.stop)
-        sftpSettings = settings(max_auth_tries=3)
+        sftpSettings = self.sftpSettings
         portal = Portal(
             ContainerRealm(_Config(self.volumes, sftpSettings)),
             [PasswordChecker(store, reactor, pool, 4)],
@@ -314,6 +317,13 @@ class LiveServiceTests(TestCase):
         from twisted.logger import formatEvent
 
         return [formatEvent(e) for e in self.events]
+
+
+
+class LiveServiceTests(LiveService, TestCase):
+    """
+    paramiko against the factory listening on loopback in this process.
+    """
 
     def test_loginSessionAndLogs(self):
         def session():

@@ -1,0 +1,301 @@
+"""
+SSH binary packet protection: the ciphers and MACs the transport offers.
+
+One L{PacketSealer} per direction turns a payload into the bytes on the wire
+and back.  Besides Conch's own AES-CTR with encrypt-and-MAC HMAC, this adds
+what current clients prefer and what is cheapest per packet:
+C{aes128-gcm@openssh.com} and C{aes256-gcm@openssh.com} (RFC 5647 as OpenSSH
+names them), C{chacha20-poly1305@openssh.com} (OpenSSH's PROTOCOL.chacha20poly1305)
+and the encrypt-then-MAC HMACs (C{hmac-sha2-*-etm@openssh.com}), all on
+cryptography's primitives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from typing import Optional, Tuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+MAX_PACKET_LENGTH = 256 * 1024
+"""Packets longer than this are a protocol error (OpenSSH's PACKET_MAX_SIZE)."""
+
+# name -> (key bytes, IV bytes)
+AEAD_CIPHERS = {
+    b"chacha20-poly1305@openssh.com": (64, 0),
+    b"aes128-gcm@openssh.com": (16, 12),
+    b"aes256-gcm@openssh.com": (32, 12),
+}
+CTR_CIPHERS = {
+    b"aes128-ctr": 16,
+    b"aes192-ctr": 24,
+    b"aes256-ctr": 32,
+}
+# name -> (hash, encrypt-then-MAC)
+MACS = {
+    b"hmac-sha2-256-etm@openssh.com": ("sha256", True),
+    b"hmac-sha2-512-etm@openssh.com": ("sha512", True),
+    b"hmac-sha2-256": ("sha256", False),
+    b"hmac-sha2-512": ("sha512", False),
+}
+
+
+class PacketError(Exception):
+    """
+    The peer sent a packet that cannot be valid: bad length, padding or MAC.
+    """
+
+
+def _padding(length: int, blockSize: int) -> int:
+    # RFC 4253 6: at least 4 bytes, the padded length a multiple of the block.
+    pad = blockSize - length % blockSize
+    if pad < 4:
+        pad += blockSize
+    return pad
+
+
+class PacketSealer:
+    """
+    Protects packets in one direction.  C{seal} returns the wire bytes of
+    a payload; C{open} takes the receive buffer and returns C{(payload,
+    consumed)} for the first whole packet, or None if more bytes are needed.
+    """
+
+    isEncrypting = False
+    isVerifying = False
+
+    def seal(self, sequence: int, payload: bytes) -> bytes:
+        raise NotImplementedError()
+
+    def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
+        raise NotImplementedError()
+
+
+def _checkLength(length: int, blockSize: int) -> None:
+    if length > MAX_PACKET_LENGTH or length < 5 or length % blockSize:
+        raise PacketError("bad packet length")
+
+
+def _payload(plain: bytes, offset: int = 0) -> bytes:
+    padding = plain[offset]
+    end = len(plain) - padding
+    if padding < 4 or end <= offset + 1:
+        raise PacketError("bad padding")
+    return plain[offset + 1 : end]
+
+
+class PlainSealer(PacketSealer):
+    """
+    No protection, before the first key exchange.
+    """
+
+    def seal(self, sequence: int, payload: bytes) -> bytes:
+        pad = _padding(5 + len(payload), 8)
+        return (
+            struct.pack(">IB", len(payload) + pad + 1, pad) + payload + os.urandom(pad)
+        )
+
+    def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
+        if len(buffer) < 4:
+            return None
+        (length,) = struct.unpack_from(">I", buffer)
+        if length > MAX_PACKET_LENGTH or length < 5:
+            raise PacketError("bad packet length")
+        if len(buffer) < 4 + length:
+            return None
+        return _payload(buffer[4 : 4 + length]), 4 + length
+
+
+class _HMAC:
+    def __init__(self, name: str, key: bytes) -> None:
+        size = hashlib.new(name).digest_size
+        self.size = size
+        # OpenSSH (and RFC 4253) use as many key bytes as the digest size.
+        self._template = hmac.new(key[:size], digestmod=name)
+
+    def digest(self, sequence: int, *parts: bytes) -> bytes:
+        mac = self._template.copy()
+        mac.update(struct.pack(">I", sequence))
+        for part in parts:
+            mac.update(part)
+        return mac.digest()
+
+
+class CTRSealer(PacketSealer):
+    """
+    AES-CTR with an HMAC, either over the plaintext (encrypt-and-MAC, RFC
+    4253) or over the clear length and ciphertext (encrypt-then-MAC).
+    """
+
+    isEncrypting = isVerifying = True
+    blockSize = 16
+
+    def __init__(self, cipher: bytes, mac: bytes, iv: bytes, key: bytes, macKey: bytes, outgoing: bool) -> None:
+        context = Cipher(
+            algorithms.AES(key[: CTR_CIPHERS[cipher]]), modes.CTR(iv[:16])
+        )
+        self._crypt = (context.encryptor() if outgoing else context.decryptor()).update
+        hashName, self._etm = MACS[mac]
+        self._mac = _HMAC(hashName, macKey)
+        self._first: Optional[bytes] = None
+
+    def seal(self, sequence: int, payload: bytes) -> bytes:
+        if self._etm:
+            pad = _padding(1 + len(payload), self.blockSize)
+            header = struct.pack(">I", 1 + len(payload) + pad)
+            body = self._crypt(bytes((pad,)) + payload + os.urandom(pad))
+            return header + body + self._mac.digest(sequence, header, body)
+        pad = _padding(5 + len(payload), self.blockSize)
+        packet = (
+            struct.pack(">IB", 1 + len(payload) + pad, pad) + payload + os.urandom(pad)
+        )
+        return self._crypt(packet) + self._mac.digest(sequence, packet)
+
+    def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
+        macSize = self._mac.size
+        if self._etm:
+            if len(buffer) < 4:
+                return None
+            (length,) = struct.unpack_from(">I", buffer)
+            _checkLength(length, self.blockSize)
+            end = 4 + length
+            if len(buffer) < end + macSize:
+                return None
+            body = buffer[4:end]
+            expected = self._mac.digest(sequence, buffer[:4], body)
+            if not hmac.compare_digest(expected, buffer[end : end + macSize]):
+                raise PacketError("bad MAC")
+            return _payload(self._crypt(body)), end + macSize
+        # Encrypt-and-MAC: the length is encrypted, so decrypt the first block
+        # once and keep it until the whole packet is here.
+        if self._first is None:
+            if len(buffer) < self.blockSize:
+                return None
+            self._first = self._crypt(buffer[: self.blockSize])
+        (length,) = struct.unpack_from(">I", self._first)
+        _checkLength(length + 4, self.blockSize)
+        end = 4 + length
+        if len(buffer) < end + macSize:
+            return None
+        packet = self._first + self._crypt(buffer[self.blockSize : end])
+        self._first = None
+        expected = self._mac.digest(sequence, packet)
+        if not hmac.compare_digest(expected, buffer[end : end + macSize]):
+            raise PacketError("bad MAC")
+        return _payload(packet, 4), end + macSize
+
+
+class GCMSealer(PacketSealer):
+    """
+    AES-GCM as C{aes*-gcm@openssh.com}: the length is sent in clear as
+    associated data; the 12-byte nonce is a fixed field and a 64-bit
+    invocation counter that grows by one per packet.
+    """
+
+    isEncrypting = isVerifying = True
+    blockSize = 16
+    tagSize = 16
+
+    def __init__(self, cipher: bytes, iv: bytes, key: bytes) -> None:
+        keySize, ivSize = AEAD_CIPHERS[cipher]
+        self._aead = AESGCM(key[:keySize])
+        self._fixed = iv[:4]
+        (self._counter,) = struct.unpack(">Q", iv[4:12])
+
+    def _nonce(self) -> bytes:
+        nonce = self._fixed + struct.pack(">Q", self._counter)
+        self._counter = (self._counter + 1) & 0xFFFFFFFFFFFFFFFF
+        return nonce
+
+    def seal(self, sequence: int, payload: bytes) -> bytes:
+        pad = _padding(1 + len(payload), self.blockSize)
+        header = struct.pack(">I", 1 + len(payload) + pad)
+        plain = bytes((pad,)) + payload + os.urandom(pad)
+        return header + self._aead.encrypt(self._nonce(), plain, header)
+
+    def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
+        if len(buffer) < 4:
+            return None
+        (length,) = struct.unpack_from(">I", buffer)
+        _checkLength(length, self.blockSize)
+        end = 4 + length + self.tagSize
+        if len(buffer) < end:
+            return None
+        try:
+            plain = self._aead.decrypt(self._nonce(), buffer[4:end], buffer[:4])
+        except InvalidTag:
+            raise PacketError("bad MAC") from None
+        return _payload(plain), end
+
+
+def _chacha(key: bytes, counter: int, sequence: bytes, data: bytes) -> bytes:
+    # OpenSSH uses the original ChaCha20: a 64-bit block counter and a
+    # 64-bit nonce (the sequence number), which cryptography's 16-byte
+    # nonce holds as counter (little endian) then nonce.
+    nonce = struct.pack("<Q", counter) + sequence
+    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(data)
+
+
+class ChaChaPolySealer(PacketSealer):
+    """
+    C{chacha20-poly1305@openssh.com}: the length is encrypted with its own
+    key; the Poly1305 key is the first 32 bytes of the main key's block 0,
+    the packet body is encrypted from block 1.
+    """
+
+    isEncrypting = isVerifying = True
+    blockSize = 8
+    tagSize = 16
+
+    def __init__(self, key: bytes) -> None:
+        self._main = key[:32]
+        self._header = key[32:64]
+
+    def seal(self, sequence: int, payload: bytes) -> bytes:
+        seq = struct.pack(">Q", sequence)
+        pad = _padding(1 + len(payload), self.blockSize)
+        header = _chacha(self._header, 0, seq, struct.pack(">I", 1 + len(payload) + pad))
+        body = _chacha(self._main, 1, seq, bytes((pad,)) + payload + os.urandom(pad))
+        polyKey = _chacha(self._main, 0, seq, bytes(32))
+        return header + body + Poly1305.generate_tag(polyKey, header + body)
+
+    def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
+        if len(buffer) < 4:
+            return None
+        seq = struct.pack(">Q", sequence)
+        (length,) = struct.unpack(">I", _chacha(self._header, 0, seq, buffer[:4]))
+        _checkLength(length, self.blockSize)
+        end = 4 + length
+        if len(buffer) < end + self.tagSize:
+            return None
+        polyKey = _chacha(self._main, 0, seq, bytes(32))
+        expected = Poly1305.generate_tag(polyKey, buffer[:end])
+        if not hmac.compare_digest(expected, buffer[end : end + self.tagSize]):
+            raise PacketError("bad MAC")
+        return _payload(_chacha(self._main, 1, seq, buffer[4:end])), end + self.tagSize
+
+
+def isAEAD(cipher: bytes) -> bool:
+    return cipher in AEAD_CIPHERS
+
+
+def makeSealer(
+    cipher: bytes, mac: Optional[bytes], iv: bytes, key: bytes, macKey: bytes, outgoing: bool
+) -> PacketSealer:
+    """
+    The sealer for a negotiated cipher and MAC (the MAC is ignored for AEAD
+    ciphers, which authenticate by themselves).
+    """
+    if cipher == b"chacha20-poly1305@openssh.com":
+        return ChaChaPolySealer(key)
+    if cipher in AEAD_CIPHERS:
+        return GCMSealer(cipher, iv, key)
+    if cipher in CTR_CIPHERS and mac in MACS:
+        return CTRSealer(cipher, mac, iv, key, macKey, outgoing)
+    raise ValueError(f"unsupported cipher/MAC pair {cipher!r}/{mac!r}")

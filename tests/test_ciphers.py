@@ -1,0 +1,243 @@
+"""
+Tests for L{lightd_conch.ciphers} and the transport's packet layer: each
+cipher and MAC round-trips and rejects tampering, interoperates with OpenSSH,
+paramiko and asyncssh, and strict key exchange holds.
+"""
+
+import asyncio
+import os
+import shutil
+import struct
+import subprocess
+
+import paramiko
+from twisted.conch.ssh.common import NS
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from lightd_conch.ciphers import PacketError, PlainSealer, makeSealer
+from lightd_conch.config import SUPPORTED_CIPHERS, SUPPORTED_MACS
+
+from .test_ssh import LiveService, TransportTimerTests, settings
+
+PAIRS = [
+    (b"chacha20-poly1305@openssh.com", None),
+    (b"aes128-gcm@openssh.com", None),
+    (b"aes256-gcm@openssh.com", None),
+    (b"aes128-ctr", b"hmac-sha2-256-etm@openssh.com"),
+    (b"aes256-ctr", b"hmac-sha2-512-etm@openssh.com"),
+    (b"aes192-ctr", b"hmac-sha2-256"),
+    (b"aes128-ctr", b"hmac-sha2-512"),
+]
+
+
+class SealerTests(TestCase):
+    def pair(self, cipher, mac):
+        iv, key, macKey = os.urandom(64), os.urandom(128), os.urandom(64)
+        return (
+            makeSealer(cipher, mac, iv, key, macKey, True),
+            makeSealer(cipher, mac, iv, key, macKey, False),
+        )
+
+    def test_roundTrip(self):
+        payloads = [b"\x05x", b"\x5e" + os.urandom(32768), b"\x02" * 17, b"\x01" + os.urandom(100000)]
+        for cipher, mac in PAIRS:
+            out, into = self.pair(cipher, mac)
+            stream = b"".join(out.seal(seq, p) for seq, p in enumerate(payloads))
+            received, buffer, seq = [], b"", 0
+            # Arrive in odd-sized pieces, as from TCP.
+            for i in range(0, len(stream), 7919):
+                buffer += stream[i : i + 7919]
+                while True:
+                    opened = into.open(seq, buffer)
+                    if opened is None:
+                        break
+                    payload, used = opened
+                    received.append(payload)
+                    buffer = buffer[used:]
+                    seq += 1
+            self.assertEqual(received, payloads, (cipher, mac))
+            self.assertEqual(buffer, b"")
+
+    def test_tamperingRejected(self):
+        for cipher, mac in PAIRS:
+            out, into = self.pair(cipher, mac)
+            packet = bytearray(out.seal(0, b"\x5e" + b"data" * 100))
+            packet[len(packet) // 2] ^= 1
+            self.assertRaises(PacketError, into.open, 0, bytes(packet))
+
+    def test_replayAndReorderRejected(self):
+        """
+        A packet is bound to its place in the stream: by the sequence number,
+        or for AES-GCM by the invocation counter in the nonce.
+        """
+        for cipher, mac in PAIRS:
+            out, into = self.pair(cipher, mac)
+            first, second = out.seal(0, b"\x5eone"), out.seal(1, b"\x5etwo")
+            self.assertRaises(PacketError, into.open, 0, second)
+            if b"gcm" in cipher:
+                out, into = self.pair(cipher, mac)
+                first = out.seal(0, b"\x5eone")
+                into.open(0, first)
+                self.assertRaises(PacketError, into.open, 1, first)
+
+    def test_oversizeLengthRejected(self):
+        self.assertRaises(
+            PacketError, PlainSealer().open, 0, struct.pack(">I", 10**7) + b"x" * 100
+        )
+
+
+def _kexinit(strict):
+    kex = b"curve25519-sha256" + (b",kex-strict-c-v00@openssh.com" if strict else b"")
+    return bytes([20]) + os.urandom(16) + b"".join(
+        NS(n)
+        for n in (kex, b"ssh-ed25519", b"aes128-gcm@openssh.com", b"aes128-gcm@openssh.com",
+                  b"hmac-sha2-256-etm@openssh.com", b"hmac-sha2-256-etm@openssh.com",
+                  b"none", b"none", b"", b"")
+    ) + b"\0" + b"\0\0\0\0"
+
+
+class StrictKexTests(TestCase):
+    def connect(self):
+        clock, transport, tcp = TransportTimerTests.connect(self)
+        transport.dataReceived(b"SSH-2.0-test\r\n")
+        self.assertIn(b"kex-strict-s-v00@openssh.com", tcp.value())
+        return transport, tcp
+
+    def test_strictRefusesPacketBeforeKexinit(self):
+        transport, tcp = self.connect()
+        ignore = PlainSealer().seal(0, b"\x02" + NS(b"x"))
+        transport.dataReceived(ignore + PlainSealer().seal(1, _kexinit(True)))
+        self.assertTrue(tcp.disconnecting)
+
+    def test_strictRefusesNonKexDuringHandshake(self):
+        transport, tcp = self.connect()
+        transport.dataReceived(
+            PlainSealer().seal(0, _kexinit(True)) + PlainSealer().seal(1, b"\x02" + NS(b"x"))
+        )
+        self.assertTrue(tcp.disconnecting)
+
+    def test_withoutStrictIgnoreIsFine(self):
+        transport, tcp = self.connect()
+        ignore = PlainSealer().seal(0, b"\x02" + NS(b"x"))
+        transport.dataReceived(ignore + PlainSealer().seal(1, _kexinit(False)))
+        self.assertFalse(tcp.disconnecting)
+        self.assertEqual(transport.nextEncryptions.outCipType, b"aes128-gcm@openssh.com")
+
+
+class _Interop(LiveService):
+    sftpSettings = settings(
+        ciphers=SUPPORTED_CIPHERS, macs=SUPPORTED_MACS, max_auth_tries=3
+    )
+
+
+class InteropTests(_Interop, TestCase):
+    """
+    Real clients, one cipher and MAC at a time, move a file both ways.
+    """
+
+    data = os.urandom(3 * 1024 * 1024 + 17)
+
+    def volumeFile(self, name):
+        return os.path.join(self.volumes, "c1", name)
+
+    def test_paramiko(self):
+        port = self.port.getHost().port
+        ciphers = [c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")]
+        macs = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512"]
+
+        def run():
+            results = {}
+            for cipher in ciphers:
+                for mac in macs if cipher.endswith("ctr") else macs[:1]:
+                    transport = paramiko.Transport(("127.0.0.1", port))
+                    transport.disabled_algorithms = {
+                        "ciphers": [c for c in paramiko.Transport._preferred_ciphers if c != cipher],
+                        "macs": [m for m in paramiko.Transport._preferred_macs if m != mac],
+                    }
+                    transport.connect(username="alice", password="secret-pass")
+                    used = (transport.local_cipher, transport.remote_cipher)
+                    client = paramiko.SFTPClient.from_transport(transport)
+                    with client.open("p.bin", "wb") as f:
+                        f.write(self.data)
+                    with client.open("p.bin", "rb") as f:
+                        back = f.read()
+                    transport.close()
+                    results[(cipher, mac)] = (used, back == self.data)
+            return results
+
+        def check(results):
+            for (cipher, mac), (used, same) in results.items():
+                self.assertEqual(used, (cipher, cipher))
+                self.assertTrue(same, (cipher, mac))
+
+        return deferToThread(run).addCallback(check)
+
+    def test_asyncssh(self):
+        try:
+            import asyncssh
+        except ImportError:
+            raise SkipTest("asyncssh is not installed")
+        port = self.port.getHost().port
+        pairs = [(c.decode(), (m or b"hmac-sha2-256-etm@openssh.com").decode()) for c, m in PAIRS]
+
+        async def one(cipher, mac):
+            async with asyncssh.connect(
+                "127.0.0.1", port, username="alice", password="secret-pass",
+                known_hosts=None, encryption_algs=[cipher], mac_algs=[mac],
+            ) as conn:
+                async with conn.start_sftp_client() as client:
+                    async with client.open("a.bin", "wb") as f:
+                        await f.write(self.data)
+                    async with client.open("a.bin", "rb") as f:
+                        return await f.read() == self.data
+
+        def run():
+            return {pair: asyncio.run(one(*pair)) for pair in pairs}
+
+        def check(results):
+            self.assertEqual(results, {pair: True for pair in pairs})
+
+        return deferToThread(run).addCallback(check)
+
+    def test_openssh(self):
+        if shutil.which("sftp") is None:
+            raise SkipTest("OpenSSH's sftp is not installed")
+        port = self.port.getHost().port
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        askpass = os.path.join(base, "askpass")
+        with open(askpass, "w") as f:
+            f.write("#!/bin/sh\necho secret-pass\n")
+        os.chmod(askpass, 0o700)
+        source = os.path.join(base, "source.bin")
+        with open(source, "wb") as f:
+            f.write(self.data)
+        env = dict(os.environ, SSH_ASKPASS=askpass, SSH_ASKPASS_REQUIRE="force", DISPLAY=":0")
+
+        def run():
+            results = {}
+            for cipher, mac in PAIRS:
+                back = os.path.join(base, "back.bin")
+                batch = os.path.join(base, "batch")
+                with open(batch, "w") as f:
+                    f.write(f"put {source} o.bin\nget o.bin {back}\n")
+                argv = ["sftp", "-P", str(port), "-c", cipher.decode(),
+                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                        "-o", "PubkeyAuthentication=no", "-o", "BatchMode=no", "-b", batch]
+                if mac:
+                    argv += ["-o", "MACs=" + mac.decode()]
+                done = subprocess.run(
+                    argv + ["alice@127.0.0.1"], env=env, stdin=subprocess.DEVNULL,
+                    capture_output=True, timeout=60, start_new_session=True,
+                )
+                same = os.path.exists(back) and open(back, "rb").read() == self.data
+                if os.path.exists(back):
+                    os.remove(back)
+                results[(cipher, mac)] = (done.returncode, same)
+            return results
+
+        def check(results):
+            self.assertEqual(results, {pair: (0, True) for pair in PAIRS})
+
+        return deferToThread(run).addCallback(check)
