@@ -131,6 +131,7 @@ class SSHTransport(SSHServerTransport):
     """
 
     _log = _conchLog
+    ourVersionString = b"SSH-2.0-lightd_sftp_0.1"
     supportedKeyExchanges = KEY_EXCHANGES
     supportedCompressions = [b"none"]
     startupHost: Optional[str] = None
