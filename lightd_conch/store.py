@@ -138,14 +138,28 @@ class LMDBCredentialStore:
         except (OSError, lmdb.Error) as e:
             raise StoreError(f"cannot open the credential store {path}: {e}") from e
 
+    def _lookupKey(self, name: str) -> "bytes | None":
+        # A name LMDB cannot hold as a key (empty, or longer than its key
+        # limit) cannot have been stored: a lookup of one finds nothing.
+        key = name.encode()
+        if not key or len(key) > self._env.max_key_size():
+            return None
+        return key
+
     def get(self, container_id: str) -> "Credential | None":
+        key = self._lookupKey(container_id)
+        if key is None:
+            return None
         with self._env.begin() as txn:
-            data = txn.get(container_id.encode(), db=self._credentials)
+            data = txn.get(key, db=self._credentials)
         return None if data is None else _decode(data)
 
     def by_username(self, username: str) -> "Credential | None":
+        key = self._lookupKey(username)
+        if key is None:
+            return None
         with self._env.begin() as txn:
-            owner = txn.get(username.encode(), db=self._usernames)
+            owner = txn.get(key, db=self._usernames)
             data = None if owner is None else txn.get(owner, db=self._credentials)
         return None if data is None else _decode(data)
 

@@ -51,6 +51,15 @@ class CredentialStoreTestsMixin:
         """
         self.assertTrue(verifyObject(ICredentialStore, self.store))
 
+    def test_unstorableNamesFindNothing(self):
+        """
+        Lookups of names no record can have (empty, or longer than any key)
+        find nothing rather than fail: a login as "" is just a failed login.
+        """
+        for name in ("", "x" * 600, "\u00e9" * 400):
+            self.assertIsNone(self.store.get(name))
+            self.assertIsNone(self.store.by_username(name))
+
     def test_empty(self):
         """
         An empty store has no records.
