@@ -97,6 +97,8 @@ MAX_COPIES = 4
 COPY_CHUNK = 8 * 1024 * 1024
 """Bytes one copy-data step moves in the kernel before other work gets a turn."""
 _COPY_FALLBACK_CHUNK = 256 * 1024
+_MAX_OFFSET = 2**63 - 1
+"""The largest file offset or size the kernel takes (off_t); SFTP's are uint64."""
 
 # statvfs@openssh.com flag bits.
 _FXE_STATVFS_ST_RDONLY = 0x1
@@ -150,6 +152,17 @@ def statusForError(error: OSError) -> Tuple[int, str]:
     if error.errno is None:
         return code, str(error.strerror or "Failure")
     return code, error.strerror or os.strerror(error.errno)
+
+
+def _checkOffsets(*values: Optional[int]) -> None:
+    """
+    Refuse offsets and sizes past off_t as the kernel would (EINVAL), rather
+    than let the os call raise OverflowError.  Called once the packet is
+    parsed, so a truncated one still gets BAD_MESSAGE.
+    """
+    for value in values:
+        if value is not None and value > _MAX_OFFSET:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
 
 
 class SFTPError(Exception):
@@ -645,6 +658,7 @@ class SFTPServer(Protocol):
         handle = self._handle(reader, _FileHandle)
         offset = reader.uint64()
         length = min(reader.uint32(), MAX_READ_LENGTH)
+        _checkOffsets(offset)
         data = os.pread(handle.fd, length, offset)
         if not data and length:
             return self._statusPacket(requestId, FX_EOF)
@@ -654,6 +668,7 @@ class SFTPServer(Protocol):
         handle = self._handle(reader, _FileHandle)
         offset = reader.uint64()
         data = memoryview(reader.string())
+        _checkOffsets(offset)
         while data:
             written = os.pwrite(handle.fd, data, offset)
             data = data[written:]
@@ -682,6 +697,7 @@ class SFTPServer(Protocol):
         attrs = reader.attrs()
         if attrs.uid is not None:
             self._checkOwnership(attrs, self.filesystem.stat(path))
+        _checkOffsets(attrs.size)
         self.filesystem.setattrs(path, attrs.size, attrs.permissions, attrs.times)
         return self._ok(requestId)
 
@@ -690,6 +706,7 @@ class SFTPServer(Protocol):
         attrs = reader.attrs()
         if attrs.uid is not None:
             self._checkOwnership(attrs, os.fstat(handle.fd))
+        _checkOffsets(attrs.size)
         self.filesystem.fsetattrs(handle.fd, attrs.size, attrs.permissions, attrs.times)
         return self._ok(requestId)
 
@@ -857,6 +874,7 @@ class SFTPServer(Protocol):
         length = reader.uint64()
         writeKey = reader.string()
         writeOffset = reader.uint64()
+        _checkOffsets(readOffset, writeOffset)
         source = self._handles.get(readKey)
         target = self._handles.get(writeKey)
         if (

@@ -237,6 +237,26 @@ class ProtocolTests(TestCase):
         read = self.request(sftp.FXP_READ, string(handle) + struct.pack(">QI", 0, 0xFFFFFFFF))
         self.assertEqual(len(read.payload), 261120)
 
+    def test_offsetsPastOffT(self):
+        """
+        Offsets and sizes are uint64 on the wire but off_t in the kernel:
+        past 2**63 - 1 they get FAILURE ("Invalid argument"), not a logged
+        OverflowError.
+        """
+        self.init()
+        handle = self.open(b"f", sftp.FXF_READ | sftp.FXF_WRITE | sftp.FXF_CREAT).handle
+        big = struct.pack(">Q", 2**63)
+        for kind, payload in (
+            (sftp.FXP_READ, string(handle) + struct.pack(">QI", 2**64 - 1, 10)),
+            (sftp.FXP_WRITE, string(handle) + big + string(b"x")),
+            (sftp.FXP_SETSTAT, string(b"f") + struct.pack(">I", sftp.FILEXFER_ATTR_SIZE) + big),
+            (sftp.FXP_FSETSTAT, string(handle) + struct.pack(">I", sftp.FILEXFER_ATTR_SIZE) + big),
+        ):
+            reply = self.request(kind, payload)
+            self.assertEqual((kind, reply.status, reply.message), (kind, sftp.FX_FAILURE, "Invalid argument"))
+        self.assertEqual(os.path.getsize(os.path.join(self.volume, "f")), 0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_append(self):
         self.init()
         with open(os.path.join(self.volume, "log"), "wb") as f:

@@ -470,6 +470,15 @@ class CopyDataTests(ExtensionTestCase):
         self.assertStatus(self.copy(source, 0, 0, b"77", 0), sftp.FX_FAILURE)
         self.assertStatus(self.copy(source, 0, 0, directory, 0), sftp.FX_FAILURE)
 
+    def test_offsetsPastOffT(self):
+        self.write("a", b"data")
+        source = self.open(b"a", sftp.FXF_READ)
+        target = self.open(b"b", sftp.FXF_WRITE | sftp.FXF_CREAT)
+        self.assertStatus(self.copy(source, 2**63, 0, target, 0), sftp.FX_FAILURE)
+        self.assertStatus(self.copy(source, 0, 0, target, 2**64 - 1), sftp.FX_FAILURE)
+        self.assertEqual(self.read("b"), b"")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_readOnlyTarget(self):
         self.write("a", b"data")
         self.write("b", b"keep")
