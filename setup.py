@@ -18,7 +18,7 @@ setup(
         "lmdb>=1.4",
     ],
     extras_require={
-        "test": ["paramiko>=3.4", "asyncssh>=2.14"],
+        "test": ["paramiko>=3.4", "asyncssh>=2.14", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["lightd-sftp = lightd_conch.cli:main"]},
 )
