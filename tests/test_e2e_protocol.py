@@ -11,8 +11,6 @@ the service logged a traceback.
 """
 
 import os
-import socket
-import struct
 import sys
 import threading
 import time
