@@ -119,6 +119,15 @@ def loadOrCreateHostKey(path: str) -> keys.Key:
     return keys.Key.fromString(pem)
 
 
+def _printable(name: bytes) -> str:
+    """
+    A client-chosen name, safe for one log line: control characters and
+    non-ASCII are escaped, so a username cannot forge lines or drive a
+    terminal.
+    """
+    return ascii(name.decode("utf-8", "backslashreplace"))[1:-1]
+
+
 def _peer(transport: SSHServerTransport) -> str:
     peer = transport.transport.getPeer()
     return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
@@ -403,7 +412,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         if self.method != b"none" and reason.check(UnauthorizedLogin):
             log.info(
                 "failed login: user {username} from {peer}",
-                username=self.user.decode("utf-8", "replace")[:128],
+                username=_printable(self.user[:128]),
                 peer=_peer(self.transport),
             )
             host = self.transport.transport.getPeer().host
