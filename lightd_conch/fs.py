@@ -4,7 +4,8 @@ The confined filesystem: a container's volume as the only tree a session can rea
 Client paths are normalised once, lexically, into a tuple of components beneath
 the volume root (``..`` at the root stays at the root).  From then on the kernel
 enforces the root: every operation starts from a directory fd held for the
-volume and resolves with ``openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)``,
+volume and resolves with
+``openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)``,
 or, where openat2 is missing, with a component-by-component ``openat`` walk
 using ``O_NOFOLLOW`` that gives symlinks the same chroot semantics.  Operations
 on a name (unlink, rename, mkdir, lstat, ...) resolve its parent that way and
@@ -26,6 +27,7 @@ from typing import Iterator, Optional, Tuple
 Parts = Tuple[bytes, ...]
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
+_RESOLVE_NO_XDEV = 0x01
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
 _SYS_openat2 = 437  # the same number on every architecture Linux added it to
@@ -55,7 +57,11 @@ def _raiseErrno() -> None:
 
 
 def _openat2(dirfd: int, path: bytes, flags: int, mode: int = 0) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    how = _OpenHow(
+        flags | os.O_CLOEXEC,
+        mode,
+        _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_XDEV,
+    )
     while True:
         fd = _libc.syscall(
             _SYS_openat2,
@@ -131,6 +137,18 @@ def _relative(parts: Parts) -> bytes:
     return b"/".join(parts) or b"."
 
 
+def _mountId(fd: int) -> int:
+    """
+    The id of the mount C{fd} is on (st_dev cannot tell: btrfs subvolumes
+    differ in st_dev on one mount).
+    """
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+        for line in info:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.ENOTSUP, "mount ids are not available")
+
+
 def _procPath(fd: int) -> str:
     # Re-opening or changing an inode through our own fd's /proc entry acts on
     # exactly the inode the fd pins, so no path can be swapped in between.
@@ -178,6 +196,15 @@ class ConfinedFilesystem:
         stack = [os.dup(self.rootFD)]
         pending = list(parts)
         links = 0
+        rootMount = _mountId(self.rootFD)
+
+        def sameMount(fd: int) -> int:
+            # As RESOLVE_NO_XDEV: never cross into a mount inside the volume.
+            if _mountId(fd) != rootMount:
+                os.close(fd)
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+            return fd
+
         try:
             while pending:
                 name = pending.pop(0)
@@ -206,14 +233,14 @@ class ConfinedFilesystem:
                     else:
                         # O_PATH | O_NOFOLLOW opens a symlink itself: follow it.
                         if not stat.S_ISLNK(os.fstat(fd).st_mode):
-                            return fd
+                            return sameMount(fd)
                         os.close(fd)
                 else:
                     fd = os.open(
                         name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1]
                     )
                     if stat.S_ISDIR(os.fstat(fd).st_mode):
-                        stack.append(fd)
+                        stack.append(sameMount(fd))
                         continue
                     os.close(fd)
                     if not self._isLink(stack[-1], name):

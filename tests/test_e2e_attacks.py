@@ -914,6 +914,18 @@ class MountedProcfsAttacks:
         # Before the temporary folder is removed (cleanups run last-in first-out).
         self.addCleanup(subprocess.run, ["umount", "-l", str(mountpoint)], check=True)
 
+    def test_files_of_a_mounted_procfs_are_not_served(self):
+        # Mounts inside the volume are never crossed (RESOLVE_NO_XDEV, or the
+        # walk's mount-id check): the service's environment and memory, and
+        # kernel settings, stay out of reach.
+        self.mount_procfs()
+        for path, flags in (("proc/self/environ", PFLAG_READ), ("proc/self/mem", PFLAG_READ | PFLAG_WRITE),
+                            ("proc/sys/kernel/hostname", PFLAG_WRITE), ("proc/self/status", PFLAG_READ)):
+            reply_type, reader = self.reply(FXP_OPEN, string(path) + uint32(flags) + attrs())
+            self.assertNotEqual(reply_type, FXP_HANDLE, path)
+        reply_type, reader = self.reply(FXP_OPENDIR, string("proc"))
+        self.assertNotEqual(reply_type, FXP_HANDLE)
+
     def test_magic_links_of_a_mounted_procfs_never_lead_out(self):
         self.mount_procfs()
         secret = str(self.secret).lstrip("/")

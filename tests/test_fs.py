@@ -6,6 +6,7 @@ confinement, for both resolvers (openat2 and the O_NOFOLLOW walk).
 import errno
 import os
 import stat
+import subprocess
 import threading
 import time
 
@@ -245,6 +246,28 @@ class _ConfinementMixin:
         self.fs.symlink(b"/etc/passwd", b"l")
         self.assertEqual(os.readlink(self.inVolume("l")), "/etc/passwd")
         self.assertErrno(errno.ENOENT, self.fs.openFile, b"l", os.O_RDONLY)
+
+    def test_mountsInsideAreNotCrossed(self):
+        """
+        A filesystem mounted inside the volume (a procfs propagated from a
+        privileged container, say) is never entered.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("mounting needs root")
+        mountpoint = self.inVolume("mnt")
+        os.mkdir(mountpoint)
+        done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", mountpoint], capture_output=True)
+        if done.returncode:
+            raise SkipTest("cannot mount here: %s" % done.stderr.decode().strip())
+        self.addCleanup(subprocess.run, ["umount", "-l", mountpoint])
+        with open(os.path.join(mountpoint, "inner"), "w") as f:
+            f.write("x")
+        self.plant("via", "/mnt")
+        for path in (b"mnt", b"mnt/inner", b"via/inner"):
+            self.assertErrno(errno.EXDEV, self.fs.stat, path)
+            self.assertErrno(errno.EXDEV, self.fs.openFile, path, os.O_RDONLY)
+        self.assertErrno(errno.EXDEV, self.fs.openDirectory, b"mnt")
+        self.assertErrno(errno.EXDEV, self.fs.remove, b"mnt/inner")
 
     def test_swapRace(self):
         """
