@@ -524,6 +524,7 @@ class Workloads:
         self.data.mkdir()
         self.batches = work / "batches"
         self.batches.mkdir()
+        self._kept = 0
 
     def prepare(self, selected: List[str]) -> None:
         s = self.sizes
@@ -592,13 +593,23 @@ class Workloads:
         elif workload == "download":
             (self.data / "down.bin").unlink(missing_ok=True)
         elif workload == "small":
-            shutil.rmtree(data / "small", ignore_errors=True)
+            # Put aside, not deleted: ext4 makes each new inode skip over the
+            # recently deleted ones, so deleting 2,000 files per run would make
+            # every later run slower than the one before, for both servers.
+            self._kept += 1
+            (data / "small").rename(data / f"small.{self._kept}")
         elif workload == "concurrent":
             for i in range(self.sizes.clients):
                 (data / f"c{i}.bin").unlink(missing_ok=True)
         elif workload == "concurrent-download":
             for i in range(self.sizes.clients):
                 (self.data / f"down{i}.bin").unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """Remove what runs put aside (see clean)."""
+        for server in self.servers:
+            for kept in (server.volume / "data").glob("small.*"):
+                shutil.rmtree(kept)
 
 
 def write_random(path: Path, size: int) -> None:
@@ -641,8 +652,13 @@ class Result:
         values = getattr(self.samples[server], what)
         return statistics.median(values) if values else float("nan")
 
-    def ratio(self) -> float:
-        return self.median("lightd") / self.median("OpenSSH")
+    def ratio(self, server: str = "lightd", against: str = "OpenSSH") -> float:
+        """
+        The median of each round's ratio: both servers ran back to back in a
+        round, so a drift of the machine over the rounds cancels out.
+        """
+        pairs = zip(self.samples[server].seconds, self.samples[against].seconds)
+        return statistics.median(a / b for a, b in pairs if b > 0)
 
     def peak_rss(self, server: str = "lightd") -> float:
         return max(self.samples[server].rss, default=float("nan"))
@@ -737,9 +753,10 @@ def measure(workloads: Workloads, servers: List[Server], selected: List[str],
             )
             for server in servers[1:-1]:
                 print(f"  median: {server.name} {result.median(server.name):.2f} s, "
-                      f"{result.median(server.name) / result.median('lightd'):.2f} x lightd's, "
+                      f"{result.ratio(server.name, 'lightd'):.2f} x lightd's, "
                       f"peak RSS {result.peak_rss(server.name):.0f} MiB", flush=True)
             results.append(result)
+    workloads.finish()
     return results
 
 
@@ -798,7 +815,7 @@ def also_table(results: List[Result], name: str) -> str:
         lines.append(
             f"| {r.description} | {short_algorithms(r.algorithms[name])} | "
             f"{r.median('lightd'):.2f} | {r.median(name):.2f} | "
-            f"{r.median(name) / r.median('lightd'):.2f} | {r.median('lightd', 'cpu'):.2f} | "
+            f"{r.ratio(name, 'lightd'):.2f} | {r.median('lightd', 'cpu'):.2f} | "
             f"{r.median(name, 'cpu'):.2f} | {r.peak_rss(name):.0f} |"
         )
     return "\n".join(lines)
