@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import os
 import struct
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -62,15 +62,21 @@ def _padding(length: int, blockSize: int) -> int:
 
 class PacketSealer:
     """
-    Protects packets in one direction.  C{seal} returns the wire bytes of
-    a payload; C{open} takes the receive buffer and returns C{(payload,
-    consumed)} for the first whole packet, or None if more bytes are needed.
+    Protects packets in one direction.
+
+    C{seal(sequence, parts)} takes a payload as a sequence of bytes-like parts
+    (so a header and a large body are never joined twice) and returns the
+    wire bytes as a list of parts.  C{open(sequence, buffer)} takes the
+    receive buffer (bytes or a memoryview) and returns C{(payload,
+    consumed)} for the first whole packet, or None with L{needed} set to the
+    number of bytes the buffer must hold before it is worth calling again.
     """
 
     isEncrypting = False
     isVerifying = False
+    needed = 4
 
-    def seal(self, sequence: int, payload: bytes) -> bytes:
+    def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
         raise NotImplementedError()
 
     def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
@@ -82,7 +88,7 @@ def _checkLength(length: int, blockSize: int) -> None:
         raise PacketError("bad packet length")
 
 
-def _payload(plain: bytes, offset: int = 0) -> bytes:
+def _payload(plain, offset: int = 0) -> bytes:
     padding = plain[offset]
     end = len(plain) - padding
     if padding < 4 or end <= offset + 1:
@@ -90,24 +96,29 @@ def _payload(plain: bytes, offset: int = 0) -> bytes:
     return plain[offset + 1 : end]
 
 
+def _size(parts: Sequence[bytes]) -> int:
+    return sum(map(len, parts))
+
+
 class PlainSealer(PacketSealer):
     """
     No protection, before the first key exchange.
     """
 
-    def seal(self, sequence: int, payload: bytes) -> bytes:
-        pad = _padding(5 + len(payload), 8)
-        return (
-            struct.pack(">IB", len(payload) + pad + 1, pad) + payload + os.urandom(pad)
-        )
+    def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
+        size = _size(parts)
+        pad = _padding(5 + size, 8)
+        return [struct.pack(">IB", size + pad + 1, pad), *parts, os.urandom(pad)]
 
     def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
         if len(buffer) < 4:
+            self.needed = 4
             return None
         (length,) = struct.unpack_from(">I", buffer)
         if length > MAX_PACKET_LENGTH or length < 5:
             raise PacketError("bad packet length")
         if len(buffer) < 4 + length:
+            self.needed = 4 + length
             return None
         return _payload(buffer[4 : 4 + length]), 4 + length
 
@@ -145,50 +156,55 @@ class CTRSealer(PacketSealer):
         self._mac = _HMAC(hashName, macKey)
         self._first: Optional[bytes] = None
 
-    def seal(self, sequence: int, payload: bytes) -> bytes:
+    def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
+        size = _size(parts)
         if self._etm:
-            pad = _padding(1 + len(payload), self.blockSize)
-            header = struct.pack(">I", 1 + len(payload) + pad)
-            body = self._crypt(bytes((pad,)) + payload + os.urandom(pad))
-            return header + body + self._mac.digest(sequence, header, body)
-        pad = _padding(5 + len(payload), self.blockSize)
-        packet = (
-            struct.pack(">IB", 1 + len(payload) + pad, pad) + payload + os.urandom(pad)
+            pad = _padding(1 + size, self.blockSize)
+            header = struct.pack(">I", 1 + size + pad)
+            body = self._crypt(b"".join((bytes((pad,)), *parts, os.urandom(pad))))
+            return [header, body, self._mac.digest(sequence, header, body)]
+        pad = _padding(5 + size, self.blockSize)
+        packet = b"".join(
+            (struct.pack(">IB", 1 + size + pad, pad), *parts, os.urandom(pad))
         )
-        return self._crypt(packet) + self._mac.digest(sequence, packet)
+        return [self._crypt(packet), self._mac.digest(sequence, packet)]
 
     def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
         macSize = self._mac.size
         if self._etm:
             if len(buffer) < 4:
+                self.needed = 4
                 return None
             (length,) = struct.unpack_from(">I", buffer)
             _checkLength(length, self.blockSize)
             end = 4 + length
             if len(buffer) < end + macSize:
+                self.needed = end + macSize
                 return None
             body = buffer[4:end]
             expected = self._mac.digest(sequence, buffer[:4], body)
             if not hmac.compare_digest(expected, buffer[end : end + macSize]):
                 raise PacketError("bad MAC")
-            return _payload(self._crypt(body)), end + macSize
+            return _payload(memoryview(self._crypt(body))), end + macSize
         # Encrypt-and-MAC: the length is encrypted, so decrypt the first block
         # once and keep it until the whole packet is here.
         if self._first is None:
             if len(buffer) < self.blockSize:
+                self.needed = self.blockSize
                 return None
             self._first = self._crypt(buffer[: self.blockSize])
         (length,) = struct.unpack_from(">I", self._first)
         _checkLength(length + 4, self.blockSize)
         end = 4 + length
         if len(buffer) < end + macSize:
+            self.needed = end + macSize
             return None
         packet = self._first + self._crypt(buffer[self.blockSize : end])
         self._first = None
         expected = self._mac.digest(sequence, packet)
         if not hmac.compare_digest(expected, buffer[end : end + macSize]):
             raise PacketError("bad MAC")
-        return _payload(packet, 4), end + macSize
+        return _payload(memoryview(packet), 4), end + macSize
 
 
 class GCMSealer(PacketSealer):
@@ -213,28 +229,31 @@ class GCMSealer(PacketSealer):
         self._counter = (self._counter + 1) & 0xFFFFFFFFFFFFFFFF
         return nonce
 
-    def seal(self, sequence: int, payload: bytes) -> bytes:
-        pad = _padding(1 + len(payload), self.blockSize)
-        header = struct.pack(">I", 1 + len(payload) + pad)
-        plain = bytes((pad,)) + payload + os.urandom(pad)
-        return header + self._aead.encrypt(self._nonce(), plain, header)
+    def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
+        size = _size(parts)
+        pad = _padding(1 + size, self.blockSize)
+        header = struct.pack(">I", 1 + size + pad)
+        plain = b"".join((bytes((pad,)), *parts, os.urandom(pad)))
+        return [header, self._aead.encrypt(self._nonce(), plain, header)]
 
     def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
         if len(buffer) < 4:
+            self.needed = 4
             return None
         (length,) = struct.unpack_from(">I", buffer)
         _checkLength(length, self.blockSize)
         end = 4 + length + self.tagSize
         if len(buffer) < end:
+            self.needed = end
             return None
         try:
             plain = self._aead.decrypt(self._nonce(), buffer[4:end], buffer[:4])
         except InvalidTag:
             raise PacketError("bad MAC") from None
-        return _payload(plain), end
+        return _payload(memoryview(plain)), end
 
 
-def _chacha(key: bytes, counter: int, sequence: bytes, data: bytes) -> bytes:
+def _chacha(key: bytes, counter: int, sequence: bytes, data) -> bytes:
     # OpenSSH uses the original ChaCha20: a 64-bit block counter and a
     # 64-bit nonce (the sequence number), which cryptography's 16-byte
     # nonce holds as counter (little endian) then nonce.
@@ -263,20 +282,23 @@ class ChaChaPolySealer(PacketSealer):
         self._header = key[32:64]
         self._pending: Optional[Tuple[int, int]] = None  # (sequence, length)
 
-    def seal(self, sequence: int, payload: bytes) -> bytes:
+    def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
         seq = struct.pack(">Q", sequence)
-        pad = _padding(1 + len(payload), self.blockSize)
-        header = _chacha(self._header, 0, seq, struct.pack(">I", 1 + len(payload) + pad))
+        size = _size(parts)
+        pad = _padding(1 + size, self.blockSize)
+        header = _chacha(self._header, 0, seq, struct.pack(">I", 1 + size + pad))
         stream = _chacha(
-            self._main, 0, seq, b"".join((self._BLOCK0, bytes((pad,)), payload, os.urandom(pad)))
+            self._main, 0, seq, b"".join((self._BLOCK0, bytes((pad,)), *parts, os.urandom(pad)))
         )
-        body = stream[64:]
-        return b"".join(
-            (header, body, Poly1305.generate_tag(stream[:32], header + body))
-        )
+        body = memoryview(stream)[64:]
+        tag = Poly1305(stream[:32])
+        tag.update(header)
+        tag.update(body)
+        return [header, body, tag.finalize()]
 
     def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
         if len(buffer) < 4:
+            self.needed = 4
             return None
         seq = struct.pack(">Q", sequence)
         pending = self._pending
@@ -288,13 +310,14 @@ class ChaChaPolySealer(PacketSealer):
             self._pending = (sequence, length)
         end = 4 + length
         if len(buffer) < end + self.tagSize:
+            self.needed = end + self.tagSize
             return None
         self._pending = None
-        stream = _chacha(self._main, 0, seq, self._BLOCK0 + buffer[4:end])
+        stream = _chacha(self._main, 0, seq, b"".join((self._BLOCK0, buffer[4:end])))
         expected = Poly1305.generate_tag(stream[:32], buffer[:end])
         if not hmac.compare_digest(expected, buffer[end : end + self.tagSize]):
             raise PacketError("bad MAC")
-        return _payload(stream[64:]), end + self.tagSize
+        return _payload(memoryview(stream), 64), end + self.tagSize
 
 
 def isAEAD(cipher: bytes) -> bool:

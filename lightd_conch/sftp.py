@@ -209,7 +209,11 @@ class _Reader:
         self.pos = end
         return value
 
-    def string(self) -> bytes:
+    def view(self):
+        """
+        A string field as a slice of the packet, without a copy (for WRITE
+        data); the packet may be a memoryview.
+        """
         length = self.uint32()
         end = self.pos + length
         if end > len(self.data):
@@ -217,6 +221,9 @@ class _Reader:
         value = self.data[self.pos : end]
         self.pos = end
         return value
+
+    def string(self) -> bytes:
+        return bytes(self.view())
 
     def attrs(self) -> "Attributes":
         flags = self.uint32()
@@ -451,6 +458,8 @@ class SFTPServer(Protocol):
     """
 
     _log = Logger()
+    acceptsViews = True
+    """L{dataReceived} takes memoryviews, so channel data arrives uncopied."""
 
     def __init__(
         self,
@@ -462,7 +471,9 @@ class SFTPServer(Protocol):
         self.maxHandles = maxHandles
         self._cooperate = cooperate if cooperator is None else cooperator.cooperate
         self._copies: Set[CooperativeTask] = set()
-        self._buffer = bytearray()
+        self._chunks: list = []
+        self._size = 0
+        self._needed = 4
         self._handles: Dict[bytes, _Handle] = {}
         self._nextHandle = 0
         self._version: Optional[int] = None
@@ -505,28 +516,51 @@ class SFTPServer(Protocol):
 
     # -- framing ----------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        self._processBuffer()
+    def dataReceived(self, data) -> None:
+        """
+        Take bytes or a memoryview (see L{acceptsViews}); they are kept as
+        they came until a whole packet is here, then joined once.
+        """
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size >= self._needed and not self._paused:
+            self._processBuffer()
 
     def _processBuffer(self) -> None:
-        buffer = self._buffer
-        while not self._paused and not self._closed and len(buffer) >= 4:
-            (length,) = struct.unpack_from(">I", buffer)
+        if not self._chunks:
+            return
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        view = memoryview(data)
+        position, size = 0, len(data)
+        needed = 4
+        while not self._paused and not self._closed:
+            if size - position < 4:
+                needed = 4
+                break
+            (length,) = struct.unpack_from(">I", view, position)
             if length > MAX_PACKET_LENGTH or length < 5:
                 # Too big to take, or too short to hold a type and an id we
                 # could answer: nothing sensible can follow on this stream.
                 self._abort()
                 return
-            if len(buffer) < 4 + length:
-                return
-            packet = bytes(buffer[4 : 4 + length])
-            del buffer[: 4 + length]
-            self._packetReceived(packet)
+            if size - position < 4 + length:
+                needed = 4 + length
+                break
+            start = position + 4
+            position = start + length
+            self._packetReceived(view[start:position])
+        if self._closed:
+            return
+        rest = view[position:] if position < size else None
+        self._chunks = [rest] if rest is not None else []
+        self._size = size - position
+        self._needed = needed
 
     def _abort(self) -> None:
         self._closed = True
-        self._buffer.clear()
+        self._chunks = []
+        self._size = 0
         self.transport.loseConnection()
 
     def _send(self, kind: int, payload: bytes) -> None:
@@ -562,7 +596,9 @@ class SFTPServer(Protocol):
             self._status(requestId, FX_FAILURE)
         else:
             # None: the reply follows later (a copy-data still running).
-            if reply is not None:
+            if reply.__class__ is list:
+                self.transport.writeSequence(reply)
+            elif reply is not None:
                 self.transport.write(reply)
 
     def _versionPayload(self) -> bytes:
@@ -662,12 +698,17 @@ class SFTPServer(Protocol):
         data = os.pread(handle.fd, length, offset)
         if not data and length:
             return self._statusPacket(requestId, FX_EOF)
-        return self._packet(FXP_DATA, requestId, _string(data))
+        # Header and data go out as two parts: the data is never copied
+        # into a joined reply.
+        return [
+            struct.pack(">IBII", len(data) + 9, FXP_DATA, requestId, len(data)),
+            data,
+        ]
 
     def _write(self, requestId: int, reader: _Reader) -> bytes:
         handle = self._handle(reader, _FileHandle)
         offset = reader.uint64()
-        data = memoryview(reader.string())
+        data = memoryview(reader.view())
         _checkOffsets(offset)
         while data:
             written = os.pwrite(handle.fd, data, offset)

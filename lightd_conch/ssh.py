@@ -76,6 +76,7 @@ USER_KEY_ALGORITHMS = [
 _STRICT_KEX_SERVER = b"kex-strict-s-v00@openssh.com"
 _STRICT_KEX_CLIENT = b"kex-strict-c-v00@openssh.com"
 _KEX_MESSAGES = frozenset([MSG_KEXINIT, MSG_NEWKEYS, *range(30, 50)])
+MSG_CHANNEL_DATA = connection.MSG_CHANNEL_DATA
 
 
 class _Ciphers(SSHCiphers):
@@ -147,6 +148,8 @@ class SSHTransport(SSHServerTransport):
     _strictKex = False
     _firstKexDone = False
     _kexInitSent = False
+    _receivedSize = 0
+    _needed = 4
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -167,6 +170,7 @@ class SSHTransport(SSHServerTransport):
         # Stop reading while the socket's send buffer is full, so a client that
         # does not read its replies cannot make us queue them without bound.
         self.transport.registerProducer(_ReadPauser(self.transport), True)
+        self._received: list = []
         self.transport.write(self.ourVersionString + b"\r\n")
         self.currentEncryptions = _Ciphers(b"none", b"none", b"none", b"none")
         self.currentEncryptions.setKeys(b"", b"", b"", b"", b"", b"")
@@ -189,13 +193,22 @@ class SSHTransport(SSHServerTransport):
             self.supportedKeyExchanges = offered
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.sendPacketParts(messageType, (payload,))
+
+    def sendPacketParts(self, messageType: int, parts) -> None:
+        """
+        Send a message whose payload is C{parts} joined, joining them only
+        once, inside the cipher.
+        """
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
             if not self._allowedKeyExchangeMessageType(messageType):
-                self._blockedByKeyExchange.append((messageType, payload))
+                self._blockedByKeyExchange.append((messageType, b"".join(parts)))
                 return
         self.transport.write(
-            self.currentEncryptions.outbound.seal(
-                self.outgoingPacketSequence, bytes((messageType,)) + payload
+            b"".join(
+                self.currentEncryptions.outbound.seal(
+                    self.outgoingPacketSequence, (bytes((messageType,)), *parts)
+                )
             )
         )
         if messageType == MSG_NEWKEYS and self._strictKex:
@@ -203,24 +216,68 @@ class SSHTransport(SSHServerTransport):
         else:
             self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
 
-    def getPacket(self) -> Optional[bytes]:
-        try:
-            opened = self.currentEncryptions.inbound.open(
-                self.incomingPacketSequence, self.buf
-            )
-        except PacketError as e:
-            self.sendDisconnect(
-                DISCONNECT_MAC_ERROR if "MAC" in str(e) else DISCONNECT_PROTOCOL_ERROR,
-                str(e).encode("ascii"),
-            )
+    def dataReceived(self, data: bytes) -> None:
+        self._lastActivity = self.factory.clock.seconds()
+        if not self.gotVersion:
+            # Conch finds the version line, then hands the rest to getPacket.
+            super().dataReceived(data)
+            return
+        self._received.append(data)
+        self._receivedSize += len(data)
+        if self._receivedSize >= self._needed:
+            self._readPackets()
+
+    def getPacket(self) -> None:
+        # Called by Conch once the version line is in, for what follows it.
+        if self.buf:
+            self._received.append(self.buf)
+            self._receivedSize += len(self.buf)
             self.buf = b""
-            return None
-        if opened is None:
-            return None
-        payload, consumed = opened
-        self.buf = self.buf[consumed:]
-        self.incomingPacketSequence = (self.incomingPacketSequence + 1) & 0xFFFFFFFF
-        return payload
+            self._readPackets()
+        return None
+
+    def _readPackets(self) -> None:
+        """
+        Open and dispatch every whole packet received so far.
+
+        Chunks are joined once per read, not per packet, and each packet's
+        payload is a view of the decrypted bytes: channel data reaches the
+        SFTP server without further copies.
+        """
+        chunks = self._received
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        view = memoryview(data)
+        position, size = 0, len(data)
+        while position < size:
+            if self.transport.disconnecting:
+                position = size  # nothing more is read from a closing connection
+                break
+            sealer = self.currentEncryptions.inbound
+            try:
+                opened = sealer.open(self.incomingPacketSequence, view[position:])
+            except PacketError as e:
+                self.sendDisconnect(
+                    DISCONNECT_MAC_ERROR if "MAC" in str(e) else DISCONNECT_PROTOCOL_ERROR,
+                    str(e).encode("ascii"),
+                )
+                position = size
+                break
+            if opened is None:
+                self._needed = sealer.needed
+                break
+            payload, used = opened
+            position += used
+            self.incomingPacketSequence = (self.incomingPacketSequence + 1) & 0xFFFFFFFF
+            messageNum = payload[0]
+            if messageNum == MSG_CHANNEL_DATA and isinstance(self.service, SSHConnection):
+                self.service.channelData(payload)
+            else:
+                self.dispatchMessage(messageNum, bytes(payload[1:]))
+        else:
+            self._needed = 1
+        rest = data[position:] if position < size else b""
+        self._received = [rest] if rest else []
+        self._receivedSize = len(rest)
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if self._strictKex and not self._firstKexDone and messageNum not in _KEX_MESSAGES:
@@ -270,10 +327,6 @@ class SSHTransport(SSHServerTransport):
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         # A client saying goodbye is not an error of ours.
         pass
-
-    def dataReceived(self, data: bytes) -> None:
-        self._lastActivity = self.factory.clock.seconds()
-        super().dataReceived(data)
 
     def _graceExpired(self) -> None:
         self._graceCall = None
@@ -460,14 +513,47 @@ class SSHConnection(connection.SSHConnection):
         )
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
-        localChannel, dataLength = struct.unpack(">2L", packet[:8])
-        channel = self.channels[localChannel]
-        if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+        self.channelData(memoryview(bytes((MSG_CHANNEL_DATA,)) + packet))
+
+    def channelData(self, message: memoryview) -> None:
+        """
+        A CHANNEL_DATA message (type byte included), as a view: the data
+        goes to the channel without a copy.  The channel opens its receive
+        window itself (L{SessionChannel._openWindow}).
+        """
+        if len(message) < 9:
+            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"short CHANNEL_DATA")
+            return
+        localChannel, dataLength = struct.unpack_from(">2L", message, 1)
+        channel = self.channels.get(localChannel)
+        if channel is None:
+            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"no such channel")
+            return
+        data = message[9 : 9 + dataLength]
+        if (
+            len(data) != dataLength
+            or dataLength > channel.localWindowLeft
+            or dataLength > channel.localMaxPacket
+        ):
             self.sendClose(channel)
             return
-        data = common.getNS(packet[4:])[0]
-        channel.localWindowLeft -= len(data)
+        channel.localWindowLeft -= dataLength
         channel.dataReceived(data)
+
+    def sendData(self, channel, data) -> None:
+        """
+        Send C{data} (bytes, or a list of parts) as one CHANNEL_DATA message.
+        """
+        if channel.localClosed:
+            return
+        parts = data if isinstance(data, list) else [data]
+        self.transport.sendPacketParts(
+            connection.MSG_CHANNEL_DATA,
+            [
+                struct.pack(">2L", self.channelsToRemoteChannel[channel], sum(map(len, parts))),
+                *parts,
+            ],
+        )
 
 
 class _Stderr(bytes):
@@ -548,6 +634,8 @@ class SessionChannel(SSHChannel):
         if self.protocol is None:
             self.loseConnection()  # data before any subsystem: nothing to feed
             return
+        if not getattr(self.protocol, "acceptsViews", False):
+            data = bytes(data)  # exec protocols parse bytes
         self.protocol.dataReceived(data)
         self._openWindow()
 
@@ -596,7 +684,16 @@ class SessionChannel(SSHChannel):
             self.protocol.pauseProducing()
 
     def writeSequence(self, seq) -> None:
-        self.write(b"".join(seq))
+        # Queued as they are: _flush cuts packets across them, so a reply's
+        # header and its data are never joined into one more copy.
+        if self.localClosed:
+            return
+        for data in seq:
+            self._queue.append(data)
+            self._queued += len(data)
+        self._flush()
+        if self._queued > self.highWater and self.protocol is not None:
+            self.protocol.pauseProducing()
 
     def writeStderr(self, data: bytes) -> None:
         """
@@ -614,11 +711,11 @@ class SessionChannel(SSHChannel):
 
     def _flush(self) -> None:
         queue = self._queue
-        send = self.conn.sendData
         while queue and self.remoteWindowLeft > 0:
-            chunk = queue[0]
-            size = min(len(chunk), self.remoteWindowLeft, self.remoteMaxPacket)
-            if chunk.__class__ is _Stderr:
+            limit = min(self.remoteWindowLeft, self.remoteMaxPacket)
+            if queue[0].__class__ is _Stderr:
+                chunk = queue[0]
+                size = min(len(chunk), limit)
                 self.conn.sendExtendedData(
                     self, connection.EXTENDED_DATA_STDERR, bytes(chunk[:size])
                 )
@@ -626,12 +723,22 @@ class SessionChannel(SSHChannel):
                     queue.popleft()
                 else:
                     queue[0] = _Stderr(chunk[size:])
-            elif size == len(chunk):
-                queue.popleft()
-                send(self, chunk)
             else:
-                send(self, chunk[:size])
-                queue[0] = chunk[size:]
+                # One CHANNEL_DATA message from as many queued chunks as fit;
+                # a chunk cut in two is cut as views, without a copy.
+                parts = []
+                size = 0
+                while queue and size < limit and queue[0].__class__ is not _Stderr:
+                    chunk = queue[0]
+                    take = min(len(chunk), limit - size)
+                    if take == len(chunk):
+                        parts.append(queue.popleft())
+                    else:
+                        view = memoryview(chunk)
+                        parts.append(view[:take])
+                        queue[0] = view[take:]
+                    size += take
+                self.conn.sendData(self, parts)
             self.remoteWindowLeft -= size
             self._queued -= size
         if self.closing and not queue:

@@ -388,8 +388,16 @@ def paramiko_sftp(testcase, service, creds, timeout=30):
     client = within(transport, timeout, "opening the sftp subsystem",
                     paramiko.SFTPClient.from_transport, transport)
     client.get_channel().settimeout(timeout)
-    testcase.addCleanup(client.close)
+    testcase.addCleanup(_close_quietly, client.close)
     return client
+
+
+def _close_quietly(close):
+    """Close a client at cleanup; a test may already have stopped the service under it."""
+    try:
+        close()
+    except (EOFError, OSError, require_paramiko().SSHException):
+        pass
 
 
 # --- raw SFTP v3 packets ---------------------------------------------------------------------

@@ -43,7 +43,9 @@ class SealerTests(TestCase):
         payloads = [b"\x05x", b"\x5e" + os.urandom(32768), b"\x02" * 17, b"\x01" + os.urandom(100000)]
         for cipher, mac in PAIRS:
             out, into = self.pair(cipher, mac)
-            stream = b"".join(out.seal(seq, p) for seq, p in enumerate(payloads))
+            stream = b"".join(
+                b"".join(out.seal(seq, [p])) for seq, p in enumerate(payloads)
+            )
             received, buffer, seq = [], b"", 0
             # Arrive in odd-sized pieces, as from TCP.
             for i in range(0, len(stream), 7919):
@@ -53,7 +55,7 @@ class SealerTests(TestCase):
                     if opened is None:
                         break
                     payload, used = opened
-                    received.append(payload)
+                    received.append(bytes(payload))
                     buffer = buffer[used:]
                     seq += 1
             self.assertEqual(received, payloads, (cipher, mac))
@@ -62,7 +64,7 @@ class SealerTests(TestCase):
     def test_tamperingRejected(self):
         for cipher, mac in PAIRS:
             out, into = self.pair(cipher, mac)
-            packet = bytearray(out.seal(0, b"\x5e" + b"data" * 100))
+            packet = bytearray(b"".join(out.seal(0, [b"\x5e" + b"data" * 100])))
             packet[len(packet) // 2] ^= 1
             self.assertRaises(PacketError, into.open, 0, bytes(packet))
 
@@ -73,11 +75,11 @@ class SealerTests(TestCase):
         """
         for cipher, mac in PAIRS:
             out, into = self.pair(cipher, mac)
-            first, second = out.seal(0, b"\x5eone"), out.seal(1, b"\x5etwo")
+            first, second = b"".join(out.seal(0, [b"\x5eone"])), b"".join(out.seal(1, [b"\x5etwo"]))
             self.assertRaises(PacketError, into.open, 0, second)
             if b"gcm" in cipher:
                 out, into = self.pair(cipher, mac)
-                first = out.seal(0, b"\x5eone")
+                first = b"".join(out.seal(0, [b"\x5eone"]))
                 into.open(0, first)
                 self.assertRaises(PacketError, into.open, 1, first)
 
@@ -106,21 +108,22 @@ class StrictKexTests(TestCase):
 
     def test_strictRefusesPacketBeforeKexinit(self):
         transport, tcp = self.connect()
-        ignore = PlainSealer().seal(0, b"\x02" + NS(b"x"))
-        transport.dataReceived(ignore + PlainSealer().seal(1, _kexinit(True)))
+        ignore = b"".join(PlainSealer().seal(0, [b"\x02" + NS(b"x")]))
+        transport.dataReceived(ignore + b"".join(PlainSealer().seal(1, [_kexinit(True)])))
         self.assertTrue(tcp.disconnecting)
 
     def test_strictRefusesNonKexDuringHandshake(self):
         transport, tcp = self.connect()
         transport.dataReceived(
-            PlainSealer().seal(0, _kexinit(True)) + PlainSealer().seal(1, b"\x02" + NS(b"x"))
+            b"".join(PlainSealer().seal(0, [_kexinit(True)]))
+            + b"".join(PlainSealer().seal(1, [b"\x02" + NS(b"x")]))
         )
         self.assertTrue(tcp.disconnecting)
 
     def test_withoutStrictIgnoreIsFine(self):
         transport, tcp = self.connect()
-        ignore = PlainSealer().seal(0, b"\x02" + NS(b"x"))
-        transport.dataReceived(ignore + PlainSealer().seal(1, _kexinit(False)))
+        ignore = b"".join(PlainSealer().seal(0, [b"\x02" + NS(b"x")]))
+        transport.dataReceived(ignore + b"".join(PlainSealer().seal(1, [_kexinit(False)])))
         self.assertFalse(tcp.disconnecting)
         self.assertEqual(transport.nextEncryptions.outCipType, b"aes128-gcm@openssh.com")
 

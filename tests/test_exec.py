@@ -256,7 +256,7 @@ class _Conn:
         self.events = []
 
     def sendData(self, channel, data):
-        self.events.append(("data", data))
+        self.events.append(("data", b"".join(data) if isinstance(data, list) else data))
 
     def sendExtendedData(self, channel, kind, data):
         self.events.append(("stderr", data))

@@ -157,7 +157,7 @@ class _Conn:
         self.adjusted = 0
 
     def sendData(self, channel, data):
-        self.sent.append(data)
+        self.sent.append(b"".join(data) if isinstance(data, list) else data)
 
     def sendClose(self, channel):
         self.closed.append(channel)
