@@ -300,20 +300,31 @@ def encodeAttrs(st: os.stat_result) -> bytes:
 _SIX_MONTHS = 182 * 24 * 3600
 
 
-def longname(name: bytes, st: os.stat_result, now: Optional[float] = None) -> bytes:
+def longname(
+    name: bytes,
+    st: os.stat_result,
+    now: Optional[float] = None,
+    dates: Optional[Dict[int, str]] = None,
+) -> bytes:
     """
     An C{ls -l} line for a directory entry, in the form OpenSSH's server sends.
 
     Owners are shown as numbers: the names on the host mean nothing inside a
-    container.
+    container.  C{dates} caches the formatted dates of one listing, since
+    entries made together share their minute.
     """
     if now is None:
         now = time.time()
-    mtime = time.localtime(st.st_mtime)
-    if abs(now - st.st_mtime) < _SIX_MONTHS:
-        when = time.strftime("%b %e %H:%M", mtime)
-    else:
-        when = time.strftime("%b %e  %Y", mtime)
+    minute = int(st.st_mtime) // 60
+    when = None if dates is None else dates.get(minute)
+    if when is None:
+        mtime = time.localtime(st.st_mtime)
+        if abs(now - st.st_mtime) < _SIX_MONTHS:
+            when = time.strftime("%b %e %H:%M", mtime)
+        else:
+            when = time.strftime("%b %e  %Y", mtime)
+        if dates is not None:
+            dates[minute] = when
     head = "%s %3u %-8u %-8u %8u %s " % (
         stat.filemode(st.st_mode),
         st.st_nlink,
@@ -763,9 +774,10 @@ class SFTPServer(Protocol):
         if not batch:
             return self._statusPacket(requestId, FX_EOF)
         now = time.time()
+        dates: Dict[int, str] = {}
         return self._names(
             requestId,
-            [(name, longname(name, st, now), encodeAttrs(st)) for name, st in batch],
+            [(name, longname(name, st, now, dates), encodeAttrs(st)) for name, st in batch],
         )
 
     def _remove(self, requestId: int, reader: _Reader) -> bytes:
