@@ -245,10 +245,12 @@ def _common_client_options(work: Path, port: int) -> List[str]:
 class Lightd(Server):
     """``twistd -n lightd-sftp`` from ``source``, password login (SSH_ASKPASS)."""
 
-    def __init__(self, root: Path, source: Path, name: str = "lightd") -> None:
+    def __init__(self, root: Path, source: Path, name: str = "lightd",
+                 extra_env: Optional[Dict[str, str]] = None) -> None:
         self.name = name
         self.root = root
         self.source = source
+        self.extra_env = extra_env or {}
         root.mkdir(mode=0o755)
         self.config = root / "config.json"
         self.log = root / "service.log"
@@ -259,6 +261,7 @@ class Lightd(Server):
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(self.source), env.get("PYTHONPATH", "")] if p
         )
+        env.update(self.extra_env)
         return env
 
     def _sftp_settings(self) -> Dict[str, object]:
@@ -898,6 +901,9 @@ def parse_args(argv=None):
     parser.add_argument("--also", metavar="PATH|REV",
                         help="measure a second lightd-sftp (a checkout, or a revision of this "
                              "repository) in the same interleaved rounds, against the first")
+    parser.add_argument("--also-env", metavar="NAME=VALUE", action="append", default=[],
+                        help="an environment variable for the --also build only (repeatable), "
+                             "e.g. MALLOC_TRIM_THRESHOLD_=4194304")
     parser.add_argument("--workdir", default=str(BENCH_DIR),
                         help="where the temporary folder goes (root-owned path; default bench/)")
     parser.add_argument("--profile", metavar="DIR",
@@ -942,16 +948,22 @@ def main(argv=None) -> int:
         if args.also:
             label = Path(args.also).name if os.path.isdir(args.also) else args.also
             rev = None if os.path.isdir(args.also) else args.also
+            extra_env = dict(item.split("=", 1) for item in args.also_env)
+            if extra_env:
+                label += "+env"
             servers.append(Lightd(work / "lightd-also",
                                   source_tree(args.also, rev, work / "source-also"),
-                                  f"lightd@{label}"))
+                                  f"lightd@{label}", extra_env))
         openssh = OpenSSH(work / "openssh")
         servers.append(openssh)
         for server in servers:
             server.start()
         info = machine()
         for server in servers:
-            where = f" from {server.source}" if isinstance(server, Lightd) else ""
+            where = ""
+            if isinstance(server, Lightd):
+                where = f" from {server.source}" + "".join(
+                    f" {name}={value}" for name, value in server.extra_env.items())
             print(f"{server.name}{where} on port {server.port} (pid {server.pid})")
         print(f"{info['date']}; {info['nproc']} x {info['cpu']}; {info['openssh']}; "
               f"runs {args.runs}, warm-up {args.warmup}; load average "
