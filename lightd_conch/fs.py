@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import stat
 from contextlib import contextmanager
@@ -91,6 +92,7 @@ def _renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes) -> None:
         _raiseErrno()
 
 
+@functools.lru_cache(maxsize=None)
 def openat2Available() -> bool:
     """
     Whether this kernel (and any seccomp filter around us) allows openat2.
@@ -149,6 +151,18 @@ def _mountId(fd: int) -> int:
     raise OSError(errno.ENOTSUP, "mount ids are not available")
 
 
+def _umask() -> int:
+    # Read, not set and reset: os.umask would change it for every thread.
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o777  # unknown: always set modes explicitly
+
+
 def _procPath(fd: int) -> str:
     # Re-opening or changing an inode through our own fd's /proc entry acts on
     # exactly the inode the fd pins, so no path can be swapped in between.
@@ -170,10 +184,23 @@ class ConfinedFilesystem:
         self._resolve = self._resolveOpenat2 if useOpenat2 else self._resolveWalk
         st = os.fstat(self.rootFD)
         # When the service runs as root, what a client creates belongs to the
-        # volume's owner, as if the container had created it.
+        # volume's owner, as if the container had created it.  None: nothing
+        # to change, creation already gives the right owner.
+        owner = (st.st_uid, st.st_gid)
         self._owner: Optional[Tuple[int, int]] = (
-            (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+            owner if os.geteuid() == 0 and owner != (os.geteuid(), os.getegid()) else None
         )
+        self._umask = _umask()
+
+    def _adopt(self, fd: int, mode: int) -> None:
+        """
+        Give what was just created (as C{fd}) exactly C{mode} and the volume's
+        owner, with no call where creation already got it right.
+        """
+        if mode & ~self._umask != mode:
+            os.fchmod(fd, mode)
+        if self._owner is not None:
+            os.fchown(fd, *self._owner)
 
     def close(self) -> None:
         if self.rootFD >= 0:
@@ -325,30 +352,37 @@ class ConfinedFilesystem:
         access = flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC)
         access |= os.O_NONBLOCK | os.O_NOCTTY
         mode = 0o644 if mode is None else mode & _CREATION_MASK
-        try:
-            probe = self._resolve(parts, _O_PATH)
-        except FileNotFoundError:
-            if not flags & os.O_CREAT:
-                raise
+        if flags & os.O_CREAT:
+            # A new file first: O_EXCL makes a regular file or nothing, so it
+            # needs no type check.
             try:
                 fd = self._resolve(parts, access | os.O_CREAT | os.O_EXCL, mode)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
-                # A dangling symlink: create its target, beneath the root.
-                fd = self._resolve(parts, access | os.O_CREAT, mode)
+            else:
+                try:
+                    self._adopt(fd, mode)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
+        try:
+            probe = self._resolve(parts, _O_PATH)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                raise
+            # It exists, but leads nowhere: a dangling symlink.  Create its
+            # target, beneath the root.
+            fd = self._resolve(parts, access | os.O_CREAT, mode)
             try:
                 self._checkRegular(fd)
-                os.fchmod(fd, mode)
-                if self._owner is not None:
-                    os.fchown(fd, *self._owner)
+                self._adopt(fd, mode)
             except BaseException:
                 os.close(fd)
                 raise
             return fd
         try:
-            if flags & os.O_CREAT and flags & os.O_EXCL:
-                raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
             self._checkRegular(probe)
             fd = os.open(_procPath(probe), access | os.O_CLOEXEC)
         finally:
@@ -372,6 +406,8 @@ class ConfinedFilesystem:
         mode = 0o755 if mode is None else mode & _CREATION_MASK
         with self._parent(path) as (dirfd, name):
             os.mkdir(name, mode, dir_fd=dirfd)
+            if mode & ~self._umask == mode and self._owner is None:
+                return
             # Set the exact mode (and owner) on what we just made; O_NOFOLLOW
             # keeps a symlink swapped in meanwhile from redirecting us.
             fd = os.open(
@@ -380,9 +416,7 @@ class ConfinedFilesystem:
                 dir_fd=dirfd,
             )
             try:
-                os.fchmod(fd, mode)
-                if self._owner is not None:
-                    os.fchown(fd, *self._owner)
+                self._adopt(fd, mode)
             finally:
                 os.close(fd)
 
