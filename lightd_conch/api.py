@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from ._address import formatAddress
 from .accounts import AccountError
 
 log = Logger()
@@ -227,7 +228,7 @@ class AdminAPI(Resource):
         if not hmac.compare_digest(given.strip(), self._token):
             log.info(
                 "admin API: refused a request from {peer}: wrong bearer token",
-                peer=_peer(request),
+                peer=formatAddress(request.getClientAddress()),
             )
             raise _Refused(
                 401,
@@ -335,11 +336,6 @@ class AdminAPI(Resource):
         for name, value in headers:
             request.setHeader(name, value)
         return self._json(request, {"error": message})
-
-
-def _peer(request) -> str:
-    peer = request.getClientAddress()
-    return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
 
 class _BoundedRequest(server.Request):

@@ -15,7 +15,6 @@ channel's send side is full.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import os
 import re

@@ -17,6 +17,8 @@ from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ._address import formatAddress
+
 log = Logger()
 
 # How often the store is compared with the live sessions; a reset from the
@@ -25,11 +27,6 @@ CHECK_INTERVAL = 1.0
 # A client that stops reading keeps an ended session's socket open while the
 # goodbye waits to be written; after this many seconds it is dropped.
 ABORT_AFTER = 3.0
-
-
-def _peer(transport) -> str:
-    peer = transport.transport.getPeer()
-    return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
 
 class SessionRegistry:
@@ -139,7 +136,7 @@ class CredentialWatcher(Service):
             " credentials {why}",
             username=getattr(transport, "loginUsername", "?"),
             container=containerId,
-            peer=_peer(transport),
+            peer=formatAddress(transport.transport.getPeer()),
             why=why,
         )
         # Sends the reason and closes once it is written; the transport

@@ -38,6 +38,7 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
+from ._address import formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
 from .commands import execProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
@@ -130,8 +131,7 @@ def _printable(name: bytes) -> str:
 
 
 def _peer(transport: SSHServerTransport) -> str:
-    peer = transport.transport.getPeer()
-    return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+    return formatAddress(transport.transport.getPeer())
 
 
 class SSHTransport(SSHServerTransport):
