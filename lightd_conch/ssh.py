@@ -573,8 +573,8 @@ class SessionChannel(SSHChannel):
 
     name = b"session"
     _log = _conchLog
-    highWater = 4 * 1024 * 1024
-    lowWater = 1024 * 1024
+    highWater = 1024 * 1024
+    lowWater = 256 * 1024
     clock = None  # for exec: the reactor unless a test sets one
 
     def __init__(self, *args, **kwargs) -> None:
