@@ -305,8 +305,9 @@ _SCHEMA = {
         "max_auth_tries": _integer(1, 100),
         # Some clients keep the window in a signed 32-bit integer.
         "window_size": _integer(32 * 1024, 2**31 - 1),
-        # RFC 4253 requires 32 KiB; OpenSSH refuses packets above 256 KiB.
-        "max_packet_size": _integer(4096, 256 * 1024),
+        # RFC 4253 requires 32 KiB.  A channel packet this size plus its
+        # headers must fit the transport's 256 KiB packet limit: 128 KiB does.
+        "max_packet_size": _integer(4096, 128 * 1024),
         "max_handles": _integer(1, 65536),
         "max_channels": _integer(1, 1024),
         "ciphers": _names(SUPPORTED_CIPHERS),

@@ -247,7 +247,7 @@ class RefusalTests(LoadTestsMixin, TestCase):
                 "sftp",
                 "max_packet_size",
                 1024,
-                "must be an integer 4096..262144, got 1024",
+                "must be an integer 4096..131072, got 1024",
             ),
             ("sftp", "idle_timeout", -1, f"{seconds}, got -1"),
             ("sftp", "login_grace_time", True, f"{seconds}, got true"),
