@@ -86,15 +86,11 @@ class _Transport(StringTransport):
         self.lost = True
 
 
-class ProtocolTests(TestCase):
-    def setUp(self):
-        self.volume = os.path.abspath(self.mktemp())
-        os.makedirs(self.volume)
-        self.server = sftp.SFTPServer(ConfinedFilesystem(self.volume), maxHandles=8)
-        self.transport = _Transport()
-        self.server.makeConnection(self.transport)
-        self.addCleanup(self.server.connectionLost, None)
-        self.nextId = 0
+class PacketDriver:
+    """
+    Feeds packets to C{self.server} and parses what it wrote to
+    C{self.transport}.
+    """
 
     def feed(self, data):
         self.server.dataReceived(data)
@@ -109,6 +105,18 @@ class ProtocolTests(TestCase):
             out.append(Reply(data[4], data[5 : 4 + length]))
             data = data[4 + length :]
         return out
+
+
+class ProtocolTests(PacketDriver, TestCase):
+    def setUp(self):
+        self.volume = os.path.abspath(self.mktemp())
+        os.makedirs(self.volume)
+        self.server = sftp.SFTPServer(ConfinedFilesystem(self.volume), maxHandles=8)
+        self.transport = _Transport()
+        self.server.makeConnection(self.transport)
+        self.addCleanup(self.server.connectionLost, None)
+        self.nextId = 0
+
 
     def init(self):
         [reply] = self.feed(packet(sftp.FXP_INIT, payload=struct.pack(">I", 3)))

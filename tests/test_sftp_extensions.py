@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from lightd_conch import sftp
 from lightd_conch.fs import ConfinedFilesystem
-from tests.test_sftp import Reply, _Transport, attrs, packet, string
+from tests.test_sftp import PacketDriver, _Transport, attrs, packet, string
 
 EXPECTED_EXTENSIONS = [
     (b"posix-rename@openssh.com", b"1"),
@@ -30,7 +30,7 @@ EXPECTED_EXTENSIONS = [
 ]
 
 
-class ExtensionTestCase(TestCase):
+class ExtensionTestCase(PacketDriver, TestCase):
     def setUp(self):
         base = os.path.abspath(self.mktemp())
         self.volume = os.path.join(base, "volume")
@@ -54,19 +54,6 @@ class ExtensionTestCase(TestCase):
         self.nextId = 0
         self.version = self.feed(packet(sftp.FXP_INIT, payload=struct.pack(">I", 3)))[0]
 
-    def feed(self, data):
-        self.server.dataReceived(data)
-        return self.replies()
-
-    def replies(self):
-        data = self.transport.value()
-        self.transport.clear()
-        out = []
-        while data:
-            (length,) = struct.unpack_from(">I", data)
-            out.append(Reply(data[4], data[5 : 4 + length]))
-            data = data[4 + length :]
-        return out
 
     def request(self, kind, payload=b""):
         self.nextId += 1
