@@ -100,6 +100,29 @@ def _size(parts: Sequence[bytes]) -> int:
     return sum(map(len, parts))
 
 
+_LARGE = 1024
+
+
+def _pieces(head: bytes, parts: Sequence[bytes], tail: bytes) -> List[bytes]:
+    """
+    C{head}, C{parts} and C{tail} as the fewest pieces that copy no large
+    part: runs of small parts are joined, large ones kept as they are.
+    """
+    pieces: List[bytes] = []
+    small = [head]
+    for part in parts:
+        if len(part) < _LARGE:
+            small.append(part)
+        else:
+            if small:
+                pieces.append(b"".join(small))
+                small = []
+            pieces.append(part)
+    small.append(tail)
+    pieces.append(b"".join(small))
+    return pieces
+
+
 class PlainSealer(PacketSealer):
     """
     No protection, before the first key exchange.
@@ -130,9 +153,13 @@ class _HMAC:
         # OpenSSH (and RFC 4253) use as many key bytes as the digest size.
         self._template = hmac.new(key[:size], digestmod=name)
 
-    def digest(self, sequence: int, *parts: bytes) -> bytes:
+    def start(self, sequence: int):
         mac = self._template.copy()
         mac.update(struct.pack(">I", sequence))
+        return mac
+
+    def digest(self, sequence: int, *parts: bytes) -> bytes:
+        mac = self.start(sequence)
         for part in parts:
             mac.update(part)
         return mac.digest()
@@ -157,17 +184,28 @@ class CTRSealer(PacketSealer):
         self._first: Optional[bytes] = None
 
     def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
+        # A stream cipher: large parts are encrypted (and MACed) where they
+        # lie rather than joined into the packet first.
         size = _size(parts)
+        crypt = self._crypt
+        mac = self._mac.start(sequence)
         if self._etm:
             pad = _padding(1 + size, self.blockSize)
             header = struct.pack(">I", 1 + size + pad)
-            body = self._crypt(b"".join((bytes((pad,)), *parts, os.urandom(pad))))
-            return [header, body, self._mac.digest(sequence, header, body)]
-        pad = _padding(5 + size, self.blockSize)
-        packet = b"".join(
-            (struct.pack(">IB", 1 + size + pad, pad), *parts, os.urandom(pad))
-        )
-        return [self._crypt(packet), self._mac.digest(sequence, packet)]
+            mac.update(header)
+            sealed = [header]
+            for piece in _pieces(bytes((pad,)), parts, os.urandom(pad)):
+                cipherText = crypt(piece)
+                mac.update(cipherText)
+                sealed.append(cipherText)
+        else:
+            pad = _padding(5 + size, self.blockSize)
+            sealed = []
+            for piece in _pieces(struct.pack(">IB", 1 + size + pad, pad), parts, os.urandom(pad)):
+                mac.update(piece)
+                sealed.append(crypt(piece))
+        sealed.append(mac.digest())
+        return sealed
 
     def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
         macSize = self._mac.size
@@ -257,8 +295,12 @@ def _chacha(key: bytes, counter: int, sequence: bytes, data) -> bytes:
     # OpenSSH uses the original ChaCha20: a 64-bit block counter and a
     # 64-bit nonce (the sequence number), which cryptography's 16-byte
     # nonce holds as counter (little endian) then nonce.
+    return _chachaStream(key, counter, sequence)(data)
+
+
+def _chachaStream(key: bytes, counter: int, sequence: bytes):
     nonce = struct.pack("<Q", counter) + sequence
-    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(data)
+    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update
 
 
 class ChaChaPolySealer(PacketSealer):
@@ -287,14 +329,19 @@ class ChaChaPolySealer(PacketSealer):
         size = _size(parts)
         pad = _padding(1 + size, self.blockSize)
         header = _chacha(self._header, 0, seq, struct.pack(">I", 1 + size + pad))
-        stream = _chacha(
-            self._main, 0, seq, b"".join((self._BLOCK0, bytes((pad,)), *parts, os.urandom(pad)))
-        )
-        body = memoryview(stream)[64:]
+        pieces = _pieces(self._BLOCK0 + bytes((pad,)), parts, os.urandom(pad))
+        if len(pieces) == 1:
+            stream = _chacha(self._main, 0, seq, pieces[0])
+            body = [memoryview(stream)[64:]]
+        else:
+            crypt = _chachaStream(self._main, 0, seq)
+            stream = crypt(pieces[0])
+            body = [memoryview(stream)[64:], *map(crypt, pieces[1:])]
         tag = Poly1305(stream[:32])
         tag.update(header)
-        tag.update(body)
-        return [header, body, tag.finalize()]
+        for piece in body:
+            tag.update(piece)
+        return [header, *body, tag.finalize()]
 
     def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
         if len(buffer) < 4:

@@ -30,6 +30,7 @@ from twisted.conch.ssh.transport import (
     SSHServerTransport,
 )
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.tcp import Connection as _TCPConnection
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -78,6 +79,27 @@ _STRICT_KEX_SERVER = b"kex-strict-s-v00@openssh.com"
 _STRICT_KEX_CLIENT = b"kex-strict-c-v00@openssh.com"
 _KEX_MESSAGES = frozenset([MSG_KEXINIT, MSG_NEWKEYS, *range(30, 50)])
 MSG_CHANNEL_DATA = connection.MSG_CHANNEL_DATA
+
+# sendmsg takes at most this many parts at once (the kernel's UIO_MAXIOV).
+_IOV_MAX = 1024
+# Packets sealed while one read is dispatched are sent together at its end,
+# or sooner once this many parts are waiting.
+_CORK_PARTS = 512
+
+
+def _unsent(parts: list, sent: int) -> list:
+    """
+    What of C{parts} is left once their first C{sent} bytes are out.
+    """
+    for index, part in enumerate(parts):
+        size = len(part)
+        if sent < size:
+            rest = parts[index:]
+            if sent:
+                rest[0] = memoryview(part)[sent:]
+            return rest
+        sent -= size
+    return []
 
 
 class _Ciphers(SSHCiphers):
@@ -150,6 +172,8 @@ class SSHTransport(SSHServerTransport):
     _kexInitSent = False
     _receivedSize = 0
     _needed = 4
+    _corked: Optional[list] = None
+    _socket = None
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -171,6 +195,12 @@ class SSHTransport(SSHServerTransport):
         # does not read its replies cannot make us queue them without bound.
         self.transport.registerProducer(_ReadPauser(self.transport), True)
         self._received: list = []
+        self._corked: Optional[list] = None
+        # Packets go straight to the socket when nothing is queued before
+        # them (see _send); other transports (tests, TLS) take writes.
+        self._socket = (
+            self.transport.socket if isinstance(self.transport, _TCPConnection) else None
+        )
         self.transport.write(self.ourVersionString + b"\r\n")
         self.currentEncryptions = _Ciphers(b"none", b"none", b"none", b"none")
         self.currentEncryptions.setKeys(b"", b"", b"", b"", b"", b"")
@@ -204,17 +234,59 @@ class SSHTransport(SSHServerTransport):
             if not self._allowedKeyExchangeMessageType(messageType):
                 self._blockedByKeyExchange.append((messageType, b"".join(parts)))
                 return
-        self.transport.write(
-            b"".join(
-                self.currentEncryptions.outbound.seal(
-                    self.outgoingPacketSequence, (bytes((messageType,)), *parts)
-                )
-            )
+        sealed = self.currentEncryptions.outbound.seal(
+            self.outgoingPacketSequence, (bytes((messageType,)), *parts)
         )
+        corked = self._corked
+        if corked is None:
+            self._send(sealed)
+        else:
+            corked.extend(sealed)
+            if len(corked) >= _CORK_PARTS:
+                self._corked = []
+                self._send(corked)
         if messageType == MSG_NEWKEYS and self._strictKex:
             self.outgoingPacketSequence = 0
         else:
             self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
+
+    def _send(self, parts: list) -> None:
+        """
+        Write sealed packet parts.
+
+        When nothing is waiting in the transport's buffer they go to the
+        socket with one C{sendmsg}, as they are: no join into one string, and
+        no round through the reactor to register and unregister for
+        writability, which for a reply to a small request costs more than the
+        send.  Whatever the socket does not take, and everything while older
+        data waits, is left to the transport, which keeps the order, pauses
+        reading while it is full and notices a broken connection.
+        """
+        transport = self.transport
+        sock = self._socket
+        if (
+            sock is None
+            or transport._tempDataLen
+            or len(transport.dataBuffer) != transport.offset
+            or transport.disconnecting
+            or not transport.connected
+        ):
+            transport.write(b"".join(parts))
+            return
+        while parts:
+            batch = parts[:_IOV_MAX]
+            try:
+                sent = sock.sendmsg(batch)
+            except OSError:
+                # Full (EAGAIN) or broken: the transport queues the rest, or
+                # finds the error on its own write.
+                break
+            if sent < sum(map(len, batch)):
+                parts = _unsent(parts, sent)
+                break
+            parts = parts[len(batch) :]
+        if parts:
+            transport.write(b"".join(parts))
 
     def dataReceived(self, data: bytes) -> None:
         self._lastActivity = self.factory.clock.seconds()
@@ -244,6 +316,16 @@ class SSHTransport(SSHServerTransport):
         payload is a view of the decrypted bytes: channel data reaches the
         SFTP server without further copies.
         """
+        # Replies to the requests in this read go out together at its end.
+        self._corked = []
+        try:
+            self._dispatchReceived()
+        finally:
+            corked, self._corked = self._corked, None
+            if corked:
+                self._send(corked)
+
+    def _dispatchReceived(self) -> None:
         chunks = self._received
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         view = memoryview(data)
