@@ -89,7 +89,11 @@ MAX_PACKET_LENGTH = 256 * 1024
 """The largest SFTP packet accepted, as OpenSSH's sftp-server; larger ones close the channel."""
 MAX_READ_LENGTH = MAX_PACKET_LENGTH - 1024
 """READ replies carry at most this many bytes (261120, as OpenSSH)."""
-MAX_READDIR_ENTRIES = 100
+MAX_READDIR_ENTRIES = 500
+MAX_READDIR_BYTES = 64 * 1024
+"""A READDIR reply holds at most this many entries and, past its first entry,
+at most this many bytes: large enough that listing a big directory takes few
+round trips, small enough for every client's packet limit."""
 MAX_WRITE_LENGTH = MAX_READ_LENGTH
 """The WRITE payload clients are told to stay under (limits@openssh.com)."""
 MAX_COPIES = 4
@@ -347,13 +351,20 @@ class _FileHandle:
 
 
 class _DirectoryHandle:
-    __slots__ = ("fd", "path", "_entries", "_dots")
+    __slots__ = ("fd", "path", "_entries", "_dots", "_held")
 
     def __init__(self, fd: int, path: bytes) -> None:
         self.fd = fd
         self.path = path
         self._entries: Optional[Iterator[os.DirEntry]] = None
         self._dots = True
+        self._held: List[Tuple[bytes, os.stat_result]] = []
+
+    def unread(self, entries: List[Tuple[bytes, os.stat_result]]) -> None:
+        """
+        Give back entries read but not sent: the next read starts with them.
+        """
+        self._held = entries + self._held
 
     def read(
         self, filesystem: ConfinedFilesystem, limit: int
@@ -364,7 +375,9 @@ class _DirectoryHandle:
         "." and ".." come first, as from OpenSSH's server; ".." of the root is
         the root itself.
         """
-        batch: List[Tuple[bytes, os.stat_result]] = []
+        batch, self._held = self._held[:limit], self._held[limit:]
+        if len(batch) >= limit:
+            return batch
         if self._dots:
             self._dots = False
             batch.append((b".", os.fstat(self.fd)))
@@ -775,9 +788,17 @@ class SFTPServer(Protocol):
             return self._statusPacket(requestId, FX_EOF)
         now = time.time()
         dates: Dict[int, str] = {}
-        return self._names(
-            requestId,
-            [(name, longname(name, st, now, dates), encodeAttrs(st)) for name, st in batch],
+        entries = []
+        size = 0
+        for index, (name, st) in enumerate(batch):
+            entry = _string(name) + _string(longname(name, st, now, dates)) + encodeAttrs(st)
+            size += len(entry)
+            if size > MAX_READDIR_BYTES and entries:
+                handle.unread(batch[index:])
+                break
+            entries.append(entry)
+        return self._packet(
+            FXP_NAME, requestId, struct.pack(">I", len(entries)) + b"".join(entries)
         )
 
     def _remove(self, requestId: int, reader: _Reader) -> bytes:

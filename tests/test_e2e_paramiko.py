@@ -268,15 +268,19 @@ class DirectoryTests(ParamikoTestCase):
         self.assertEqual(raw.status(1)[0], FX_OK)
         self.assertEqual(stat.S_IMODE(os.stat(self.volume / "plain-dir").st_mode), 0o755)
 
-    def test_readdir_replies_hold_at_most_100_entries(self):
-        for i in range(250):
-            (self.volume / f"entry-{i:03d}").write_bytes(b"")
+    def test_readdir_replies_are_bounded_and_lose_nothing(self):
+        # 900 short names and 300 of 240 bytes: the short ones fill replies
+        # by count (500), the long ones by size (64 KiB).
+        expected = [f"entry-{i:04d}" for i in range(900)]
+        expected += [f"long-{i:03d}-" + "n" * 231 for i in range(300)]
+        for name in expected:
+            (self.volume / name).write_bytes(b"")
         raw = RawSFTP(self, self.service, self.creds)
         raw.request(FXP_OPENDIR, 1, string("/"))
         ptype, reader = raw.read_reply(1)
         self.assertEqual(ptype, FXP_HANDLE)
         handle = reader.string()
-        names, request_id = [], 2
+        names, counts, request_id = [], [], 2
         while True:
             raw.request(FXP_READDIR, request_id, string(handle))
             ptype, reader = raw.read_reply(request_id)
@@ -285,14 +289,18 @@ class DirectoryTests(ParamikoTestCase):
                 break
             self.assertEqual(ptype, FXP_NAME)
             count = reader.uint32()
-            self.assertTrue(1 <= count <= 100, count)
+            self.assertTrue(1 <= count <= 500, count)
+            start = reader.pos
             for _ in range(count):
                 names.append(reader.string().decode())
                 reader.string()  # longname
                 skip_attrs(reader)
+            self.assertLessEqual(reader.pos - start, 64 * 1024)
+            counts.append(count)
             request_id += 1
-        self.assertEqual(sorted(n for n in names if n not in (".", "..")),
-                         sorted(os.listdir(self.volume)))
+        self.assertEqual(sorted(n for n in names if n not in (".", "..")), sorted(expected))
+        self.assertEqual(len(names), len(set(names)))
+        self.assertLess(len(counts), 12, counts)  # not 100 at a time
 
     def test_mkdir_of_existing_name_fails(self):
         self.sftp.mkdir("twice", 0o755)

@@ -321,25 +321,47 @@ class ProtocolTests(PacketDriver, TestCase):
         self.server.connectionLost(None)
         self.assertEqual(len(os.listdir("/proc/self/fd")), before - 6)  # 5 files + the root
 
-    def test_readdirBatches(self):
-        self.init()
-        for i in range(250):
-            open(os.path.join(self.volume, "e%03d" % i), "w").close()
-        handle = self.request(sftp.FXP_OPENDIR, string(b"/")).handle
-        seen = []
+    def listAll(self, path):
+        """
+        Every (name, longname) READDIR gives for C{path}, and each reply's
+        entry count; each reply is checked against the bounds.
+        """
+        handle = self.request(sftp.FXP_OPENDIR, string(path)).handle
+        seen, counts = [], []
         while True:
             reply = self.request(sftp.FXP_READDIR, string(handle))
             if reply.kind == sftp.FXP_STATUS:
                 self.assertEqual(reply.status, sftp.FX_EOF)
-                break
+                return seen, counts
             names = reply.names()
-            self.assertLessEqual(len(names), 100)
-            self.assertLessEqual(len(reply.data), sftp.MAX_PACKET_LENGTH)
+            self.assertLessEqual(len(names), sftp.MAX_READDIR_ENTRIES)
+            self.assertLessEqual(len(reply.data), 4 + 4 + sftp.MAX_READDIR_BYTES)
+            counts.append(len(names))
             seen.extend(names)
-        self.assertEqual(sorted(n for n, _ in seen), sorted([b".", b".."] + [b"e%03d" % i for i in range(250)]))
-        long = dict(seen)[b"e007"]
-        self.assertTrue(long.startswith(b"-rw-r--r--"), long)
-        self.assertTrue(long.endswith(b" e007"), long)
+
+    def test_readdirBatches(self):
+        """
+        READDIR replies hold at most MAX_READDIR_ENTRIES entries and at most
+        MAX_READDIR_BYTES bytes of them; an entry that does not fit comes in
+        the next reply, and none is lost or repeated.
+        """
+        self.init()
+        short = [b"e%04d" % i for i in range(1100)]
+        long = [b"L%03d" % i + b"n" * 250 for i in range(400)]
+        for folder, names in ((b"short", short), (b"long", long)):
+            os.mkdir(os.path.join(self.volume, folder.decode()))
+            for name in names:
+                open(os.path.join(self.volume, folder.decode(), name.decode()), "w").close()
+            seen, counts = self.listAll(b"/" + folder)
+            self.assertEqual(sorted(n for n, _ in seen), sorted([b".", b".."] + names))
+            if folder == b"short":
+                self.assertEqual(counts, [500, 500, 102])  # full by count
+            else:
+                self.assertGreater(len(counts), 1)  # full by size
+                self.assertTrue(all(c < 500 for c in counts), counts)
+        longname = dict(seen)[b"L007" + b"n" * 250]
+        self.assertTrue(longname.startswith(b"-rw-r--r--"), longname)
+        self.assertTrue(longname.endswith(b" L007" + b"n" * 250), longname)
 
     def test_realpath(self):
         self.init()
