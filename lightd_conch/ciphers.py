@@ -381,9 +381,11 @@ class ChaChaPolySealer(PacketSealer):
         return _payload(memoryview(stream), 64)
 
 
-_SODIUM_LARGEST = 2048
-"""Packets up to this size are sealed and opened by libsodium, if present;
-longer ones through cryptography, whose ChaCha20 is faster per byte."""
+_SODIUM_SEAL_LARGEST = 12 * 1024
+_SODIUM_OPEN_LARGEST = 4608
+"""Packets up to these sizes are sealed and opened by libsodium, if present;
+longer ones through cryptography, whose ChaCha20 and Poly1305 are faster per
+byte (where the two cost the same, measured on AMD EPYC)."""
 
 
 def _loadSodium():
@@ -428,28 +430,30 @@ _ZEROS = bytes(32)
 
 class _SodiumChaChaPolySealer(ChaChaPolySealer):
     """
-    C{chacha20-poly1305@openssh.com} with small packets on libsodium: each
-    is four calls into one buffer (the Poly1305 key, the length, the body,
-    the tag), with no cipher objects built.
+    C{chacha20-poly1305@openssh.com} with small packets on libsodium.
+
+    One keystream call from block 0 over 64 zero bytes and the body gives
+    the Poly1305 key (the first 32 bytes) and the body (from byte 64); the
+    encrypted length is written just before the body, over keystream bytes
+    nobody uses, so that length and body are contiguous for the tag.
     """
 
     def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
         size = _size(parts)
-        if size > _SODIUM_LARGEST:
+        if size > _SODIUM_SEAL_LARGEST:
             return super().seal(sequence, parts)
         seq = struct.pack(">Q", sequence)
         pad = _padding(1 + size, self.blockSize)
-        plain = b"".join((bytes((pad,)), *parts, os.urandom(pad)))
-        length = len(plain)
-        # [Poly1305 key (32)] [length (4)] [body] [tag (16)]
-        packet = ctypes.create_string_buffer(36 + length + 16)
+        plain = b"".join((self._BLOCK0, bytes((pad,)), *parts, os.urandom(pad)))
+        length = len(plain) - 64
+        # [Poly1305 key (32)] [unused (28)] [length (4)] [body] [tag (16)]
+        packet = ctypes.create_string_buffer(64 + length + 16)
         at = ctypes.addressof(packet)
         xor = _sodium["xor"]
-        xor(at, _ZEROS, 32, seq, 0, self._main)
-        xor(at + 32, struct.pack(">I", length), 4, seq, 0, self._header)
-        xor(at + 36, plain, length, seq, 1, self._main)
-        _sodium["tag"](at + 36 + length, at + 32, 4 + length, at)
-        return [memoryview(packet).cast("B")[32:]]
+        xor(at, plain, 64 + length, seq, 0, self._main)
+        xor(at + 60, struct.pack(">I", length), 4, seq, 0, self._header)
+        _sodium["tag"](at + 64 + length, at + 60, 4 + length, at)
+        return [memoryview(packet).cast("B")[60:]]
 
     def _length(self, seq: bytes, buffer) -> int:
         clear = ctypes.create_string_buffer(4)
@@ -457,18 +461,20 @@ class _SodiumChaChaPolySealer(ChaChaPolySealer):
         return struct.unpack(">I", clear.raw)[0]
 
     def _openBody(self, seq: bytes, buffer, length: int):
-        if length > _SODIUM_LARGEST:
+        if length > _SODIUM_OPEN_LARGEST:
             return super()._openBody(seq, buffer, length)
         end = 4 + length
-        # [Poly1305 key (32)] [the packet as received] [the plain body]
-        work = ctypes.create_string_buffer(32 + end + length)
-        at = ctypes.addressof(work)
-        ctypes.memmove(at + 32, bytes(buffer[:end]), end)
-        _sodium["xor"](at, _ZEROS, 32, seq, 0, self._main)
-        if _sodium["verify"](bytes(buffer[end : end + self.tagSize]), at + 32, end, at) != 0:
+        # In: [zeros (60)] [the packet as received: length (4), body]
+        # Out: [Poly1305 key (32)] [unused (32)] [plain body]
+        received = bytearray(64 + length)
+        received[60:] = buffer[:end]
+        plain = bytearray(64 + length)
+        source = ctypes.addressof((ctypes.c_char * len(received)).from_buffer(received))
+        at = ctypes.addressof((ctypes.c_char * len(plain)).from_buffer(plain))
+        _sodium["xorAt"](at, source, 64 + length, seq, 0, self._main)
+        if _sodium["verify"](bytes(buffer[end : end + self.tagSize]), source + 60, end, at) != 0:
             raise PacketError("bad MAC")
-        _sodium["xorAt"](at + 32 + end, at + 36, length, seq, 1, self._main)
-        return _payload(memoryview(work).cast("B")[32 + end :])
+        return _payload(memoryview(plain)[64:])
 
 
 def isAEAD(cipher: bytes) -> bool:

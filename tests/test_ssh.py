@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.conch.ssh import keys
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from lightd_conch.config import SFTPConfig
 from lightd_conch.cred import ContainerRealm, PasswordChecker
-from lightd_conch.ssh import SessionChannel, SSHFactory, loadOrCreateHostKey
+from lightd_conch.ssh import SessionChannel, SSHFactory, SSHTransport, loadOrCreateHostKey
 from lightd_conch.store import Credential
 from lightd_conch.testing import MemoryCredentialStore
 
@@ -502,3 +502,57 @@ class HostKeyTests(TestCase):
         self.assertEqual(
             loadOrCreateHostKey(path).fingerprint(), first.fingerprint()
         )
+
+
+class DirectSendTests(TestCase):
+    """
+    Sealed packets go to the socket directly while the transport's buffer
+    is empty; what the socket does not take, and everything after it until
+    the buffer drains, goes through the transport, in order.
+    """
+
+    def setUp(self):
+        ours, self.peer = socket.socketpair()
+        ours.setblocking(False)
+        self.peer.settimeout(10)
+        self.addCleanup(self.peer.close)
+        self.protocol = SSHTransport()
+        self.transport = tcp.Connection(ours, self.protocol, reactor)
+        self.transport.connected = 1
+        self.protocol.transport = self.transport
+        self.protocol._socket = ours
+        self.addCleanup(ours.close)
+
+    def drain(self, expected):
+        received = bytearray()
+        while len(received) < expected:
+            if self.transport._tempDataLen or len(self.transport.dataBuffer) > self.transport.offset:
+                self.transport.doWrite()
+            received += self.peer.recv(1 << 20)
+        return bytes(received)
+
+    def test_allTakenDirectly(self):
+        parts = [b"head", memoryview(b"0123456789")[2:], b"tail"]
+        self.protocol._send(parts)
+        self.assertEqual(self.transport._tempDataLen, 0)
+        self.assertEqual(self.peer.recv(100), b"head23456789tail")
+
+    def test_restQueuedInOrder(self):
+        big = [os.urandom(256 * 1024) for _ in range(16)]  # more than the socket holds
+        self.protocol._send(list(big))
+        queued = self.transport._tempDataLen
+        self.assertGreater(queued, 0)
+        self.assertLess(queued, 16 * 256 * 1024)
+        # While older data waits, a new packet queues behind it, even though
+        # the socket might take it now.
+        self.protocol._send([b"after"])
+        self.assertEqual(self.transport._tempDataLen, queued + 5)
+        expected = b"".join(big) + b"after"
+        self.assertEqual(self.drain(len(expected)), expected)
+
+    def test_manyParts(self):
+        # More parts than one sendmsg takes (IOV_MAX).
+        parts = [b"%05d" % i for i in range(3000)]
+        self.protocol._send(parts)
+        expected = b"".join(parts)
+        self.assertEqual(self.drain(len(expected)), expected)
