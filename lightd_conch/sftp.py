@@ -20,6 +20,7 @@ import fcntl
 import os
 import stat
 import struct
+import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
@@ -282,62 +283,89 @@ _ALL_ATTRS = (
     | FILEXFER_ATTR_ACMODTIME
 )
 _ATTRS = struct.Struct(">IQIIIII")
+_UINT32 = struct.Struct(">I")
 _NO_ATTRS = b"\0\0\0\0"
 
 
-def _clip32(value: float) -> int:
-    return min(max(int(value), 0), 0xFFFFFFFF)
+def _clip32(value: int) -> int:
+    return value if 0 <= value <= 0xFFFFFFFF else min(max(value, 0), 0xFFFFFFFF)
 
 
 def encodeAttrs(st: os.stat_result) -> bytes:
+    # st[7] and st[8] are the whole seconds of st_atime and st_mtime.
     return _ATTRS.pack(
         _ALL_ATTRS,
         st.st_size,
         st.st_uid,
         st.st_gid,
         st.st_mode,
-        _clip32(st.st_atime),
-        _clip32(st.st_mtime),
+        _clip32(st[7]),
+        _clip32(st[8]),
     )
 
 
 _SIX_MONTHS = 182 * 24 * 3600
+# os.fsencode, without its call: scandir decodes names this way.
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+_MODE_STRINGS: Dict[int, bytes] = {}
 
 
-def longname(
-    name: bytes,
-    st: os.stat_result,
-    now: Optional[float] = None,
-    dates: Optional[Dict[int, str]] = None,
-) -> bytes:
+class _Listing:
+    """
+    What the entries of one READDIR reply share: the time "now" for the
+    six-months rule of C{ls -l} dates, and the dates and mode strings already
+    formatted (entries made together share their minute and their mode).
+    """
+
+    __slots__ = ("now", "dates")
+
+    def __init__(self, now: Optional[float] = None) -> None:
+        self.now = time.time() if now is None else now
+        self.dates: Dict[int, bytes] = {}
+
+    def date(self, mtime: float) -> bytes:
+        minute = int(mtime) // 60
+        when = self.dates.get(minute)
+        if when is None:
+            local = time.localtime(mtime)
+            if abs(self.now - mtime) < _SIX_MONTHS:
+                when = time.strftime("%b %e %H:%M", local).encode("ascii")
+            else:
+                when = time.strftime("%b %e  %Y", local).encode("ascii")
+            self.dates[minute] = when
+        return when
+
+    def entry(self, name: bytes, st: os.stat_result) -> bytes:
+        """
+        One READDIR entry: the name, its C{ls -l} line and its attributes.
+        """
+        mode = st.st_mode
+        modeString = _MODE_STRINGS.get(mode)
+        if modeString is None:
+            modeString = _MODE_STRINGS[mode] = stat.filemode(mode).encode("ascii")
+        head = b"%s %3d %-8d %-8d %8d %s " % (
+            modeString,
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_size,
+            self.date(st.st_mtime),
+        )
+        size = len(name)
+        return b"".join(
+            (_UINT32.pack(size), name, _UINT32.pack(len(head) + size), head, name, encodeAttrs(st))
+        )
+
+
+def longname(name: bytes, st: os.stat_result, now: Optional[float] = None) -> bytes:
     """
     An C{ls -l} line for a directory entry, in the form OpenSSH's server sends.
 
     Owners are shown as numbers: the names on the host mean nothing inside a
-    container.  C{dates} caches the formatted dates of one listing, since
-    entries made together share their minute.
+    container.
     """
-    if now is None:
-        now = time.time()
-    minute = int(st.st_mtime) // 60
-    when = None if dates is None else dates.get(minute)
-    if when is None:
-        mtime = time.localtime(st.st_mtime)
-        if abs(now - st.st_mtime) < _SIX_MONTHS:
-            when = time.strftime("%b %e %H:%M", mtime)
-        else:
-            when = time.strftime("%b %e  %Y", mtime)
-        if dates is not None:
-            dates[minute] = when
-    head = "%s %3u %-8u %-8u %8u %s " % (
-        stat.filemode(st.st_mode),
-        st.st_nlink,
-        st.st_uid,
-        st.st_gid,
-        st.st_size,
-        when,
-    )
-    return head.encode("ascii") + name
+    entry = _Listing(now).entry(name, st)
+    return entry[8 + len(name) : -_ATTRS.size]
 
 
 class _FileHandle:
@@ -393,7 +421,7 @@ class _DirectoryHandle:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue  # removed since it was listed
-            batch.append((os.fsencode(entry.name), st))
+            batch.append((entry.name.encode(_FS_ENCODING, _FS_ERRORS), st))
             if len(batch) >= limit:
                 break
         return batch
@@ -786,12 +814,11 @@ class SFTPServer(Protocol):
         batch = handle.read(self.filesystem, MAX_READDIR_ENTRIES)
         if not batch:
             return self._statusPacket(requestId, FX_EOF)
-        now = time.time()
-        dates: Dict[int, str] = {}
+        listing = _Listing()
         entries = []
         size = 0
         for index, (name, st) in enumerate(batch):
-            entry = _string(name) + _string(longname(name, st, now, dates)) + encodeAttrs(st)
+            entry = listing.entry(name, st)
             size += len(entry)
             if size > MAX_READDIR_BYTES and entries:
                 handle.unread(batch[index:])

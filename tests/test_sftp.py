@@ -3,6 +3,7 @@ Tests for L{lightd_conch.sftp}: the protocol driven with hand-built packets.
 """
 
 import os
+import time
 import stat
 import struct
 
@@ -362,6 +363,31 @@ class ProtocolTests(PacketDriver, TestCase):
         longname = dict(seen)[b"L007" + b"n" * 250]
         self.assertTrue(longname.startswith(b"-rw-r--r--"), longname)
         self.assertTrue(longname.endswith(b" L007" + b"n" * 250), longname)
+
+    def test_readdirLongnames(self):
+        """
+        Long names read as OpenSSH's server writes them: mode, links, numeric
+        owner and group, size, a date with the year past six months, and
+        the name's bytes as they are on disk.
+        """
+        self.init()
+        names = {b"old.txt": 1_000_000_000, b"new-\xff\xfe.bin": time.time() - 60}
+        for name, mtime in names.items():
+            path = os.path.join(os.fsencode(self.volume), name)
+            with open(path, "wb") as f:
+                f.write(b"x" * 1234)
+            os.chmod(path, 0o640)
+            os.utime(path, (mtime, mtime))
+        seen = dict(self.listAll(b"/")[0])
+        self.assertEqual(set(seen), {b".", b".."} | set(names))
+        for name, mtime in names.items():
+            st = os.lstat(os.path.join(os.fsencode(self.volume), name))
+            when = time.localtime(mtime)
+            date = time.strftime("%b %e  %Y" if name == b"old.txt" else "%b %e %H:%M", when)
+            expected = "-rw-r----- %3d %-8d %-8d %8d %s " % (
+                st.st_nlink, st.st_uid, st.st_gid, 1234, date
+            )
+            self.assertEqual(seen[name], expected.encode() + name)
 
     def test_realpath(self):
         self.init()
