@@ -425,7 +425,7 @@ def _loadSodium():
 
 
 _sodium = _loadSodium()
-_ZEROS = bytes(32)
+_UINT32 = struct.Struct(">I")
 
 
 class _SodiumChaChaPolySealer(ChaChaPolySealer):
@@ -455,10 +455,15 @@ class _SodiumChaChaPolySealer(ChaChaPolySealer):
         _sodium["tag"](at + 64 + length, at + 60, 4 + length, at)
         return [memoryview(packet).cast("B")[60:]]
 
+    _clear: Optional[ctypes.Array] = None
+
     def _length(self, seq: bytes, buffer) -> int:
-        clear = ctypes.create_string_buffer(4)
-        _sodium["xor"](ctypes.addressof(clear), bytes(buffer[:4]), 4, seq, 0, self._header)
-        return struct.unpack(">I", clear.raw)[0]
+        clear = self._clear
+        if clear is None:
+            clear = self._clear = ctypes.create_string_buffer(4)
+            self._clearAt = ctypes.addressof(clear)
+        _sodium["xor"](self._clearAt, bytes(buffer[:4]), 4, seq, 0, self._header)
+        return _UINT32.unpack(clear.raw)[0]
 
     def _openBody(self, seq: bytes, buffer, length: int):
         if length > _SODIUM_OPEN_LARGEST:
