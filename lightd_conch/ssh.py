@@ -83,8 +83,13 @@ MSG_CHANNEL_DATA = connection.MSG_CHANNEL_DATA
 # sendmsg takes at most this many parts at once (the kernel's UIO_MAXIOV).
 _IOV_MAX = 1024
 # Packets sealed while one read is dispatched are sent together at its end,
-# or sooner once this many parts are waiting.
+# or sooner once this many parts or bytes are waiting.
 _CORK_PARTS = 512
+_CORK_BYTES = 256 * 1024
+# Channels send no more while this much waits in the transport's buffer
+# (beyond what the socket took): a client that stops reading its socket, with
+# a wide-open window, is held back like one whose window is shut.
+OUTPUT_HIGH_WATER = 512 * 1024
 
 
 def _unsent(parts: list, sent: int) -> list:
@@ -173,6 +178,7 @@ class SSHTransport(SSHServerTransport):
     _receivedSize = 0
     _needed = 4
     _corked: Optional[list] = None
+    _corkedSize = 0
     _socket = None
 
     def connectionMade(self) -> None:
@@ -193,9 +199,10 @@ class SSHTransport(SSHServerTransport):
         )
         # Stop reading while the socket's send buffer is full, so a client that
         # does not read its replies cannot make us queue them without bound.
-        self.transport.registerProducer(_ReadPauser(self.transport), True)
+        self.transport.registerProducer(_ReadPauser(self), True)
         self._received: list = []
         self._corked: Optional[list] = None
+        self._corkedSize = 0
         # Packets go straight to the socket when nothing is queued before
         # them (see _send); other transports (tests, TLS) take writes.
         self._socket = (
@@ -242,8 +249,10 @@ class SSHTransport(SSHServerTransport):
             self._send(sealed)
         else:
             corked.extend(sealed)
-            if len(corked) >= _CORK_PARTS:
+            self._corkedSize += sum(map(len, sealed))
+            if len(corked) >= _CORK_PARTS or self._corkedSize >= _CORK_BYTES:
                 self._corked = []
+                self._corkedSize = 0
                 self._send(corked)
         if messageType == MSG_NEWKEYS and self._strictKex:
             self.outgoingPacketSequence = 0
@@ -322,8 +331,31 @@ class SSHTransport(SSHServerTransport):
             self._dispatchReceived()
         finally:
             corked, self._corked = self._corked, None
+            self._corkedSize = 0
             if corked:
                 self._send(corked)
+
+    def outputBuffered(self) -> int:
+        """
+        How many bytes wait to be sent: in the transport's buffer, and sealed
+        but not yet handed to it.
+        """
+        transport = self.transport
+        waiting = self._corkedSize
+        if self._socket is not None:
+            waiting += transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+        return waiting
+
+    def outputDrained(self) -> None:
+        """
+        The transport sent all it held: channels held back by it go on.
+        """
+        service = self.service
+        if isinstance(service, SSHConnection):
+            for channel in list(service.channels.values()):
+                drained = getattr(channel, "outputDrained", None)
+                if drained is not None:
+                    drained()
 
     def _dispatchReceived(self) -> None:
         chunks = self._received
@@ -482,17 +514,20 @@ class SSHTransport(SSHServerTransport):
 
 class _ReadPauser:
     """
-    A producer that pauses and resumes reading from its own transport.
+    A producer that pauses and resumes reading from its own transport, and
+    tells the SSH transport when the buffer has drained.
     """
 
-    def __init__(self, transport) -> None:
-        self._transport = transport
+    def __init__(self, protocol: "SSHTransport") -> None:
+        self._protocol = protocol
+        self._transport = protocol.transport
 
     def pauseProducing(self) -> None:
         self._transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._transport.resumeProducing()
+        self._protocol.outputDrained()
 
     def stopProducing(self) -> None:
         pass
@@ -648,9 +683,11 @@ class SessionChannel(SSHChannel):
     legacy scp and rsync's server (see L{lightd_conch.commands}).
 
     Output is queued as a list of chunks (not Conch's growing byte string,
-    twisted#12139); when more than L{highWater} bytes wait for the client's
-    window, the SFTP protocol is paused and reads no further requests, and
-    while it is paused this channel does not open its receive window.
+    twisted#12139) and sent as the client's window and the transport allow:
+    nothing more is sent while L{OUTPUT_HIGH_WATER} bytes wait in the
+    transport.  When more than L{highWater} bytes are queued, the SFTP
+    protocol is paused and reads no further requests, and while it is paused
+    this channel does not open its receive window.
     """
 
     name = b"session"
@@ -793,7 +830,10 @@ class SessionChannel(SSHChannel):
 
     def _flush(self) -> None:
         queue = self._queue
+        transport = self.conn.transport
         while queue and self.remoteWindowLeft > 0:
+            if transport.outputBuffered() > OUTPUT_HIGH_WATER:
+                break  # outputDrained goes on
             limit = min(self.remoteWindowLeft, self.remoteMaxPacket)
             if queue[0].__class__ is _Stderr:
                 chunk = queue[0]
@@ -835,6 +875,13 @@ class SessionChannel(SSHChannel):
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
+        self.outputDrained()
+
+    def outputDrained(self) -> None:
+        """
+        Room to send (window, or the transport's buffer): send what is
+        queued, and let the protocol go on once little is left.
+        """
         self._flush()
         protocol = self.protocol
         if protocol is not None and protocol.paused and self._queued <= self.lowWater:

@@ -341,10 +341,13 @@ def run_scp(service, creds, *paths, options=(), timeout=CLIENT_TIMEOUT):
 # --- paramiko --------------------------------------------------------------------------------
 
 
-def paramiko_transport(testcase, service, username, password, timeout=30):
-    """An authenticated paramiko Transport (closed at cleanup); auth failure raises."""
+def paramiko_transport(testcase, service, username, password, timeout=30, sock=None):
+    """
+    An authenticated paramiko Transport (closed at cleanup); auth failure raises.
+    ``sock`` is a connected socket to use instead of connecting to the service.
+    """
     paramiko = require_paramiko()
-    transport = paramiko.Transport((HOST, service.port))
+    transport = paramiko.Transport(sock if sock is not None else (HOST, service.port))
     testcase.addCleanup(transport.close)
     transport.banner_timeout = timeout
     transport.auth_timeout = timeout
@@ -563,3 +566,76 @@ class RawSFTP:
             except (EOFError, OSError):
                 return True
         return self.channel.closed
+
+
+class StallingProxy:
+    """
+    A loopback TCP relay for one client connection whose server-to-client
+    direction can be held: while held, nothing the service sends is read, so
+    its socket fills as if the client had stopped reading, while requests
+    still flow to it.
+    """
+
+    def __init__(self, testcase, service, buffer_size=65536):
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((HOST, 0))
+        self._listener.listen(1)
+        self.port = self._listener.getsockname()[1]
+        self._service_port = service.port
+        self._buffer_size = buffer_size
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._sockets = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+        testcase.addCleanup(self.close)
+
+    def connect(self):
+        """A socket to the service through this proxy, for paramiko.Transport."""
+        return socket.create_connection((HOST, self.port), timeout=10)
+
+    def hold(self):
+        self._flowing.clear()
+
+    def release(self):
+        self._flowing.set()
+
+    def close(self):
+        self._closed = True
+        self._flowing.set()
+        for sock in self._sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _accept(self):
+        try:
+            client, _ = self._listener.accept()
+        except OSError:
+            return
+        upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # A small receive buffer, so the service's side fills soon.
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._buffer_size)
+        upstream.connect((HOST, self._service_port))
+        self._sockets += [client, upstream]
+        threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, self._flowing),
+                         daemon=True).start()
+
+    def _pump(self, source, target, gate):
+        try:
+            while not self._closed:
+                if gate is not None:
+                    gate.wait()
+                data = source.recv(65536)
+                if not data:
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                target.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from tests.harness import (
+    StallingProxy,
     FX_BAD_MESSAGE,
     FX_EOF,
     FX_FAILURE,
@@ -68,6 +69,9 @@ BIG_FILE_SIZE = 64 * 1024 * 1024
 FLOOD_READS = 10_000
 FLOOD_READ_SIZE = 32 * 1024
 RSS_GROWTH_LIMIT = 200 * 1024 * 1024
+WIDE_READS = 2000
+WIDE_READ_SIZE = 255 * 1024
+WIDE_RSS_GROWTH_LIMIT = 64 * 1024 * 1024
 
 log = Logger()
 
@@ -545,6 +549,65 @@ class FloodTests(ProtocolTestCase):
         session.lastId = first + FLOOD_READS
         report(f"flood drained: {FLOOD_READS} replies in {time.monotonic() - started:.1f} s, "
                f"service VmRSS now {rss_bytes(self.pid) / 2**20:.1f} MiB")
+        self.assertEqual(session.realpath(session.nextId(), "."), "/")
+
+
+    def test_pipelined_reads_with_a_window_wide_open_and_a_socket_never_read(self):
+        """
+        2,000 READs of 255 KiB (510 MiB of replies) from a client whose
+        channel window is wide open but who stops reading its socket: the
+        window does not hold the replies back, the full socket must.  The
+        service queues about a megabyte, not the replies asked for, and
+        answers all of them, in order, once the client reads again.
+        """
+        paramiko = require_paramiko()
+        with open(self.volume / "big.bin", "wb") as f:
+            f.truncate(BIG_FILE_SIZE)
+        proxy = StallingProxy(self, self.service)
+        transport = paramiko_transport(self, self.service, self.creds["username"],
+                                       self.creds["password"], sock=proxy.connect())
+        session = self.session(transport=transport, window_size=2**31 - 1,
+                               max_packet_size=32768)
+        handle = session.open("big.bin")
+        baseline = rss_bytes(self.pid)
+
+        proxy.hold()
+        first = session.nextId()
+        requests = b"".join(
+            packet(FXP_READ, uint32(first + i) + string(handle)
+                   + uint64(i * WIDE_READ_SIZE % (BIG_FILE_SIZE - WIDE_READ_SIZE))
+                   + uint32(WIDE_READ_SIZE))
+            for i in range(WIDE_READS)
+        )
+        sender = self.send_quietly(session, requests)
+        samples = []
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            samples.append(rss_bytes(self.pid))
+            time.sleep(0.1)
+        self.assertStillServing()
+        samples.append(rss_bytes(self.pid))
+        peak = max(samples)
+        report(
+            f"{WIDE_READS} READs x {WIDE_READ_SIZE} bytes, window open, socket not read: "
+            f"service VmRSS baseline {baseline / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
+            f"growth {(peak - baseline) / 2**20:.1f} MiB "
+            f"(replies asked for: {WIDE_READS * WIDE_READ_SIZE / 2**20:.0f} MiB)"
+        )
+        self.assertLess(peak - baseline, WIDE_RSS_GROWTH_LIMIT)
+
+        proxy.release()
+        sender.join(30)
+        self.assertFalse(sender.is_alive(), "the requests could not be sent")
+        session.channel.settimeout(60)
+        for i in range(WIDE_READS):
+            received = session.read_packet()
+            self.assertIsNotNone(received, f"channel closed after {i} replies")
+            ptype, body = received
+            reader = Reader(body)
+            self.assertEqual((ptype, reader.uint32()), (FXP_DATA, first + i))
+            self.assertEqual(len(reader.string()), WIDE_READ_SIZE)
+        session.lastId = first + WIDE_READS
         self.assertEqual(session.realpath(session.nextId(), "."), "/")
 
 

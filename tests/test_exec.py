@@ -12,6 +12,8 @@ from twisted.trial.unittest import TestCase
 from lightd_conch import commands, rsync, scp
 from lightd_conch.fs import ConfinedFilesystem
 
+from .test_ssh import _Buffered
+
 
 class ScpCommandTests(TestCase):
     def test_sink(self):
@@ -254,6 +256,7 @@ class RsyncSandboxTests(TestCase):
 class _Conn:
     def __init__(self):
         self.events = []
+        self.transport = _Buffered()
 
     def sendData(self, channel, data):
         self.events.append(("data", b"".join(data) if isinstance(data, list) else data))

@@ -150,11 +150,22 @@ class CheckerTests(TestCase):
             self.failureResultOf(self.check(username, password), UnauthorizedLogin)
 
 
+class _Buffered:
+    """The SSH transport, as far as a channel asks how full it is."""
+
+    def __init__(self):
+        self.buffered = 0
+
+    def outputBuffered(self):
+        return self.buffered
+
+
 class _Conn:
     def __init__(self):
         self.sent = []
         self.closed = []
         self.adjusted = 0
+        self.transport = _Buffered()
 
     def sendData(self, channel, data):
         self.sent.append(b"".join(data) if isinstance(data, list) else data)
@@ -212,6 +223,34 @@ class SessionChannelTests(TestCase):
         self.assertTrue(channel.protocol.paused)  # 70 still queued
         channel.addWindowBytes(40)
         self.assertFalse(channel.protocol.paused)
+
+    def test_heldWhileTheTransportIsFull(self):
+        """
+        With the window wide open but the transport holding more than
+        OUTPUT_HIGH_WATER, nothing is sent and the protocol is paused past
+        highWater; when the transport drains, output goes on and the
+        protocol resumes.
+        """
+        from lightd_conch.ssh import OUTPUT_HIGH_WATER
+
+        channel = self.channel(remoteWindow=10**9)
+        channel.highWater, channel.lowWater = 100, 50
+        channel.write(b"a" * 30)
+        self.assertEqual(b"".join(channel.conn.sent), b"a" * 30)
+        channel.conn.transport.buffered = OUTPUT_HIGH_WATER + 1
+        channel.write(b"b" * 90)
+        self.assertEqual(b"".join(channel.conn.sent), b"a" * 30)
+        self.assertFalse(channel.protocol.paused)
+        channel.write(b"c" * 20)
+        self.assertTrue(channel.protocol.paused)
+        channel.localWindowLeft = 100
+        channel.dataReceived(b"req")
+        self.assertEqual(channel.conn.adjusted, 0)  # receive window held too
+        channel.conn.transport.buffered = 0
+        channel.outputDrained()
+        self.assertEqual(b"".join(channel.conn.sent), b"a" * 30 + b"b" * 90 + b"c" * 20)
+        self.assertFalse(channel.protocol.paused)
+        self.assertEqual(channel.localWindowLeft, 1000)
 
     def test_windowHeldWhilePaused(self):
         channel = self.channel()
