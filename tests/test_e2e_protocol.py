@@ -498,96 +498,83 @@ class HandleTests(ProtocolTestCase):
 class FloodTests(ProtocolTestCase):
     timeout = 300
 
-    def test_pipelined_reads_with_a_window_never_opened(self):
+    def flood(self, session, count, size, seconds):
         """
-        10,000 READs of 32 KiB, and the client never reads a reply, so its
-        32 KiB window stays shut: the service must stop reading requests
-        instead of queueing 320 MiB of replies, and serve everyone else.
+        Send C{count} pipelined READs of C{size} bytes of big.bin and sample
+        the service's RSS for C{seconds} while another session is served;
+        returns (first request id, the sending thread, baseline, peak).
         """
         with open(self.volume / "big.bin", "wb") as f:
             f.truncate(BIG_FILE_SIZE)
-        session = self.session(window_size=32768, max_packet_size=32768)
         handle = session.open("big.bin")
         baseline = rss_bytes(self.pid)
-
         first = session.nextId()
         requests = b"".join(
             packet(FXP_READ, uint32(first + i) + string(handle)
-                   + uint64(i * FLOOD_READ_SIZE % BIG_FILE_SIZE) + uint32(FLOOD_READ_SIZE))
-            for i in range(FLOOD_READS)
+                   + uint64(i * size % (BIG_FILE_SIZE - size)) + uint32(size))
+            for i in range(count)
         )
         sender = self.send_quietly(session, requests)
         samples = []
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             samples.append(rss_bytes(self.pid))
             time.sleep(0.1)
         # Meanwhile, and still now, another session is served.
         self.assertStillServing()
         samples.append(rss_bytes(self.pid))
-        peak = max(samples)
-        report(
-            f"flood of {FLOOD_READS} READs x {FLOOD_READ_SIZE} bytes, client window shut: "
-            f"service VmRSS baseline {baseline / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
-            f"growth {(peak - baseline) / 2**20:.1f} MiB over {len(samples)} samples "
-            f"(replies asked for: {FLOOD_READS * FLOOD_READ_SIZE / 2**20:.0f} MiB)"
-        )
-        self.assertLess(peak - baseline, RSS_GROWTH_LIMIT)
+        return first, sender, baseline, max(samples)
 
-        # Once the client reads, every request is answered, in order.
+    def assertAllAnswered(self, session, sender, first, count, size):
+        """Once the client reads, every request is answered, in order."""
         sender.join(30)
         self.assertFalse(sender.is_alive(), "the requests could not be sent")
         session.channel.settimeout(60)
-        started = time.monotonic()
-        for i in range(FLOOD_READS):
+        for i in range(count):
             received = session.read_packet()
             self.assertIsNotNone(received, f"channel closed after {i} replies")
             ptype, body = received
             reader = Reader(body)
             self.assertEqual((ptype, reader.uint32()), (FXP_DATA, first + i))
-            self.assertEqual(len(reader.string()), FLOOD_READ_SIZE)
-        session.lastId = first + FLOOD_READS
-        report(f"flood drained: {FLOOD_READS} replies in {time.monotonic() - started:.1f} s, "
-               f"service VmRSS now {rss_bytes(self.pid) / 2**20:.1f} MiB")
+            self.assertEqual(len(reader.string()), size)
+        session.lastId = first + count
         self.assertEqual(session.realpath(session.nextId(), "."), "/")
 
+    def test_pipelined_reads_with_a_window_never_opened(self):
+        """
+        10,000 READs of 32 KiB, and the client never reads a reply, so its
+        32 KiB window stays shut: the service must stop reading requests
+        instead of queueing 320 MiB of replies, and serve everyone else.
+        """
+        session = self.session(window_size=32768, max_packet_size=32768)
+        first, sender, baseline, peak = self.flood(session, FLOOD_READS, FLOOD_READ_SIZE, 8)
+        report(
+            f"flood of {FLOOD_READS} READs x {FLOOD_READ_SIZE} bytes, client window shut: "
+            f"service VmRSS baseline {baseline / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
+            f"growth {(peak - baseline) / 2**20:.1f} MiB "
+            f"(replies asked for: {FLOOD_READS * FLOOD_READ_SIZE / 2**20:.0f} MiB)"
+        )
+        self.assertLess(peak - baseline, RSS_GROWTH_LIMIT)
+        started = time.monotonic()
+        self.assertAllAnswered(session, sender, first, FLOOD_READS, FLOOD_READ_SIZE)
+        report(f"flood drained: {FLOOD_READS} replies in {time.monotonic() - started:.1f} s, "
+               f"service VmRSS now {rss_bytes(self.pid) / 2**20:.1f} MiB")
 
     def test_pipelined_reads_with_a_window_wide_open_and_a_socket_never_read(self):
         """
-        2,000 READs of 255 KiB (510 MiB of replies) from a client whose
+        2,000 READs of 255 KiB (498 MiB of replies) from a client whose
         channel window is wide open but who stops reading its socket: the
         window does not hold the replies back, the full socket must.  The
         service queues about a megabyte, not the replies asked for, and
         answers all of them, in order, once the client reads again.
         """
-        paramiko = require_paramiko()
-        with open(self.volume / "big.bin", "wb") as f:
-            f.truncate(BIG_FILE_SIZE)
         proxy = StallingProxy(self, self.service)
         transport = paramiko_transport(self, self.service, self.creds["username"],
                                        self.creds["password"], sock=proxy.connect())
         session = self.session(transport=transport, window_size=2**31 - 1,
                                max_packet_size=32768)
-        handle = session.open("big.bin")
-        baseline = rss_bytes(self.pid)
-
         proxy.hold()
-        first = session.nextId()
-        requests = b"".join(
-            packet(FXP_READ, uint32(first + i) + string(handle)
-                   + uint64(i * WIDE_READ_SIZE % (BIG_FILE_SIZE - WIDE_READ_SIZE))
-                   + uint32(WIDE_READ_SIZE))
-            for i in range(WIDE_READS)
-        )
-        sender = self.send_quietly(session, requests)
-        samples = []
-        deadline = time.monotonic() + 6
-        while time.monotonic() < deadline:
-            samples.append(rss_bytes(self.pid))
-            time.sleep(0.1)
-        self.assertStillServing()
-        samples.append(rss_bytes(self.pid))
-        peak = max(samples)
+        first, sender, baseline, peak = self.flood(session, WIDE_READS, WIDE_READ_SIZE, 6)
         report(
             f"{WIDE_READS} READs x {WIDE_READ_SIZE} bytes, window open, socket not read: "
             f"service VmRSS baseline {baseline / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
@@ -595,20 +582,8 @@ class FloodTests(ProtocolTestCase):
             f"(replies asked for: {WIDE_READS * WIDE_READ_SIZE / 2**20:.0f} MiB)"
         )
         self.assertLess(peak - baseline, WIDE_RSS_GROWTH_LIMIT)
-
         proxy.release()
-        sender.join(30)
-        self.assertFalse(sender.is_alive(), "the requests could not be sent")
-        session.channel.settimeout(60)
-        for i in range(WIDE_READS):
-            received = session.read_packet()
-            self.assertIsNotNone(received, f"channel closed after {i} replies")
-            ptype, body = received
-            reader = Reader(body)
-            self.assertEqual((ptype, reader.uint32()), (FXP_DATA, first + i))
-            self.assertEqual(len(reader.string()), WIDE_READ_SIZE)
-        session.lastId = first + WIDE_READS
-        self.assertEqual(session.realpath(session.nextId(), "."), "/")
+        self.assertAllAnswered(session, sender, first, WIDE_READS, WIDE_READ_SIZE)
 
 
 class ChannelTests(ProtocolTestCase):
