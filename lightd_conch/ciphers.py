@@ -482,6 +482,32 @@ class _SodiumChaChaPolySealer(ChaChaPolySealer):
         return _payload(memoryview(plain)[64:])
 
 
+def _sodiumAgrees() -> bool:
+    """
+    Whether this libsodium's packets and cryptography's open each other,
+    checked once at import: a library that differs is not used.
+    """
+    key = os.urandom(64)
+    plain = object.__new__(ChaChaPolySealer)
+    plain.__init__(key)
+    fast = object.__new__(_SodiumChaChaPolySealer)
+    fast.__init__(key)
+    try:
+        for sequence, payload in ((0, b"\x5e" * 100), (2**32 - 1, b"\x5e" + os.urandom(4000))):
+            for out, into in ((fast, plain), (plain, fast)):
+                wire = b"".join(bytes(part) for part in out.seal(sequence, [payload]))
+                opened = into.open(sequence, wire)
+                if opened is None or (bytes(opened[0]), opened[1]) != (payload, len(wire)):
+                    return False
+    except Exception:
+        return False
+    return True
+
+
+if _sodium is not None and not _sodiumAgrees():
+    _sodium = None
+
+
 def isAEAD(cipher: bytes) -> bool:
     return cipher in AEAD_CIPHERS
 

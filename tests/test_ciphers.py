@@ -122,6 +122,17 @@ class ChaChaBackendTests(TestCase):
         for sealer in self.pair(False, *keys):
             self.assertNotIsInstance(sealer, ciphers._SodiumChaChaPolySealer)
 
+    def test_disagreeingLibraryRefused(self):
+        """
+        The check made at import refuses a libsodium whose keystream is not
+        the one cryptography computes, and accepts the real one.
+        """
+        self.assertTrue(ciphers._sodiumAgrees())
+        broken = dict(ciphers._sodium)
+        broken["xor"] = lambda *args: 0  # writes nothing: no keystream at all
+        self.patch(ciphers, "_sodium", broken)
+        self.assertFalse(ciphers._sodiumAgrees())
+
     def test_crossRoundTrip(self):
         sizes = [1, 17, 40000]
         for limit in (ciphers._SODIUM_SEAL_LARGEST, ciphers._SODIUM_OPEN_LARGEST):
