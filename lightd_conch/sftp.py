@@ -341,6 +341,9 @@ class _Listing:
     def entry(self, name: bytes, st: os.stat_result) -> bytes:
         """
         One READDIR entry: the name, its C{ls -l} line and its attributes.
+
+        The long name has the form OpenSSH's server sends, with owners as
+        numbers: the names on the host mean nothing inside a container.
         """
         mode = st.st_mode
         modeString = _MODE_STRINGS.get(mode)
@@ -358,17 +361,6 @@ class _Listing:
         return b"".join(
             (_UINT32.pack(size), name, _UINT32.pack(len(head) + size), head, name, encodeAttrs(st))
         )
-
-
-def longname(name: bytes, st: os.stat_result, now: Optional[float] = None) -> bytes:
-    """
-    An C{ls -l} line for a directory entry, in the form OpenSSH's server sends.
-
-    Owners are shown as numbers: the names on the host mean nothing inside a
-    container.
-    """
-    entry = _Listing(now).entry(name, st)
-    return entry[8 + len(name) : -_ATTRS.size]
 
 
 class _FileHandle:

@@ -319,13 +319,9 @@ class SSHTransport(SSHServerTransport):
 
     def _readPackets(self) -> None:
         """
-        Open and dispatch every whole packet received so far.
-
-        Chunks are joined once per read, not per packet, and each packet's
-        payload is a view of the decrypted bytes: channel data reaches the
-        SFTP server without further copies.
+        Open and dispatch every whole packet received so far; the replies to
+        the requests in this read go out together at its end.
         """
-        # Replies to the requests in this read go out together at its end.
         self._corked = []
         try:
             self._dispatchReceived()
@@ -335,29 +331,12 @@ class SSHTransport(SSHServerTransport):
             if corked:
                 self._send(corked)
 
-    def outputBuffered(self) -> int:
-        """
-        How many bytes wait to be sent: in the transport's buffer, and sealed
-        but not yet handed to it.
-        """
-        transport = self.transport
-        waiting = self._corkedSize
-        if self._socket is not None:
-            waiting += transport._tempDataLen + len(transport.dataBuffer) - transport.offset
-        return waiting
-
-    def outputDrained(self) -> None:
-        """
-        The transport sent all it held: channels held back by it go on.
-        """
-        service = self.service
-        if isinstance(service, SSHConnection):
-            for channel in list(service.channels.values()):
-                drained = getattr(channel, "outputDrained", None)
-                if drained is not None:
-                    drained()
-
     def _dispatchReceived(self) -> None:
+        """
+        Chunks are joined once per read, not per packet, and each packet's
+        payload is a view of the decrypted bytes: channel data reaches the
+        SFTP server without further copies.
+        """
         chunks = self._received
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         view = memoryview(data)
@@ -392,6 +371,28 @@ class SSHTransport(SSHServerTransport):
         rest = data[position:] if position < size else b""
         self._received = [rest] if rest else []
         self._receivedSize = len(rest)
+
+    def outputBuffered(self) -> int:
+        """
+        How many bytes wait to be sent: in the transport's buffer, and sealed
+        but not yet handed to it.
+        """
+        transport = self.transport
+        waiting = self._corkedSize
+        if self._socket is not None:
+            waiting += transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+        return waiting
+
+    def outputDrained(self) -> None:
+        """
+        The transport sent all it held: channels held back by it go on.
+        """
+        service = self.service
+        if isinstance(service, SSHConnection):
+            for channel in list(service.channels.values()):
+                drained = getattr(channel, "outputDrained", None)
+                if drained is not None:
+                    drained()
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if self._strictKex and not self._firstKexDone and messageNum not in _KEX_MESSAGES:
