@@ -12,8 +12,10 @@ lightd-sftp against OpenSSH's sshd (internal-sftp + ChrootDirectory), side by si
 Both servers listen on 127.0.0.1 only and are driven by the same OpenSSH client
 (``sftp -b``), one run of lightd then one of OpenSSH (A B A B ...), for every
 workload and for two algorithm choices: the same on both sides (aes128-ctr +
-hmac-sha2-256) and each side's default.  It prints the medians, the ratio
-lightd/OpenSSH, both servers' CPU seconds and lightd's peak RSS, then a table.
+hmac-sha2-256) and each side's default.  It prints the medians, their ratio
+lightd/OpenSSH (and the median of the rounds' ratios, which a drift of the
+machine over the rounds does not move), both servers' CPU seconds and lightd's
+peak RSS, then a table.
 
 It must run as root: sshd's ChrootDirectory and root login need it.  What it
 makes (a work folder beside this file, sshd's /run/sshd if missing) is removed at
@@ -657,6 +659,12 @@ class Result:
 
     def ratio(self, server: str = "lightd", against: str = "OpenSSH") -> float:
         """
+        The ratio of the two medians.
+        """
+        return self.median(server) / self.median(against)
+
+    def round_ratio(self, server: str = "lightd", against: str = "OpenSSH") -> float:
+        """
         The median of each round's ratio: both servers ran back to back in a
         round, so a drift of the machine over the rounds cancels out.
         """
@@ -750,7 +758,8 @@ def measure(workloads: Workloads, servers: List[Server], selected: List[str],
                           f"  other {other:5.2f} s", flush=True)
             print(
                 f"  median: lightd {result.median('lightd'):.2f} s, OpenSSH "
-                f"{result.median('OpenSSH'):.2f} s, ratio {result.ratio():.2f}, "
+                f"{result.median('OpenSSH'):.2f} s, ratio {result.ratio():.3f} "
+                f"(median of the rounds' ratios {result.round_ratio():.3f}), "
                 f"lightd peak RSS {result.peak_rss():.0f} MiB",
                 flush=True,
             )
@@ -766,7 +775,8 @@ def measure(workloads: Workloads, servers: List[Server], selected: List[str],
 # --- reporting --------------------------------------------------------------------------------
 
 COLUMNS = ["workload", "algorithms (lightd / OpenSSH)", "lightd s", "OpenSSH s",
-           "ratio", "lightd CPU s", "OpenSSH CPU s", "lightd peak RSS MiB", "noise CPU s"]
+           "ratio", "round ratio", "lightd CPU s", "OpenSSH CPU s", "lightd peak RSS MiB",
+           "noise CPU s"]
 
 
 def rows(results: List[Result]) -> List[List[str]]:
@@ -779,6 +789,7 @@ def rows(results: List[Result]) -> List[List[str]]:
         table.append([
             r.description, algorithms,
             f"{r.median('lightd'):.2f}", f"{r.median('OpenSSH'):.2f}", f"{r.ratio():.2f}",
+            f"{r.round_ratio():.2f}",
             f"{r.median('lightd', 'cpu'):.2f}", f"{r.median('OpenSSH', 'cpu'):.2f}",
             f"{r.peak_rss():.0f}",
             f"{statistics.median(r.samples['lightd'].other + r.samples['OpenSSH'].other):.2f}",
