@@ -99,6 +99,19 @@ class ClientTestCase(unittest.TestCase):
             os.utime(path, (mtime, mtime))
         return path
 
+    def big_directory(self, name="many"):
+        """
+        A directory of 1,200 entries, 300 of them with 240-byte names: more
+        than one READDIR reply, filled both by count and by size.
+        """
+        names = [f"entry-{i:04d}" for i in range(900)]
+        names += [f"long-{i:03d}-" + "n" * 231 for i in range(300)]
+        folder = self.volume / name
+        folder.mkdir()
+        for entry in names:
+            (folder / entry).write_bytes(b"")
+        return sorted(names)
+
     def sftp(self, *lines, options=()):
         rc, out, err = run_sftp_with(self.service, self.creds, list(lines), self.local, options)
         self.assertEqual(rc, 0, f"sftp batch failed\nstdout:\n{out}\nstderr:\n{err}")
@@ -378,6 +391,25 @@ class SshfsTests(ClientTestCase):
         self.assertEqual(os.readlink(self.volume / "link"), "old")
 
 
+    def test_list_a_big_directory(self):
+        expected = self.big_directory()
+        mount = self.service.root / "mnt"
+        mount.mkdir()
+        rc, out, err = run(
+            ["sshfs", "-p", str(self.service.port), f"{self.creds['username']}@{HOST}:/",
+             str(mount), "-o", "password_stdin", "-F", "/dev/null",
+             "-o", "StrictHostKeyChecking=no",
+             "-o", f"UserKnownHostsFile={self.service.client_dir / 'known_hosts'}",
+             "-o", "PubkeyAuthentication=no"],
+            stdin=self.creds["password"] + "\n", timeout=60,
+        )
+        self.assertEqual(rc, 0, f"sshfs failed\n{out}\n{err}")
+        self.addCleanup(run, [self.fusermount, "-u", "-z", str(mount)])
+        self.assertEqual(sorted(os.listdir(mount / "many")), expected)
+        rc, _, err = run([self.fusermount, "-u", str(mount)])
+        self.assertEqual(rc, 0, err)
+
+
 # --- rclone ------------------------------------------------------------------------------------
 
 
@@ -422,6 +454,12 @@ class RcloneTests(ClientTestCase):
         self.assertEqual(about["total"], real.f_blocks * real.f_frsize)
 
 
+    def test_list_a_big_directory(self):
+        expected = self.big_directory()
+        names = self.rclone_run("lsf", "LD:many").splitlines()
+        self.assertEqual(sorted(names), expected)
+
+
 # --- lftp --------------------------------------------------------------------------------------
 
 
@@ -455,6 +493,28 @@ class LftpTests(ClientTestCase):
         self.assertEqual((self.volume / "mirrored" / "renamed.txt").read_bytes(), b"alpha")
         self.assertEqual((self.volume / "mirrored" / "sub" / "b.txt").read_bytes(), b"beta")
         self.assertFalse((self.volume / "mirrored" / "a.txt").exists())
+
+
+    def test_list_a_big_directory(self):
+        expected = self.big_directory()
+        script = "; ".join([
+            "set sftp:auto-confirm yes",
+            f"set sftp:connect-program {shlex.quote(ssh_command(self.service) + ' -a -x')}",
+            "set net:max-retries 1",
+            "set net:timeout 30",
+            "cls -1 /many",
+            "bye",
+        ])
+        rc, out, err = run(
+            [self.lftp, "-u", f"{self.creds['username']},{self.creds['password']}",
+             "-e", script, f"sftp://{HOST}:{self.service.port}"],
+            env=self.askpass_env(),
+        )
+        self.assertEqual(rc, 0, f"lftp failed\n{out}\n{err}")
+        # cls prints each path as given: /many/NAME.
+        got = sorted(line.removeprefix("/many/") for line in out.splitlines() if line)
+        self.assertEqual(len(got), len(expected))
+        self.assertEqual(got, expected)
 
 
 # --- rsync over ssh ----------------------------------------------------------------------------
