@@ -351,7 +351,8 @@ class SshfsTests(ClientTestCase):
             raise pyunittest.SkipTest("/dev/fuse is missing: sshfs cannot mount here")
         super().setUp()
 
-    def test_mount_and_use(self):
+    def mount(self):
+        """The volume mounted with sshfs (unmounted at cleanup); its path."""
         mount = self.service.root / "mnt"
         mount.mkdir()
         rc, out, err = run(
@@ -364,6 +365,10 @@ class SshfsTests(ClientTestCase):
         )
         self.assertEqual(rc, 0, f"sshfs failed\n{out}\n{err}")
         self.addCleanup(run, [self.fusermount, "-u", "-z", str(mount)])
+        return mount
+
+    def test_mount_and_use(self):
+        mount = self.mount()
         self.local_file("src.bin", os.urandom(300_000))
         self.assertEqual(run(["cp", str(self.local / "src.bin"), str(mount / "copied.bin")])[0], 0)
         (mount / "old").write_bytes(b"old")
@@ -393,18 +398,7 @@ class SshfsTests(ClientTestCase):
 
     def test_list_a_big_directory(self):
         expected = self.big_directory()
-        mount = self.service.root / "mnt"
-        mount.mkdir()
-        rc, out, err = run(
-            ["sshfs", "-p", str(self.service.port), f"{self.creds['username']}@{HOST}:/",
-             str(mount), "-o", "password_stdin", "-F", "/dev/null",
-             "-o", "StrictHostKeyChecking=no",
-             "-o", f"UserKnownHostsFile={self.service.client_dir / 'known_hosts'}",
-             "-o", "PubkeyAuthentication=no"],
-            stdin=self.creds["password"] + "\n", timeout=60,
-        )
-        self.assertEqual(rc, 0, f"sshfs failed\n{out}\n{err}")
-        self.addCleanup(run, [self.fusermount, "-u", "-z", str(mount)])
+        mount = self.mount()
         self.assertEqual(sorted(os.listdir(mount / "many")), expected)
         rc, _, err = run([self.fusermount, "-u", str(mount)])
         self.assertEqual(rc, 0, err)
@@ -469,18 +463,14 @@ class LftpTests(ClientTestCase):
         require_binary("ssh")
         super().setUp()
 
-    def test_ls_mirror_mv(self):
-        self.local_file("up/a.txt", b"alpha")
-        self.local_file("up/sub/b.txt", b"beta")
-        self.volume_file("listed.txt", b"x")
+    def run_lftp(self, *commands):
+        """Run lftp with these commands against the service; its output."""
         script = "; ".join([
             "set sftp:auto-confirm yes",
             f"set sftp:connect-program {shlex.quote(ssh_command(self.service) + ' -a -x')}",
             "set net:max-retries 1",
             "set net:timeout 30",
-            "ls /",
-            f"mirror -R {shlex.quote(str(self.local / 'up'))} /mirrored",
-            "mv /mirrored/a.txt /mirrored/renamed.txt",
+            *commands,
             "bye",
         ])
         rc, out, err = run(
@@ -489,28 +479,25 @@ class LftpTests(ClientTestCase):
             env=self.askpass_env(),
         )
         self.assertEqual(rc, 0, f"lftp failed\n{out}\n{err}")
+        return out
+
+    def test_ls_mirror_mv(self):
+        self.local_file("up/a.txt", b"alpha")
+        self.local_file("up/sub/b.txt", b"beta")
+        self.volume_file("listed.txt", b"x")
+        out = self.run_lftp(
+            "ls /",
+            f"mirror -R {shlex.quote(str(self.local / 'up'))} /mirrored",
+            "mv /mirrored/a.txt /mirrored/renamed.txt",
+        )
         self.assertRegex(out, r"(?m)^-rw-r--r--.* listed\.txt$")
         self.assertEqual((self.volume / "mirrored" / "renamed.txt").read_bytes(), b"alpha")
         self.assertEqual((self.volume / "mirrored" / "sub" / "b.txt").read_bytes(), b"beta")
         self.assertFalse((self.volume / "mirrored" / "a.txt").exists())
 
-
     def test_list_a_big_directory(self):
         expected = self.big_directory()
-        script = "; ".join([
-            "set sftp:auto-confirm yes",
-            f"set sftp:connect-program {shlex.quote(ssh_command(self.service) + ' -a -x')}",
-            "set net:max-retries 1",
-            "set net:timeout 30",
-            "cls -1 /many",
-            "bye",
-        ])
-        rc, out, err = run(
-            [self.lftp, "-u", f"{self.creds['username']},{self.creds['password']}",
-             "-e", script, f"sftp://{HOST}:{self.service.port}"],
-            env=self.askpass_env(),
-        )
-        self.assertEqual(rc, 0, f"lftp failed\n{out}\n{err}")
+        out = self.run_lftp("cls -1 /many")
         # cls prints each path as given: /many/NAME.
         got = sorted(line.removeprefix("/many/") for line in out.splitlines() if line)
         self.assertEqual(len(got), len(expected))
