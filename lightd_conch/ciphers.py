@@ -321,11 +321,6 @@ class ChaChaPolySealer(PacketSealer):
     tagSize = 16
     _BLOCK0 = bytes(64)
 
-    def __new__(cls, key: bytes):
-        if cls is ChaChaPolySealer and _sodium is not None:
-            return object.__new__(_SodiumChaChaPolySealer)
-        return object.__new__(cls)
-
     def __init__(self, key: bytes) -> None:
         self._main = key[:32]
         self._header = key[32:64]
@@ -455,15 +450,15 @@ class _SodiumChaChaPolySealer(ChaChaPolySealer):
         _sodium["tag"](at + 64 + length, at + 60, 4 + length, at)
         return [memoryview(packet).cast("B")[60:]]
 
-    _clear: Optional[ctypes.Array] = None
+    def __init__(self, key: bytes) -> None:
+        super().__init__(key)
+        # Where packet lengths are decrypted, one buffer for the connection.
+        self._clear = ctypes.create_string_buffer(4)
+        self._clearAt = ctypes.addressof(self._clear)
 
     def _length(self, seq: bytes, buffer) -> int:
-        clear = self._clear
-        if clear is None:
-            clear = self._clear = ctypes.create_string_buffer(4)
-            self._clearAt = ctypes.addressof(clear)
         _sodium["xor"](self._clearAt, bytes(buffer[:4]), 4, seq, 0, self._header)
-        return _UINT32.unpack(clear.raw)[0]
+        return _UINT32.unpack(self._clear.raw)[0]
 
     def _openBody(self, seq: bytes, buffer, length: int):
         if length > _SODIUM_OPEN_LARGEST:
@@ -488,10 +483,7 @@ def _sodiumAgrees() -> bool:
     checked once at import: a library that differs is not used.
     """
     key = os.urandom(64)
-    plain = object.__new__(ChaChaPolySealer)
-    plain.__init__(key)
-    fast = object.__new__(_SodiumChaChaPolySealer)
-    fast.__init__(key)
+    plain, fast = ChaChaPolySealer(key), _SodiumChaChaPolySealer(key)
     try:
         for sequence, payload in ((0, b"\x5e" * 100), (2**32 - 1, b"\x5e" + os.urandom(4000))):
             for out, into in ((fast, plain), (plain, fast)):
@@ -520,7 +512,7 @@ def makeSealer(
     ciphers, which authenticate by themselves).
     """
     if cipher == b"chacha20-poly1305@openssh.com":
-        return ChaChaPolySealer(key)
+        return (ChaChaPolySealer if _sodium is None else _SodiumChaChaPolySealer)(key)
     if cipher in AEAD_CIPHERS:
         return GCMSealer(cipher, iv, key)
     if cipher in CTR_CIPHERS and mac in MACS:

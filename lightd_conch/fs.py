@@ -361,12 +361,7 @@ class ConfinedFilesystem:
                 if flags & os.O_EXCL:
                     raise
             else:
-                try:
-                    self._adopt(fd, mode)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                return fd
+                return self._adoptOrClose(fd, mode, checkRegular=False)
         try:
             probe = self._resolve(parts, _O_PATH)
         except FileNotFoundError:
@@ -375,18 +370,26 @@ class ConfinedFilesystem:
             # It exists, but leads nowhere: a dangling symlink.  Create its
             # target, beneath the root.
             fd = self._resolve(parts, access | os.O_CREAT, mode)
-            try:
-                self._checkRegular(fd)
-                self._adopt(fd, mode)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
+            return self._adoptOrClose(fd, mode, checkRegular=True)
         try:
             self._checkRegular(probe)
             fd = os.open(_procPath(probe), access | os.O_CLOEXEC)
         finally:
             os.close(probe)
+        return fd
+
+    def _adoptOrClose(self, fd: int, mode: int, checkRegular: bool) -> int:
+        """
+        C{fd}, just opened with O_CREAT, checked (when it may be an existing
+        file) and adopted (L{_adopt}); closed if either fails.
+        """
+        try:
+            if checkRegular:
+                self._checkRegular(fd)
+            self._adopt(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     @staticmethod

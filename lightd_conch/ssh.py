@@ -389,10 +389,9 @@ class SSHTransport(SSHServerTransport):
         """
         service = self.service
         if isinstance(service, SSHConnection):
+            # Only session channels are opened (SSHConnection.ssh_CHANNEL_OPEN).
             for channel in list(service.channels.values()):
-                drained = getattr(channel, "outputDrained", None)
-                if drained is not None:
-                    drained()
+                channel.outputDrained()
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if self._strictKex and not self._firstKexDone and messageNum not in _KEX_MESSAGES:
