@@ -155,6 +155,23 @@ class ChaChaBackendTests(TestCase):
                     self.assertRaises(PacketError, into.open, seq, bytes(tampered))
                 into._pending = None
 
+    def test_resultsOutliveTheNextPacket(self):
+        """
+        What seal and open return is the caller's to keep: the packets
+        after it, made and read in the sealer's own buffers, leave it as it
+        was.
+        """
+        out, into = self.pair(True, os.urandom(64), os.urandom(64), os.urandom(64))
+        payloads = [b"\x5e" + os.urandom(size) for size in (3000, 100, 5000, 20)]
+        held, wires = [], []
+        for seq, payload in enumerate(payloads):
+            parts = out.seal(seq, [payload])
+            held.append(parts)
+            wires.append(b"".join(bytes(part) for part in parts))
+        self.assertEqual([b"".join(bytes(part) for part in parts) for parts in held], wires)
+        opened = [into.open(seq, wire)[0] for seq, wire in enumerate(wires)]
+        self.assertEqual([bytes(payload) for payload in opened], payloads)
+
 
 def _kexinit(strict):
     kex = b"curve25519-sha256" + (b",kex-strict-c-v00@openssh.com" if strict else b"")
