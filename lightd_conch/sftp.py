@@ -219,13 +219,14 @@ class _Reader:
         A string field as a slice of the packet, without a copy (for WRITE
         data); the packet may be a memoryview.
         """
-        length = self.uint32()
-        end = self.pos + length
-        if end > len(self.data):
+        data, start = self.data, self.pos + 4
+        if start > len(data):
             raise _Malformed()
-        value = self.data[self.pos : end]
+        end = start + _UINT32.unpack_from(data, self.pos)[0]
+        if end > len(data):
+            raise _Malformed()
         self.pos = end
-        return value
+        return data[start:end]
 
     def string(self) -> bytes:
         return bytes(self.view())
@@ -568,16 +569,22 @@ class SFTPServer(Protocol):
         Take bytes or a memoryview (see L{acceptsViews}); they are kept as
         they came until a whole packet is here, then joined once.
         """
-        self._chunks.append(data)
-        self._size += len(data)
-        if self._size >= self._needed and not self._paused:
-            self._processBuffer()
+        if self._chunks or self._paused:
+            self._chunks.append(data)
+            self._size += len(data)
+            if self._size >= self._needed and not self._paused:
+                self._processBuffer()
+        else:
+            # Nothing held back: the commonest case, a message of whole
+            # requests, is read where it lies.
+            self._processBuffer(data)
 
-    def _processBuffer(self) -> None:
-        if not self._chunks:
-            return
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    def _processBuffer(self, data=None) -> None:
+        if data is None:
+            if not self._chunks:
+                return
+            chunks = self._chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         view = memoryview(data)
         position, size = 0, len(data)
         needed = 4

@@ -91,6 +91,9 @@ _CORK_BYTES = 256 * 1024
 # a wide-open window, is held back like one whose window is shut.
 OUTPUT_HIGH_WATER = 512 * 1024
 
+_TYPE_BYTES = [bytes((messageType,)) for messageType in range(256)]
+_CHANNEL_DATA_HEAD = struct.Struct(">2L")
+
 
 def _unsent(parts: list, sent: int) -> list:
     """
@@ -242,7 +245,7 @@ class SSHTransport(SSHServerTransport):
                 self._blockedByKeyExchange.append((messageType, b"".join(parts)))
                 return
         sealed = self.currentEncryptions.outbound.seal(
-            self.outgoingPacketSequence, (bytes((messageType,)), *parts)
+            self.outgoingPacketSequence, (_TYPE_BYTES[messageType], *parts)
         )
         corked = self._corked
         if corked is None:
@@ -663,14 +666,12 @@ class SSHConnection(connection.SSHConnection):
         """
         if channel.localClosed:
             return
-        parts = data if isinstance(data, list) else [data]
-        self.transport.sendPacketParts(
-            connection.MSG_CHANNEL_DATA,
-            [
-                struct.pack(">2L", self.channelsToRemoteChannel[channel], sum(map(len, parts))),
-                *parts,
-            ],
-        )
+        remote = self.channelsToRemoteChannel[channel]
+        if data.__class__ is list:
+            parts = [_CHANNEL_DATA_HEAD.pack(remote, sum(map(len, data))), *data]
+        else:
+            parts = (_CHANNEL_DATA_HEAD.pack(remote, len(data)), data)
+        self.transport.sendPacketParts(MSG_CHANNEL_DATA, parts)
 
 
 class _Stderr(bytes):
@@ -756,7 +757,8 @@ class SessionChannel(SSHChannel):
         if not getattr(self.protocol, "acceptsViews", False):
             data = bytes(data)  # exec protocols parse bytes
         self.protocol.dataReceived(data)
-        self._openWindow()
+        if self.localWindowLeft < self.localWindowSize // 2:
+            self._openWindow()
 
     def _openWindow(self) -> None:
         if self.protocol is not None and self.protocol.paused:
@@ -795,6 +797,19 @@ class SessionChannel(SSHChannel):
 
     def write(self, data: bytes) -> None:
         if self.localClosed:
+            return
+        size = len(data)
+        if (
+            not self._queue
+            and size <= self.remoteWindowLeft
+            and size <= self.remoteMaxPacket
+            and data.__class__ is bytes
+            and self.conn.transport.outputBuffered() <= OUTPUT_HIGH_WATER
+        ):
+            # A reply that fits, with nothing ahead of it: sent as it is,
+            # without a round through the queue.
+            self.remoteWindowLeft -= size
+            self.conn.sendData(self, data)
             return
         self._queue.append(data)
         self._queued += len(data)
