@@ -101,9 +101,8 @@ def _payload(plain, offset: int = 0) -> bytes:
 class _PaddingPool:
     """
     Random bytes for packet padding, drawn from the kernel 4 KiB at a time:
-    one C{getrandom} call per few hundred packets instead of one per packet,
-    which for a small reply cost as much as sealing it.  Used from the
-    reactor thread only, like the sealers.
+    one C{getrandom} call per few hundred packets instead of one per packet.
+    Used from the reactor thread only, like the sealers.
     """
 
     _SIZE = 4096
