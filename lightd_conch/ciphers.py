@@ -477,14 +477,14 @@ class _SodiumChaChaPolySealer(ChaChaPolySealer):
         self._sealed = memoryview(self._sealing).cast("B")
         # Opening, in: [zeros (60)] [the packet as received: length, body, tag]
         # and out: [Poly1305 key (32)] [unused (32)] [plain body].
+        # The ctypes arrays are kept: while they hold the bytearrays' buffers,
+        # the bytearrays cannot be resized, so the addresses stay valid.
         self._received = bytearray(64 + _SODIUM_OPEN_LARGEST + 16)
-        self._receivedAt = ctypes.addressof(
-            (ctypes.c_char * len(self._received)).from_buffer(self._received)
-        )
+        self._receivedArray = (ctypes.c_char * len(self._received)).from_buffer(self._received)
+        self._receivedAt = ctypes.addressof(self._receivedArray)
         self._plain = bytearray(64 + _SODIUM_OPEN_LARGEST)
-        self._plainAt = ctypes.addressof(
-            (ctypes.c_char * len(self._plain)).from_buffer(self._plain)
-        )
+        self._plainArray = (ctypes.c_char * len(self._plain)).from_buffer(self._plain)
+        self._plainAt = ctypes.addressof(self._plainArray)
         # Where packet lengths are decrypted.
         self._clear = ctypes.create_string_buffer(4)
         self._clearAt = ctypes.addressof(self._clear)
