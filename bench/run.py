@@ -15,7 +15,10 @@ workload and for two algorithm choices: the same on both sides (aes128-ctr +
 hmac-sha2-256) and each side's default.  It prints the medians, their ratio
 lightd/OpenSSH (and the median of the rounds' ratios, which a drift of the
 machine over the rounds does not move), both servers' CPU seconds and lightd's
-peak RSS, then a table.
+peak RSS, then a table.  Before the small-file workload's rounds it waits, up to 7
+minutes and saying so, until creating a file in the volumes is quick again: for
+minutes after mass deletions (the test suite, a previous run) ext4 makes every
+creation scan past the recently deleted inodes.
 
 It must run as root: sshd's ChrootDirectory and root login need it.  What it
 makes (a work folder beside this file, sshd's /run/sshd if missing) is removed at
@@ -515,6 +518,43 @@ def negotiated(server: Server, variant: str, batch: Path) -> str:
     return f"{cipher.group(1)}{mac} ({kex.group(1)})"
 
 
+# A quiet file system creates a file in tens of microseconds; ext4 takes hundreds for minutes
+# after mass deletions, since it skips inodes deleted less than a minute ago (six while their
+# inode table block is unwritten) and scans past each of them.  That would swamp the
+# small-file comparison, for both servers alike.
+SETTLED_CREATE_US = 50
+SETTLE_PROBE_FILES = 300
+SETTLE_WAIT = 20
+SETTLE_LIMIT = 420
+
+
+def settle_filesystem(folders: List[Path], clock=time.monotonic, sleep=time.sleep) -> float:
+    """
+    Wait, up to SETTLE_LIMIT seconds, until creating a file in each of ``folders`` (the
+    servers' volumes) takes under SETTLED_CREATE_US microseconds; say so while waiting, and
+    warn if it never does.  The probe files stay where they are (removed with the work folder),
+    so probing deletes nothing.  Returns the last probe's microseconds per file.
+    """
+    started = clock()
+    while True:
+        per_file = 0.0
+        for folder in folders:
+            target = Path(tempfile.mkdtemp(prefix=".settle-", dir=folder))
+            before = time.perf_counter()
+            for i in range(SETTLE_PROBE_FILES):
+                os.close(os.open(target / f"p{i:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            per_file = max(per_file, (time.perf_counter() - before) / SETTLE_PROBE_FILES * 1e6)
+        if per_file < SETTLED_CREATE_US:
+            return per_file
+        if clock() - started + SETTLE_WAIT > SETTLE_LIMIT:
+            print(f"warning: creating a file still takes {per_file:.0f} us: small-file times "
+                  "will be mostly the file system's", flush=True)
+            return per_file
+        print(f"creating a file takes {per_file:.0f} us here (recent mass deletions?); waiting "
+              f"{SETTLE_WAIT} s for the file system to settle", flush=True)
+        sleep(SETTLE_WAIT)
+
+
 # --- workloads --------------------------------------------------------------------------------
 
 
@@ -981,6 +1021,8 @@ def main(argv=None) -> int:
               f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
         workloads = Workloads(work, args.sizes, servers)
         workloads.prepare(args.workloads)
+        if "small" in args.workloads:
+            settle_filesystem([server.volume / "data" for server in servers])
         results = measure(workloads, servers, args.workloads, args.variants, args.runs,
                           args.warmup, Profiler(Path(args.profile) if args.profile else None))
         table = rows(results)
