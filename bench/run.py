@@ -15,10 +15,10 @@ workload and for two algorithm choices: the same on both sides (aes128-ctr +
 hmac-sha2-256) and each side's default.  It prints the medians, their ratio
 lightd/OpenSSH (and the median of the rounds' ratios, which a drift of the
 machine over the rounds does not move), both servers' CPU seconds and lightd's
-peak RSS, then a table.  Before the small-file workload's rounds it waits, up to 7
-minutes and saying so, until creating a file in the volumes is quick again: for
-minutes after mass deletions (the test suite, a previous run) ext4 makes every
-creation scan past the recently deleted inodes.
+peak RSS, then a table.  Before each round of small-file runs it waits, up to 7
+minutes and saying so, until creating as many files in the volumes is quick
+again: for minutes after mass deletions (the test suite, a previous run) ext4
+makes every creation scan past the recently deleted inodes.
 
 It must run as root: sshd's ChrootDirectory and root login need it.  What it
 makes (a work folder beside this file, sshd's /run/sshd if missing) is removed at
@@ -523,17 +523,18 @@ def negotiated(server: Server, variant: str, batch: Path) -> str:
 # inode table block is unwritten) and scans past each of them.  That would swamp the
 # small-file comparison, for both servers alike.
 SETTLED_CREATE_US = 50
-SETTLE_PROBE_FILES = 300
 SETTLE_WAIT = 20
 SETTLE_LIMIT = 420
 
 
-def settle_filesystem(folders: List[Path], clock=time.monotonic, sleep=time.sleep) -> float:
+def settle_filesystem(folders: List[Path], files: int, clock=time.monotonic,
+                      sleep=time.sleep) -> float:
     """
-    Wait, up to SETTLE_LIMIT seconds, until creating a file in each of ``folders`` (the
-    servers' volumes) takes under SETTLED_CREATE_US microseconds; say so while waiting, and
-    warn if it never does.  The probe files stay where they are (removed with the work folder),
-    so probing deletes nothing.  Returns the last probe's microseconds per file.
+    Wait, up to SETTLE_LIMIT seconds, until creating ``files`` files in a new folder in each of
+    ``folders`` (the servers' volumes, as ``put -r`` does) takes under SETTLED_CREATE_US
+    microseconds a file; say so while waiting, and warn if it never does.  The probe files stay
+    where they are (removed with the work folder), so probing deletes nothing.  Returns the last
+    probe's microseconds per file.
     """
     started = clock()
     while True:
@@ -541,9 +542,9 @@ def settle_filesystem(folders: List[Path], clock=time.monotonic, sleep=time.slee
         for folder in folders:
             target = Path(tempfile.mkdtemp(prefix=".settle-", dir=folder))
             before = time.perf_counter()
-            for i in range(SETTLE_PROBE_FILES):
-                os.close(os.open(target / f"p{i:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            per_file = max(per_file, (time.perf_counter() - before) / SETTLE_PROBE_FILES * 1e6)
+            for i in range(files):
+                os.close(os.open(target / f"p{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            per_file = max(per_file, (time.perf_counter() - before) / files * 1e6)
         if per_file < SETTLED_CREATE_US:
             return per_file
         if clock() - started + SETTLE_WAIT > SETTLE_LIMIT:
@@ -763,6 +764,9 @@ def measure(workloads: Workloads, servers: List[Server], selected: List[str],
             print(f"\n{result.description} [{variant}]", flush=True)
             for server in servers:
                 print(f"  {server.name:8} {result.algorithms[server.name]}", flush=True)
+            if workload == "small":
+                settle_filesystem([server.volume / "data" for server in servers],
+                                  workloads.sizes.small_files)
             for run in range(-warmup, runs):
                 for server in servers:  # A B A B: lightd, then OpenSSH, every round
                     ours = isinstance(server, Lightd)
@@ -1021,8 +1025,6 @@ def main(argv=None) -> int:
               f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
         workloads = Workloads(work, args.sizes, servers)
         workloads.prepare(args.workloads)
-        if "small" in args.workloads:
-            settle_filesystem([server.volume / "data" for server in servers])
         results = measure(workloads, servers, args.workloads, args.variants, args.runs,
                           args.warmup, Profiler(Path(args.profile) if args.profile else None))
         table = rows(results)
