@@ -209,13 +209,17 @@ class CTRSealer(PacketSealer):
         self._macTemplate, self._macSize = _hmacTemplate(hashName, macKey)
         self._first: Optional[bytes] = None
 
+    def _startMAC(self, sequence: int):
+        mac = self._macTemplate.copy()
+        mac.update(_UINT32.pack(sequence))
+        return mac
+
     def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
         # A stream cipher: large parts are encrypted (and MACed) where they
         # lie rather than joined into the packet first.
-        size = sum(map(len, parts))
+        size = _size(parts)
         crypt = self._crypt
-        mac = self._macTemplate.copy()
-        mac.update(_UINT32.pack(sequence))
+        mac = self._startMAC(sequence)
         if self._etm:
             pad = _padding(1 + size, self.blockSize)
             header = _UINT32.pack(1 + size + pad)
@@ -227,12 +231,8 @@ class CTRSealer(PacketSealer):
                 sealed.append(cipherText)
         else:
             pad = _padding(5 + size, self.blockSize)
-            head = _LENGTH_AND_PAD.pack(1 + size + pad, pad)
-            if size < _LARGE:
-                plain = b"".join((head, *parts, _randomPadding(pad)))
-                mac.update(plain)
-                return [crypt(plain), mac.digest()]
             sealed = []
+            head = _LENGTH_AND_PAD.pack(1 + size + pad, pad)
             for piece in _pieces(head, parts, _randomPadding(pad), size):
                 mac.update(piece)
                 sealed.append(crypt(piece))
@@ -251,8 +251,7 @@ class CTRSealer(PacketSealer):
             if len(buffer) < end + macSize:
                 self.needed = end + macSize
                 return None
-            mac = self._macTemplate.copy()
-            mac.update(_UINT32.pack(sequence))
+            mac = self._startMAC(sequence)
             mac.update(buffer[:end])
             if not hmac.compare_digest(mac.digest(), buffer[end : end + macSize]):
                 raise PacketError("bad MAC")
@@ -273,8 +272,7 @@ class CTRSealer(PacketSealer):
             return None
         packet = first + self._crypt(buffer[self.blockSize : end])
         self._first = None
-        mac = self._macTemplate.copy()
-        mac.update(_UINT32.pack(sequence))
+        mac = self._startMAC(sequence)
         mac.update(packet)
         if not hmac.compare_digest(mac.digest(), buffer[end : end + macSize]):
             raise PacketError("bad MAC")
@@ -490,7 +488,7 @@ class _SodiumChaChaPolySealer(ChaChaPolySealer):
         self._clearAt = ctypes.addressof(self._clear)
 
     def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
-        size = sum(map(len, parts))
+        size = _size(parts)
         if size > _SODIUM_SEAL_LARGEST:
             return super().seal(sequence, parts)
         seq = _SEQUENCE.pack(sequence)

@@ -219,14 +219,13 @@ class _Reader:
         A string field as a slice of the packet, without a copy (for WRITE
         data); the packet may be a memoryview.
         """
-        data, start = self.data, self.pos + 4
-        if start > len(data):
+        length = self.uint32()
+        end = self.pos + length
+        if end > len(self.data):
             raise _Malformed()
-        end = start + _UINT32.unpack_from(data, self.pos)[0]
-        if end > len(data):
-            raise _Malformed()
+        value = self.data[self.pos : end]
         self.pos = end
-        return data[start:end]
+        return value
 
     def string(self) -> bytes:
         return bytes(self.view())
@@ -569,22 +568,16 @@ class SFTPServer(Protocol):
         Take bytes or a memoryview (see L{acceptsViews}); they are kept as
         they came until a whole packet is here, then joined once.
         """
-        if self._chunks or self._paused:
-            self._chunks.append(data)
-            self._size += len(data)
-            if self._size >= self._needed and not self._paused:
-                self._processBuffer()
-        else:
-            # Nothing held back: the commonest case, a message of whole
-            # requests, is read where it lies.
-            self._processBuffer(data)
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size >= self._needed and not self._paused:
+            self._processBuffer()
 
-    def _processBuffer(self, data=None) -> None:
-        if data is None:
-            if not self._chunks:
-                return
-            chunks = self._chunks
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    def _processBuffer(self) -> None:
+        if not self._chunks:
+            return
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         view = memoryview(data)
         position, size = 0, len(data)
         needed = 4

@@ -757,14 +757,15 @@ class SessionChannel(SSHChannel):
         if not getattr(self.protocol, "acceptsViews", False):
             data = bytes(data)  # exec protocols parse bytes
         self.protocol.dataReceived(data)
-        if self.localWindowLeft < self.localWindowSize // 2:
-            self._openWindow()
+        self._openWindow()
 
     def _openWindow(self) -> None:
+        # The window check first: it is the one that fails on most calls.
+        if self.localWindowLeft >= self.localWindowSize // 2 or self.localClosed:
+            return
         if self.protocol is not None and self.protocol.paused:
             return
-        if self.localWindowLeft < self.localWindowSize // 2 and not self.localClosed:
-            self.conn.adjustWindow(self, self.localWindowSize - self.localWindowLeft)
+        self.conn.adjustWindow(self, self.localWindowSize - self.localWindowLeft)
 
     def eofReceived(self) -> None:
         eofReceived = getattr(self.protocol, "eofReceived", None)
@@ -812,7 +813,7 @@ class SessionChannel(SSHChannel):
             self.conn.sendData(self, data)
             return
         self._queue.append(data)
-        self._queued += len(data)
+        self._queued += size
         self._flush()
         if self._queued > self.highWater and self.protocol is not None:
             self.protocol.pauseProducing()
