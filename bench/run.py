@@ -2,7 +2,7 @@
 """
 lightd-sftp against OpenSSH's sshd (internal-sftp + ChrootDirectory), side by side.
 
-    python3 bench/run.py                  # the full run (about 6 minutes on 2 cores)
+    python3 bench/run.py                  # the full run (about 8 minutes on 2 cores)
     python3 bench/run.py --quick          # smaller sizes, 3 runs: a smoke check
     python3 bench/run.py --only upload,download --variant same --runs 7
     python3 bench/run.py --rev main       # measure a commit (git archive), not the working tree
@@ -10,7 +10,8 @@ lightd-sftp against OpenSSH's sshd (internal-sftp + ChrootDirectory), side by si
     python3 bench/run.py --also PATH|REV  # a second lightd-sftp in the same rounds (A B C)
 
 Both servers listen on 127.0.0.1 only and are driven by the same OpenSSH client
-(``sftp -b``), one run of lightd then one of OpenSSH (A B A B ...), for every
+(``sftp -b``), one run of lightd then one of OpenSSH (A B A B ...), 7 runs of each
+(15 of the two sub-second workloads, small files and the listing), for every
 workload and for two algorithm choices: the same on both sides (aes128-ctr +
 hmac-sha2-256) and each side's default.  It prints the medians, their ratio
 lightd/OpenSSH (and the median of the rounds' ratios, which a drift of the
@@ -85,8 +86,22 @@ EXTRA_WORKLOADS = ["concurrent-download"]
 """Run only when named with --only."""
 IN_SESSION = {"upload", "download", "small", "listing"}
 """Workloads timed inside the session (see MARK): their time leaves out connect and login."""
+RUNS = 7
+"""Measured runs per server of each workload, unless --runs says otherwise."""
+SHORT_RUNS = 15
+SHORT = {"small", "listing"}
+"""Workloads that take under a second a run: the machine's jitter is a larger share of each run,
+so they get more runs (seconds in all) for a median as steady as the long workloads'."""
 MARK = "!date +%s.%N"
 """A local command sftp runs from the batch; its output is the wall clock at that point."""
+
+
+def describe_runs(runs: Dict[str, int]) -> str:
+    """Runs per workload as text: 7 for most and 15 for two is "7 (15 for small and listing)"."""
+    counts = sorted(set(runs.values()), key=list(runs.values()).count, reverse=True)
+    most, others = counts[0], counts[1:]
+    return f"{most}" + "".join(
+        f" ({n} for {' and '.join(w for w in runs if runs[w] == n)})" for n in others)
 
 
 def describe(workload: str, sizes: Sizes) -> str:
@@ -752,7 +767,8 @@ class Profiler:
 
 
 def measure(workloads: Workloads, servers: List[Server], selected: List[str],
-            variants: List[str], runs: int, warmup: int, profiler: Profiler) -> List[Result]:
+            variants: List[str], runs: Dict[str, int], warmup: int,
+            profiler: Profiler) -> List[Result]:
     results = []
     for workload in selected:
         for variant in variants:
@@ -767,7 +783,7 @@ def measure(workloads: Workloads, servers: List[Server], selected: List[str],
             if workload == "small":
                 settle_filesystem([server.volume / "data" for server in servers],
                                   workloads.sizes.small_files)
-            for run in range(-warmup, runs):
+            for run in range(-warmup, runs[workload]):
                 for server in servers:  # A B A B: lightd, then OpenSSH, every round
                     ours = isinstance(server, Lightd)
                     server.settle()
@@ -942,7 +958,9 @@ def parse_args(argv=None):
         description="Benchmark lightd-sftp against OpenSSH's internal-sftp on loopback.")
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes and 3 runs: a smoke check, not a measurement")
-    parser.add_argument("--runs", type=int, help="measured runs per server (default 7; 3 with --quick)")
+    parser.add_argument("--runs", type=int,
+                        help=f"measured runs per server of every workload (default {RUNS}, "
+                             f"{SHORT_RUNS} for {' and '.join(sorted(SHORT))}; 3 with --quick)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="unmeasured runs per server before each workload (default 1)")
     parser.add_argument("--only", help="comma-separated workloads: "
@@ -969,12 +987,12 @@ def parse_args(argv=None):
     parser.add_argument("--table", choices=["markdown", "rst"], default="markdown")
     args = parser.parse_args(argv)
     args.sizes = QUICK if args.quick else FULL
-    if args.runs is None:
-        args.runs = 3 if args.quick else 7
     args.workloads = WORKLOADS if not args.only else [w.strip() for w in args.only.split(",")]
     unknown = set(args.workloads) - set(WORKLOADS + EXTRA_WORKLOADS)
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    args.runs = {w: args.runs or (3 if args.quick else SHORT_RUNS if w in SHORT else RUNS)
+                 for w in args.workloads}
     args.variants = ["same", "default"] if args.variant == "both" else [args.variant]
     return args
 
@@ -1021,7 +1039,7 @@ def main(argv=None) -> int:
                     f" {name}={value}" for name, value in server.extra_env.items())
             print(f"{server.name}{where} on port {server.port} (pid {server.pid})")
         print(f"{info['date']}; {info['nproc']} x {info['cpu']}; {info['openssh']}; "
-              f"runs {args.runs}, warm-up {args.warmup}; load average "
+              f"runs {describe_runs(args.runs)}, warm-up {args.warmup}; load average "
               f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
         workloads = Workloads(work, args.sizes, servers)
         workloads.prepare(args.workloads)
@@ -1030,7 +1048,7 @@ def main(argv=None) -> int:
         table = rows(results)
         print()
         print(f"{info['date']}, {info['nproc']} x {info['cpu']}, {info['openssh']}, "
-              f"medians of {args.runs} interleaved runs")
+              f"medians of {describe_runs(args.runs)} interleaved runs")
         print(markdown(table) if args.table == "markdown" else rst(table))
         for server in servers[1:-1]:
             print(f"\n{server.name} against lightd (same rounds):")
