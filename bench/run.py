@@ -17,9 +17,9 @@ hmac-sha2-256) and each side's default.  It prints the medians, their ratio
 lightd/OpenSSH (and the median of the rounds' ratios, which a drift of the
 machine over the rounds does not move), both servers' CPU seconds and lightd's
 peak RSS, then a table.  Before each round of small-file runs it waits, up to 7
-minutes and saying so, until creating as many files in the volumes is quick
-again: for minutes after mass deletions (the test suite, a previous run) ext4
-makes every creation scan past the recently deleted inodes.
+minutes in all and saying so, until creating files in the volumes is quick again:
+for minutes after mass deletions (the test suite, a previous run) ext4 makes every
+creation scan past the recently deleted inodes.
 
 It must run as root: sshd's ChrootDirectory and root login need it.  What it
 makes (a work folder beside this file, sshd's /run/sshd if missing) is removed at
@@ -540,35 +540,53 @@ def negotiated(server: Server, variant: str, batch: Path) -> str:
 SETTLED_CREATE_US = 50
 SETTLE_WAIT = 20
 SETTLE_LIMIT = 420
+ROUND_PROBE_FILES = 500
+"""Files of the probe before each later round: as the volumes fill, new files move on to other
+block groups, which can be the ones where the deletions were, and runs turn slow mid-way."""
 
 
-def settle_filesystem(folders: List[Path], files: int, clock=time.monotonic,
-                      sleep=time.sleep) -> float:
+class Settler:
     """
-    Wait, up to SETTLE_LIMIT seconds, until creating ``files`` files in a new folder in each of
-    ``folders`` (the servers' volumes, as ``put -r`` does) takes under SETTLED_CREATE_US
-    microseconds a file; say so while waiting, and warn if it never does.  The probe files stay
-    where they are (removed with the work folder), so probing deletes nothing.  Returns the last
-    probe's microseconds per file.
+    Waits until creating files in the servers' volumes is quick, before each round of small-file
+    runs: in all up to SETTLE_LIMIT seconds per workload and algorithm choice, saying so while it
+    waits, and warning once if it gives up.  The probe files stay where they are (removed with the
+    work folder), so probing deletes nothing.
     """
-    started = clock()
-    while True:
+
+    def __init__(self, folders: List[Path], sleep=time.sleep) -> None:
+        self.folders = folders
+        self.sleep = sleep
+        self.waited = 0
+        self.warned = False
+
+    def probe(self, files: int) -> float:
+        """Microseconds a file to create ``files`` files in a new folder in each volume (the most)."""
         per_file = 0.0
-        for folder in folders:
+        os.sync()  # as before every run: the same state of the inode tables
+        for folder in self.folders:
             target = Path(tempfile.mkdtemp(prefix=".settle-", dir=folder))
             before = time.perf_counter()
             for i in range(files):
                 os.close(os.open(target / f"p{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
             per_file = max(per_file, (time.perf_counter() - before) / files * 1e6)
-        if per_file < SETTLED_CREATE_US:
-            return per_file
-        if clock() - started + SETTLE_WAIT > SETTLE_LIMIT:
-            print(f"warning: creating a file still takes {per_file:.0f} us: small-file times "
-                  "will be mostly the file system's", flush=True)
-            return per_file
-        print(f"creating a file takes {per_file:.0f} us here (recent mass deletions?); waiting "
-              f"{SETTLE_WAIT} s for the file system to settle", flush=True)
-        sleep(SETTLE_WAIT)
+        return per_file
+
+    def settle(self, files: int) -> float:
+        """Probe with ``files`` files until it is quick or the time is spent; the last figure."""
+        while True:
+            per_file = self.probe(files)
+            if per_file < SETTLED_CREATE_US:
+                return per_file
+            if self.waited + SETTLE_WAIT > SETTLE_LIMIT:
+                if not self.warned:
+                    self.warned = True
+                    print(f"warning: creating a file still takes {per_file:.0f} us: small-file "
+                          "times will be mostly the file system's", flush=True)
+                return per_file
+            print(f"creating a file takes {per_file:.0f} us here (recent mass deletions?); "
+                  f"waiting {SETTLE_WAIT} s for the file system to settle", flush=True)
+            self.sleep(SETTLE_WAIT)
+            self.waited += SETTLE_WAIT
 
 
 # --- workloads --------------------------------------------------------------------------------
@@ -780,10 +798,12 @@ def measure(workloads: Workloads, servers: List[Server], selected: List[str],
             print(f"\n{result.description} [{variant}]", flush=True)
             for server in servers:
                 print(f"  {server.name:8} {result.algorithms[server.name]}", flush=True)
-            if workload == "small":
-                settle_filesystem([server.volume / "data" for server in servers],
-                                  workloads.sizes.small_files)
+            settler = Settler([server.volume / "data" for server in servers])
             for run in range(-warmup, runs[workload]):
+                if workload == "small":
+                    # Before every round, not only the first (see ROUND_PROBE_FILES).
+                    settler.settle(workloads.sizes.small_files if run == -warmup
+                                   else ROUND_PROBE_FILES)
                 for server in servers:  # A B A B: lightd, then OpenSSH, every round
                     ours = isinstance(server, Lightd)
                     server.settle()
