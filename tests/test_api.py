@@ -180,12 +180,51 @@ class AuthorizationTests(APITestCase):
         self.assertEqual(compared, [(b"guess", TOKEN.encode())])
 
 
+    def test_originChangesNothing(self):
+        """
+        With a token, an Origin header changes nothing: a page cannot send
+        the token, and the token decides.
+        """
+        self.assertResponse(self.generate(headers={"Origin": "https://panel.example"}), 200)
+        self.assertError(
+            self.request("GET", "/containers/demo/sftp/info", headers={"Origin": "x"}, token=None),
+            401,
+        )
+
+
 class NoAuthorizationTests(APITestCase):
     token = None
 
     def test_noTokenNeeded(self):
         self.assertResponse(self.generate(token=None), 200)
         self.assertResponse(self.request("GET", "/containers/demo/sftp/info", token="any"), 200)
+
+    def test_webPageRefused(self):
+        """
+        Without authorization, a request a browser sends for a web page (it
+        carries an Origin header) is refused with 403 and changes nothing:
+        otherwise any page could set a container's password through its
+        visitor's browser.
+        """
+        self.assertResponse(self.generate(), 200)
+        before = self.store.get("demo")
+        request = self.request(
+            "POST",
+            "/containers/demo/sftp/credentials",
+            body='{"password": "chosen by the page"}',
+            headers={
+                "Origin": "https://example.com",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+            token=None,
+        )
+        message = self.assertError(request, 403)
+        self.assertIn("Origin", message)
+        self.assertEqual(self.store.get("demo"), before)
+        self.assertError(
+            self.request("GET", "/containers/demo/sftp/info", headers={"Origin": "null"}, token=None),
+            403,
+        )
 
 
 class GenerateTests(APITestCase):
