@@ -225,7 +225,13 @@ class AdminAPI(Resource):
             # browser set a password here: a form POST is sent without a
             # preflight.  Browsers mark such a request with an Origin header,
             # which panels calling the API from their own server do not send.
-            if request.getHeader(b"origin") is not None:
+            origin = request.getHeader(b"origin")
+            if origin is not None:
+                log.info(
+                    "admin API: refused a request from {peer}: sent by a web page ({origin})",
+                    peer=formatAddress(request.getClientAddress()),
+                    origin=origin[:200].decode("latin-1"),
+                )
                 raise _Refused(403, _FROM_A_PAGE)
             return
         header = request.getHeader(b"authorization") or b""

@@ -208,6 +208,7 @@ class NoAuthorizationTests(APITestCase):
         """
         self.assertResponse(self.generate(), 200)
         before = self.store.get("demo")
+        log = LogCapture(self)
         request = self.request(
             "POST",
             "/containers/demo/sftp/credentials",
@@ -220,6 +221,7 @@ class NoAuthorizationTests(APITestCase):
         )
         message = self.assertError(request, 403)
         self.assertIn("Origin", message)
+        self.assertIn("sent by a web page (https://example.com)", log.text())
         self.assertEqual(self.store.get("demo"), before)
         self.assertError(
             self.request("GET", "/containers/demo/sftp/info", headers={"Origin": "null"}, token=None),
