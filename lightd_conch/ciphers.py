@@ -164,13 +164,13 @@ class PlainSealer(PacketSealer):
     def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
         size = _size(parts)
         pad = _padding(5 + size, 8)
-        return [struct.pack(">IB", size + pad + 1, pad), *parts, _randomPadding(pad)]
+        return [_LENGTH_AND_PAD.pack(size + pad + 1, pad), *parts, _randomPadding(pad)]
 
     def open(self, sequence: int, buffer: bytes) -> Optional[Tuple[bytes, int]]:
         if len(buffer) < 4:
             self.needed = 4
             return None
-        (length,) = struct.unpack_from(">I", buffer)
+        (length,) = _UINT32.unpack_from(buffer)
         if length > MAX_PACKET_LENGTH or length < 5:
             raise PacketError("bad packet length")
         if len(buffer) < 4 + length:
@@ -294,17 +294,17 @@ class GCMSealer(PacketSealer):
         keySize, ivSize = AEAD_CIPHERS[cipher]
         self._aead = AESGCM(key[:keySize])
         self._fixed = iv[:4]
-        (self._counter,) = struct.unpack(">Q", iv[4:12])
+        (self._counter,) = _SEQUENCE.unpack(iv[4:12])
 
     def _nonce(self) -> bytes:
-        nonce = self._fixed + struct.pack(">Q", self._counter)
+        nonce = self._fixed + _SEQUENCE.pack(self._counter)
         self._counter = (self._counter + 1) & 0xFFFFFFFFFFFFFFFF
         return nonce
 
     def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
         size = _size(parts)
         pad = _padding(1 + size, self.blockSize)
-        header = struct.pack(">I", 1 + size + pad)
+        header = _UINT32.pack(1 + size + pad)
         plain = b"".join((bytes((pad,)), *parts, _randomPadding(pad)))
         return [header, self._aead.encrypt(self._nonce(), plain, header)]
 
@@ -312,7 +312,7 @@ class GCMSealer(PacketSealer):
         if len(buffer) < 4:
             self.needed = 4
             return None
-        (length,) = struct.unpack_from(">I", buffer)
+        (length,) = _UINT32.unpack_from(buffer)
         _checkLength(length, self.blockSize)
         end = 4 + length + self.tagSize
         if len(buffer) < end:
@@ -359,10 +359,10 @@ class ChaChaPolySealer(PacketSealer):
         self._pending: Optional[Tuple[int, int]] = None  # (sequence, length)
 
     def seal(self, sequence: int, parts: Sequence[bytes]) -> List[bytes]:
-        seq = struct.pack(">Q", sequence)
+        seq = _SEQUENCE.pack(sequence)
         size = _size(parts)
         pad = _padding(1 + size, self.blockSize)
-        header = _chacha(self._header, 0, seq, struct.pack(">I", 1 + size + pad))
+        header = _chacha(self._header, 0, seq, _UINT32.pack(1 + size + pad))
         pieces = _pieces(self._BLOCK0 + bytes((pad,)), parts, _randomPadding(pad), size)
         if len(pieces) == 1:
             stream = _chacha(self._main, 0, seq, pieces[0])
@@ -381,7 +381,7 @@ class ChaChaPolySealer(PacketSealer):
         if len(buffer) < 4:
             self.needed = 4
             return None
-        seq = struct.pack(">Q", sequence)
+        seq = _SEQUENCE.pack(sequence)
         pending = self._pending
         if pending is not None and pending[0] == sequence:
             length = pending[1]
@@ -397,7 +397,7 @@ class ChaChaPolySealer(PacketSealer):
         return self._openBody(seq, buffer, length), end + self.tagSize
 
     def _length(self, seq: bytes, buffer) -> int:
-        return struct.unpack(">I", _chacha(self._header, 0, seq, buffer[:4]))[0]
+        return _UINT32.unpack(_chacha(self._header, 0, seq, buffer[:4]))[0]
 
     def _openBody(self, seq: bytes, buffer, length: int):
         end = 4 + length
