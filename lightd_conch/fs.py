@@ -33,6 +33,7 @@ _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
 _SYS_openat2 = 437  # the same number on every architecture Linux added it to
 _RENAME_NOREPLACE = 1
+_AT_EMPTY_PATH = 0x1000
 _MAX_SYMLINKS = 40  # the kernel's own limit (MAXSYMLINKS)
 _PERMISSION_BITS = 0o777
 # What a client creates gets the mode it asks for under a umask of 022, as from
@@ -76,6 +77,14 @@ def _openat2(dirfd: int, path: bytes, flags: int, mode: int = 0) -> int:
         # EAGAIN: a concurrent rename made the kernel's ".." check unsure; retry.
         if ctypes.get_errno() != errno.EAGAIN:
             _raiseErrno()
+
+
+def _fchownEmpty(fd: int, uid: int, gid: int) -> None:
+    """Change the owner of what C{fd} (O_PATH too) is, a symlink included."""
+    if _libc.fchownat(
+        ctypes.c_int(fd), b"", ctypes.c_uint(uid), ctypes.c_uint(gid), ctypes.c_int(_AT_EMPTY_PATH)
+    ) != 0:
+        _raiseErrno()
 
 
 def _renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes) -> None:
@@ -182,6 +191,7 @@ class ConfinedFilesystem:
         if useOpenat2 is None:
             useOpenat2 = openat2Available()
         self._resolve = self._resolveOpenat2 if useOpenat2 else self._resolveWalk
+        self._useOpenat2 = useOpenat2
         st = os.fstat(self.rootFD)
         # When the service runs as root, what a client creates belongs to the
         # volume's owner, as if the container had created it.  None: nothing
@@ -285,6 +295,20 @@ class ConfinedFilesystem:
         finally:
             for fd in stack:
                 os.close(fd)
+
+    def _openEntry(self, dirfd: int, name: bytes) -> int:
+        """
+        An C{O_PATH} fd on the entry C{name} of C{dirfd} itself (a symlink
+        is not followed), refused with C{EXDEV} when a mount sits there: what
+        is mounted inside the volume is never entered, by name either.
+        """
+        if self._useOpenat2:
+            return _openat2(dirfd, name, _O_PATH | os.O_NOFOLLOW)
+        fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        if _mountId(fd) != _mountId(dirfd):
+            os.close(fd)
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return fd
 
     @staticmethod
     def _isLink(dirfd: int, name: bytes) -> bool:
@@ -437,10 +461,23 @@ class ConfinedFilesystem:
         error (SFTP v3 semantics), checked atomically by the kernel.
         """
         with self._parent(old) as (olddir, oldname), self._parent(new) as (newdir, newname):
-            if replace:
-                os.rename(oldname, newname, src_dir_fd=olddir, dst_dir_fd=newdir)
-            else:
-                _renameat2(olddir, oldname, newdir, newname)
+            if not replace:
+                try:
+                    _renameat2(olddir, oldname, newdir, newname)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                        raise
+                # A file system without RENAME_NOREPLACE (some FUSE and
+                # network ones): check, then rename, as OpenSSH's server does
+                # where it cannot link.
+                try:
+                    os.stat(newname, dir_fd=newdir, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+            os.rename(oldname, newname, src_dir_fd=olddir, dst_dir_fd=newdir)
 
     def hardlink(self, old: bytes, new: bytes) -> None:
         """
@@ -451,7 +488,7 @@ class ConfinedFilesystem:
         through it, so nothing swapped in after the check can be linked.
         """
         with self._parent(old) as (olddir, oldname):
-            fd = os.open(oldname, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=olddir)
+            fd = self._openEntry(olddir, oldname)
         try:
             self._checkRegular(fd)
             with self._parent(new) as (newdir, newname):
@@ -468,8 +505,16 @@ class ConfinedFilesystem:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         with self._parent(linkpath) as (dirfd, name):
             os.symlink(target, name, dir_fd=dirfd)
-            if self._owner is not None:
-                os.chown(name, *self._owner, dir_fd=dirfd, follow_symlinks=False)
+            if self._owner is None:
+                return
+            # The owner goes to the link just made, through an fd: whatever
+            # is swapped in under its name meanwhile is left alone.
+            fd = self._openEntry(dirfd, name)
+            try:
+                if stat.S_ISLNK(os.fstat(fd).st_mode):
+                    _fchownEmpty(fd, *self._owner)
+            finally:
+                os.close(fd)
 
     # -- attributes -------------------------------------------------------
 
@@ -508,12 +553,14 @@ class ConfinedFilesystem:
             self.setattrs(path, mode=mode, times=times)
             return
         with self._parent(path) as (dirfd, name):
-            fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            fd = self._openEntry(dirfd, name)
             try:
                 if stat.S_ISLNK(os.fstat(fd).st_mode):
                     if mode is not None:
                         raise OSError(errno.EOPNOTSUPP, "Symbolic links have no permissions")
                     if times is not None:
+                        # By name (futimens cannot act on an O_PATH fd), and
+                        # never through a link (AT_SYMLINK_NOFOLLOW).
                         os.utime(name, times, dir_fd=dirfd, follow_symlinks=False)
                     return
                 target = _procPath(fd)

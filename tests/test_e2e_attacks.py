@@ -969,10 +969,52 @@ class MountedProcfsAttacks:
         self.assertEqual(self.data_of("inside.txt"), b"inside\n")
 
 
+class BindMountAttacks:
+    """
+    A host folder and a host file bind-mounted inside the volume (root only),
+    as an operator might: never entered, by path or by name, so nothing
+    outside changes, whatever request names them.
+    """
+
+    def bind(self, source, name):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("bind mounts need root (CI runs as root)")
+        target = self.volume / name
+        if source.is_dir():
+            target.mkdir()
+        else:
+            target.write_bytes(b"")
+        result = subprocess.run(["mount", "--bind", str(source), str(target)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise unittest.SkipTest(f"cannot bind-mount here: {result.stderr.strip()}")
+        # Before the sentinels are compared (cleanups run last-in first-out).
+        self.addCleanup(subprocess.run, ["umount", "-l", str(target)], check=True)
+
+    def test_mounts_are_never_changed(self):
+        self.bind(self.outside, "mnt")
+        self.bind(self.secret, "mntfile")
+        for name in ("mnt", "mntfile", "mnt/secret.txt"):
+            for label, ptype, fields in (
+                ("lsetstat mode", FXP_EXTENDED, (string("lsetstat@openssh.com"), string(name),
+                                                 mode_attrs(0o777))),
+                ("lsetstat times", FXP_EXTENDED, (string("lsetstat@openssh.com"), string(name),
+                                                  time_attrs(12345))),
+                ("SETSTAT mode", FXP_SETSTAT, (string(name), mode_attrs(0o777))),
+                ("SETSTAT times", FXP_SETSTAT, (string(name), time_attrs(12345))),
+                ("hardlink", FXP_EXTENDED, (string("hardlink@openssh.com"), string(name),
+                                            string(f"{self.probe}-{name.replace('/', '-')}"))),
+                ("OPEN write", FXP_OPEN, (string(name), uint32(PFLAG_WRITE), attrs())),
+                ("REMOVE", FXP_REMOVE, (string(name),)),
+            ):
+                self.refused(f"{label} {name}", ptype, *fields)
+        self.assertEqual(self.data_of("inside.txt"), b"inside\n")
+
+
 # -- both resolvers --------------------------------------------------------------
 
 _SUITES = (LexicalAttacks, SiblingVolumeAttacks, PlantedLinkAttacks, IdenticalReplyAttacks,
-           SpecialFileAttacks, RaceAttacks, MountedProcfsAttacks)
+           SpecialFileAttacks, RaceAttacks, MountedProcfsAttacks, BindMountAttacks)
 
 for _suite in _SUITES:
     for _walk, _resolver in ((False, "Openat2"), (True, "Walk")):

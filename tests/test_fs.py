@@ -12,6 +12,7 @@ import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
+from lightd_conch import fs
 from lightd_conch.fs import ConfinedFilesystem, normalize, openat2Available
 
 
@@ -201,6 +202,41 @@ class _ConfinementMixin:
         self.assertErrno(errno.EEXIST, self.fs.rename, b"f", b"abs")
         self.fs.rename(b"f", b"abs", replace=True)
         self.assertFalse(os.path.islink(self.inVolume("abs")))
+
+    def test_renameWithoutNoReplace(self):
+        """
+        On a file system that refuses RENAME_NOREPLACE (EINVAL), a rename
+        still works and still refuses an existing target.
+        """
+        def refused(*args):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+        self.patch(fs, "_renameat2", refused)
+        for name in ("a", "b"):
+            with open(self.inVolume(name), "w") as f:
+                f.write(name)
+        self.assertErrno(errno.EEXIST, self.fs.rename, b"a", b"b")
+        self.plant("dangling", "nowhere")
+        self.assertErrno(errno.EEXIST, self.fs.rename, b"a", b"dangling")
+        self.fs.rename(b"a", b"c")
+        with open(self.inVolume("c")) as f:
+            self.assertEqual(f.read(), "a")
+        self.assertFalse(os.path.lexists(self.inVolume("a")))
+
+    def test_symlinkOwnedByTheVolumeOwner(self):
+        """
+        When the service runs as root, a link it makes belongs to the
+        volume's owner (set through an fd on the link itself).
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("giving files away needs root")
+        os.chown(self.volume, 4321, 4322)
+        volumeFS = ConfinedFilesystem(self.volume, useOpenat2=self.useOpenat2)
+        self.addCleanup(volumeFS.close)
+        volumeFS.symlink(b"/etc/passwd", b"link")
+        st = os.lstat(self.inVolume("link"))
+        self.assertEqual((stat.S_ISLNK(st.st_mode), st.st_uid, st.st_gid), (True, 4321, 4322))
+        self.assertEqual(os.readlink(self.inVolume("link")), "/etc/passwd")
 
     def test_rootCannotBeNamed(self):
         for f in (self.fs.remove, self.fs.rmdir, self.fs.readlink):
