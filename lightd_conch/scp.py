@@ -8,6 +8,11 @@ and one path; a path that is not a single shell word is taken verbatim, so
 ``$(touch /tmp/owned)``, backticks and ``;`` are just characters of a name, and
 ``..`` cannot climb above the root.  ``~`` and ``~/x`` are the volume root.
 
+A record is one line, so a name that holds a newline could end it and write
+records of its own into the client's stream.  The source skips such a file or
+directory with an error and goes on (exit status 1), the sink refuses one, and
+every message sent to the client has its control characters escaped.
+
 Both directions are written as generators that ask for input (a line, or up
 to N bytes) and write output; L{_Exchange} feeds them and stops them while the
 channel's send side is full.
@@ -109,6 +114,17 @@ def parseCommand(command: bytes) -> Optional[ScpCommand]:
     )
 
 
+# Control characters, shown escaped in messages: a message is exactly one
+# line of the protocol, and prints as plain text on the user's terminal.
+_ESCAPES = {c: "\\x%02x" % c for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def _message(kind: bytes, text: str) -> bytes:
+    """An error (C{\\x01}) or fatal (C{\\x02}) record carrying C{text}."""
+    return kind + b"scp: " + text.translate(_ESCAPES).encode("utf-8", "replace") + b"\n"
+
+
 def _display(path: bytes) -> str:
     return os.fsdecode(virtualPath(normalize(path)))
 
@@ -119,6 +135,16 @@ def _name(path: bytes) -> bytes:
 
 def _join(directory: bytes, name: bytes) -> bytes:
     return virtualPath(normalize(directory) + (name,))
+
+
+def _isPlainName(name: bytes) -> bool:
+    """
+    Whether C{name} can stand in a C or D record: one entry of a directory,
+    on one line.
+    """
+    return bool(name) and name not in (b".", b"..") and not any(
+        c in name for c in (b"/", b"\0", b"\n")
+    )
 
 
 class _Line:
@@ -282,12 +308,12 @@ class _Exchange(Protocol):
         Report a problem with one file to the client (scp's run_err) and go on.
         """
         self._errors += 1
-        self.transport.write(b"\x01scp: " + message.encode("utf-8", "replace") + b"\n")
+        self.transport.write(_message(b"\x01", message))
 
     def _fail(self, message: str) -> None:
         if self._done:
             return
-        self.transport.write(b"\x02scp: " + message.encode("utf-8", "replace") + b"\n")
+        self.transport.write(_message(b"\x02", message))
         self._finish(1)
 
     def _finish(self, code: int) -> None:
@@ -367,13 +393,13 @@ class ScpSink(_Exchange):
                 times = (int(match.group(3)), int(match.group(1)))
                 self.transport.write(b"\0")
                 continue
-            match = re.fullmatch(rb"([CD])([0-7]{4}) (\d+) (.+)", line, re.S)
+            match = re.fullmatch(rb"([CD])([0-7]{4}) (\d+) (.*)", line, re.S)
             if match is None:
                 raise _Fatal("protocol error: expected control record")
             mode = int(match.group(2), 8)
             size = int(match.group(3))
             name = match.group(4)
-            if b"/" in name or name in (b".", b"..") or b"\0" in name:
+            if not _isPlainName(name):
                 raise _Fatal(f"error: unexpected filename: {os.fsdecode(name)}")
             path = _join(target, name) if targetIsDirectory else target
             if match.group(1) == b"D":
@@ -527,6 +553,10 @@ class ScpSource(_Exchange):
     def _send(
         self, path: bytes, ancestors: Set[Tuple[int, int]], depth: int
     ) -> Generator[_Request, object, None]:
+        if b"\n" in _name(path):
+            # Checked before anything is sent, a T record included.
+            self.error(f"{_display(path)}: skipping, filename contains a newline")
+            return
         try:
             st = self.filesystem.stat(path)
         except OSError as e:
