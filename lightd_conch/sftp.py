@@ -307,6 +307,14 @@ def encodeAttrs(st: os.stat_result) -> bytes:
 _OK_TAIL = struct.pack(">I", FX_OK) + _string(_STATUS_MESSAGES[FX_OK].encode()) + _string(b"")
 _OK_HEAD = struct.pack(">IB", 5 + len(_OK_TAIL), FXP_STATUS)
 
+# SSH version strings of the clients that send SYMLINK in the drafts' order
+# (the link, then its target) to a server whose version string does not name
+# OpenSSH, and in OpenSSH's order to OpenSSH: asyncssh, WinSCP and Node.js's
+# ssh2 (under VS Code's SFTP extensions).  This server reads OpenSSH's order
+# (as OpenSSH's sftp, paramiko, sshfs, rclone and JSch send it) and turns
+# theirs around, as they would themselves if they recognised it.
+_LINK_FIRST_CLIENTS = (b"SSH-2.0-AsyncSSH_", b"SSH-2.0-WinSCP_", b"SSH-2.0-ssh2js")
+
 _SIX_MONTHS = 182 * 24 * 3600
 # os.fsencode, without its call: scandir decodes names this way.
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
@@ -330,11 +338,18 @@ class _Listing:
         minute = int(mtime) // 60
         when = self.dates.get(minute)
         if when is None:
-            local = time.localtime(mtime)
-            if abs(self.now - mtime) < _SIX_MONTHS:
-                when = time.strftime("%b %e %H:%M", local).encode("ascii")
+            try:
+                local = time.localtime(mtime)
+            except (OverflowError, OSError, ValueError):
+                # Beyond what the C library can show (a file system can hold
+                # times like 2**62): no date, as OpenSSH's server does, and
+                # the rest of the listing unharmed.
+                when = b""
             else:
-                when = time.strftime("%b %e  %Y", local).encode("ascii")
+                if abs(self.now - mtime) < _SIX_MONTHS:
+                    when = time.strftime("%b %e %H:%M", local).encode("ascii")
+                else:
+                    when = time.strftime("%b %e  %Y", local).encode("ascii")
             self.dates[minute] = when
         return when
 
@@ -513,9 +528,11 @@ class SFTPServer(Protocol):
         filesystem: ConfinedFilesystem,
         maxHandles: int = 512,
         cooperator: Optional[Cooperator] = None,
+        clientVersion: bytes = b"",
     ) -> None:
         self.filesystem = filesystem
         self.maxHandles = maxHandles
+        self._linkFirst = clientVersion.startswith(_LINK_FIRST_CLIENTS)
         self._cooperate = cooperate if cooperator is None else cooperator.cooperate
         self._copies: Set[CooperativeTask] = set()
         self._chunks: list = []
@@ -526,6 +543,7 @@ class SFTPServer(Protocol):
         self._version: Optional[int] = None
         self._paused = False
         self._closed = False
+        self._eof = False
         self._dispatch: Dict[int, Callable[[int, _Reader], bytes]] = {
             FXP_OPEN: self._open,
             FXP_CLOSE: self._close,
@@ -694,14 +712,17 @@ class SFTPServer(Protocol):
         if len(self._handles) >= self.maxHandles:
             raise SFTPError(FX_FAILURE, "Too many open handles")
 
-    def _handle(self, reader: _Reader, kind: type) -> _Handle:
-        handle = self._handles.get(reader.string())
+    # Both take the handle's key once every field of the request is read, so
+    # a short packet is BAD_MESSAGE whatever handle it names.
+
+    def _handle(self, key: bytes, kind: type) -> _Handle:
+        handle = self._handles.get(key)
         if not isinstance(handle, kind):
             raise SFTPError(FX_FAILURE, "Invalid handle")
         return handle
 
-    def _anyHandle(self, reader: _Reader) -> _Handle:
-        handle = self._handles.get(reader.string())
+    def _anyHandle(self, key: bytes) -> _Handle:
+        handle = self._handles.get(key)
         if handle is None:
             raise SFTPError(FX_FAILURE, "Invalid handle")
         return handle
@@ -739,9 +760,10 @@ class SFTPServer(Protocol):
         return self._ok(requestId)
 
     def _read(self, requestId: int, reader: _Reader) -> bytes:
-        handle = self._handle(reader, _FileHandle)
+        key = reader.string()
         offset = reader.uint64()
         length = min(reader.uint32(), MAX_READ_LENGTH)
+        handle = self._handle(key, _FileHandle)
         _checkOffsets(offset)
         data = os.pread(handle.fd, length, offset)
         if not data and length:
@@ -754,9 +776,10 @@ class SFTPServer(Protocol):
         ]
 
     def _write(self, requestId: int, reader: _Reader) -> bytes:
-        handle = self._handle(reader, _FileHandle)
+        key = reader.string()
         offset = reader.uint64()
         data = memoryview(reader.view())
+        handle = self._handle(key, _FileHandle)
         _checkOffsets(offset)
         while data:
             written = os.pwrite(handle.fd, data, offset)
@@ -774,7 +797,7 @@ class SFTPServer(Protocol):
         return self._attrsReply(requestId, self.filesystem.stat(reader.string()))
 
     def _fstat(self, requestId: int, reader: _Reader) -> bytes:
-        return self._attrsReply(requestId, os.fstat(self._anyHandle(reader).fd))
+        return self._attrsReply(requestId, os.fstat(self._anyHandle(reader.string()).fd))
 
     def _checkOwnership(self, attrs: Attributes, st: os.stat_result) -> None:
         # Ownership belongs to the host: a client may restate it, not change it.
@@ -791,8 +814,9 @@ class SFTPServer(Protocol):
         return self._ok(requestId)
 
     def _fsetstat(self, requestId: int, reader: _Reader) -> bytes:
-        handle = self._anyHandle(reader)
+        key = reader.string()
         attrs = reader.attrs()
+        handle = self._anyHandle(key)
         if attrs.uid is not None:
             self._checkOwnership(attrs, os.fstat(handle.fd))
         _checkOffsets(attrs.size)
@@ -806,7 +830,7 @@ class SFTPServer(Protocol):
         return self._addHandle(requestId, _DirectoryHandle(fd, path))
 
     def _readdir(self, requestId: int, reader: _Reader) -> bytes:
-        handle = self._handle(reader, _DirectoryHandle)
+        handle = self._handle(reader.string(), _DirectoryHandle)
         batch = handle.read(self.filesystem, MAX_READDIR_ENTRIES)
         if not batch:
             return self._statusPacket(requestId, FX_EOF)
@@ -854,9 +878,12 @@ class SFTPServer(Protocol):
 
     def _symlink(self, requestId: int, reader: _Reader) -> bytes:
         # OpenSSH's argument order (its PROTOCOL file): target first, then
-        # the link to create.  Every client in use follows it.
+        # the link to create; the drafts' order for the clients that send it
+        # (L{_LINK_FIRST_CLIENTS}).
         target = reader.string()
         linkpath = reader.string()
+        if self._linkFirst:
+            target, linkpath = linkpath, target
         self.filesystem.symlink(target, linkpath)
         return self._ok(requestId)
 
@@ -906,7 +933,7 @@ class SFTPServer(Protocol):
         return self._statvfsReply(requestId, self.filesystem.statvfs(reader.string()))
 
     def _fstatvfs(self, requestId: int, reader: _Reader) -> bytes:
-        return self._statvfsReply(requestId, os.fstatvfs(self._anyHandle(reader).fd))
+        return self._statvfsReply(requestId, os.fstatvfs(self._anyHandle(reader.string()).fd))
 
     def _hardlink(self, requestId: int, reader: _Reader) -> bytes:
         old = reader.string()
@@ -915,7 +942,7 @@ class SFTPServer(Protocol):
         return self._ok(requestId)
 
     def _fsync(self, requestId: int, reader: _Reader) -> bytes:
-        os.fsync(self._handle(reader, _FileHandle).fd)
+        os.fsync(self._handle(reader.string(), _FileHandle).fd)
         return self._ok(requestId)
 
     def _lsetstat(self, requestId: int, reader: _Reader) -> bytes:
@@ -1009,6 +1036,7 @@ class SFTPServer(Protocol):
         def cleanup(_: object) -> None:
             self._copies.discard(task)
             job.close()
+            self._endIfAnswered()
 
         task.whenDone().addCallbacks(finished, failed).addBoth(cleanup)
         return None
@@ -1028,6 +1056,25 @@ class SFTPServer(Protocol):
     def resumeProducing(self) -> None:
         self._paused = False
         self._processBuffer()
+        self._endIfAnswered()
+
+    def eofReceived(self) -> None:
+        """
+        The client sends no more requests.  Those it sent before are all
+        answered (some may wait for the send side to drain, or for a copy),
+        then the session ends with exit status 0, as OpenSSH's server's does.
+        """
+        self._eof = True
+        self._endIfAnswered()
+
+    def _endIfAnswered(self) -> None:
+        if not self._eof or self._closed or self._paused or self._copies:
+            return
+        if self._size >= self._needed:
+            return  # a whole request is still to be read (resumeProducing)
+        # What is left, if anything, is part of a request that never came.
+        self._closed = True
+        self.transport.exit(0)
 
     def stopProducing(self) -> None:
         self._closed = True

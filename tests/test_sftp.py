@@ -82,9 +82,13 @@ class _Transport(StringTransport):
     def __init__(self):
         super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
         self.lost = False
+        self.exitCode = None
 
     def loseConnection(self):
         self.lost = True
+
+    def exit(self, code):
+        self.exitCode = code
 
 
 class PacketDriver:
@@ -183,6 +187,21 @@ class ProtocolTests(PacketDriver, TestCase):
             reply = self.request(kind, b"\0\0\0\x50ab")
             self.assertEqual((kind, reply.status), (kind, sftp.FX_BAD_MESSAGE))
         self.assertFalse(self.transport.lost)
+
+    def test_truncatedWithUnknownHandle(self):
+        """
+        A short READ, WRITE or FSETSTAT is BAD_MESSAGE even when the handle it
+        names does not exist: every field is read before the handle is
+        looked up.
+        """
+        self.init()
+        for kind, rest in ((sftp.FXP_READ, b"\0\0"), (sftp.FXP_WRITE, b"\0\0\0\0\0\0\0\0\0\0\0\x10ab"),
+                           (sftp.FXP_FSETSTAT, b"\0\0")):
+            reply = self.request(kind, string(b"no such handle") + rest)
+            self.assertEqual((kind, reply.status), (kind, sftp.FX_BAD_MESSAGE))
+        # Whole, they say what is wrong with the handle.
+        reply = self.request(sftp.FXP_READ, string(b"no such handle") + struct.pack(">QI", 0, 10))
+        self.assertEqual((reply.status, reply.message), (sftp.FX_FAILURE, "Invalid handle"))
 
     def test_unknownType(self):
         self.init()
@@ -389,6 +408,43 @@ class ProtocolTests(PacketDriver, TestCase):
             )
             self.assertEqual(seen[name], expected.encode() + name)
 
+    def test_requestsBeforeEOFAreAnswered(self):
+        """
+        Requests held back while the send side was full are all answered
+        after the client's EOF, in order, before the session ends with exit
+        status 0.
+        """
+        self.init()
+        self.server.pauseProducing()
+        self.feed(b"".join(packet(sftp.FXP_STAT, n, string(b"/")) for n in range(1, 21)))
+        self.server.eofReceived()
+        self.assertEqual((self.replies(), self.transport.exitCode), ([], None))
+        self.server.resumeProducing()
+        replies = self.replies()
+        self.assertEqual([r.id for r in replies], list(range(1, 21)))
+        self.assertEqual({r.kind for r in replies}, {sftp.FXP_ATTRS})
+        self.assertEqual(self.transport.exitCode, 0)
+
+    def test_eofEndsAnIdleSession(self):
+        self.init()
+        # Half a request, then EOF: nothing to answer, the session ends.
+        self.feed(packet(sftp.FXP_STAT, 1, string(b"/"))[:7])
+        self.server.eofReceived()
+        self.assertEqual((self.replies(), self.transport.exitCode), ([], 0))
+
+    def test_readdirTimeBeyondTheCalendar(self):
+        """
+        An entry whose time the C library cannot show (a file system can
+        hold 2**62) is listed without a date, as OpenSSH's server lists it;
+        it does not take the listing down.
+        """
+        for mtime in (2**62, -(2**62)):
+            st = os.stat_result((0o100644, 1, 1, 1, 1000, 1000, 5, 0, mtime, 0))
+            entry = sftp._Listing().entry(b"far", st)
+            reader = sftp._Reader(entry)
+            self.assertEqual(reader.string(), b"far")
+            self.assertEqual(reader.string(), b"-rw-r--r--   1 1000     1000            5  far")
+
     def test_realpath(self):
         self.init()
         for path, expected in ((b".", b"/"), (b"", b"/"), (b"../../a/./b/..", b"/a")):
@@ -407,6 +463,38 @@ class ProtocolTests(PacketDriver, TestCase):
         self.assertEqual(reply.status, sftp.FX_OK)
         self.assertEqual(os.readlink(os.path.join(self.volume, "link")), "../target text")
         self.assertEqual(self.request(sftp.FXP_READLINK, string(b"link")).names()[0][0], b"../target text")
+
+    def test_symlinkDraftOrderClients(self):
+        """
+        asyncssh, WinSCP and Node.js's ssh2 send the drafts' order (the link,
+        then the target) to a server that does not call itself OpenSSH: the
+        link they ask for is made all the same.
+        """
+        for number, version in enumerate((b"SSH-2.0-AsyncSSH_2.24.1", b"SSH-2.0-WinSCP_release_6.3.5",
+                                          b"SSH-2.0-ssh2js1.16.0")):
+            server = sftp.SFTPServer(ConfinedFilesystem(self.volume), clientVersion=version)
+            server.makeConnection(self.transport)
+            self.addCleanup(server.connectionLost, None)
+            self.server = server
+            self.init()
+            link = b"link%d" % number
+            reply = self.request(sftp.FXP_SYMLINK, string(link) + string(b"target text"))
+            self.assertEqual(reply.status, sftp.FX_OK, version)
+            self.assertEqual(os.readlink(os.path.join(self.volume, link.decode())), "target text")
+
+    def test_symlinkOpenSSHOrderForOthers(self):
+        # paramiko, OpenSSH's sftp, sshfs, rclone, JSch: OpenSSH's order.
+        for number, version in enumerate((b"SSH-2.0-paramiko_3.4.0", b"SSH-2.0-OpenSSH_9.2p1 Debian-2",
+                                          b"SSH-2.0-Go", b"SSH-2.0-JSCH_0.2.16")):
+            server = sftp.SFTPServer(ConfinedFilesystem(self.volume), clientVersion=version)
+            server.makeConnection(self.transport)
+            self.addCleanup(server.connectionLost, None)
+            self.server = server
+            self.init()
+            link = b"link%d" % number
+            reply = self.request(sftp.FXP_SYMLINK, string(b"target text") + string(link))
+            self.assertEqual(reply.status, sftp.FX_OK, version)
+            self.assertEqual(os.readlink(os.path.join(self.volume, link.decode())), "target text")
 
     def test_setstat(self):
         self.init()
