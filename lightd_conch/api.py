@@ -18,7 +18,6 @@ import ipaddress
 import json
 import os
 import secrets
-import stat
 
 from twisted.logger import Logger
 from twisted.web import server
@@ -26,6 +25,7 @@ from twisted.web.resource import Resource
 
 from ._address import formatAddress
 from .accounts import AccountError
+from .config import warnIfExposed
 
 log = Logger()
 
@@ -77,47 +77,41 @@ def loadOrCreateToken(path: str) -> "tuple[str, bool]":
         raise TokenError(
             f"the API token file {path} is empty: delete it to generate a new token"
         )
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warn(
-            "the API token file {path} is readable by others (mode {mode:04o});"
-            " chmod 600 it",
-            path=path,
-            mode=stat.S_IMODE(mode),
-        )
+    warnIfExposed("API token file", path, mode)
     return token, False
 
 
-def _isLoopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def warnAuthorizationDisabled(host: str, port: int) -> None:
+    """
+    Log that the API at C{host} (an address literal, as config checks) and
+    the C{port} it is bound to answers without a token: a warning on a
+    loopback address, a critical message on any other.
+    """
+    where = f"{host} port {port}"
+    if ipaddress.ip_address(host).is_loopback:
+        log.warn(
+            "admin API authorization is disabled: any local user or process"
+            " that can connect to {where} can manage SFTP credentials",
+            where=where,
+        )
+    else:
+        log.critical(
+            "admin API authorization is disabled and the API is bound to"
+            " {where}, reachable from other hosts: anyone who can connect"
+            " can manage SFTP credentials",
+            where=where,
+        )
 
 
 def configureToken(config) -> "str | None":
     """
     The bearer token the API requires, or None when C{authorization.enabled}
-    is false.  Logs where the token comes from, never the token itself.
+    is false (L{warnAuthorizationDisabled} says so once the API is bound).
+    Logs where the token comes from, never the token itself.
 
     @raise TokenError: if a generated token's file cannot be used.
     """
     if not config.authorization.enabled:
-        where = f"{config.server.host} port {config.server.port}"
-        if _isLoopback(config.server.host):
-            log.warn(
-                "admin API authorization is disabled: any local user or process"
-                " that can connect to {where} can manage SFTP credentials",
-                where=where,
-            )
-        else:
-            log.critical(
-                "admin API authorization is disabled and the API is bound to"
-                " {where}, reachable from other hosts: anyone who can connect"
-                " can manage SFTP credentials",
-                where=where,
-            )
         return None
     if config.authorization.token:
         log.info(
@@ -173,16 +167,22 @@ class AdminAPI(Resource):
         allowed and returns a Deferred of its result.
     @param changed: called with a container id on the reactor thread after
         its credentials were reset or revoked, to end its sessions now.
+    @param sftpPort: returns the C{port} to hand out: the SFTP port the
+        daemon is bound to, which with C{sftp.port} 0 only the listener
+        knows.  None hands out what L{Accounts} reports, C{sftp.port}.
     """
 
     isLeaf = True
 
-    def __init__(self, accounts, token, run, changed=lambda containerId: None) -> None:
+    def __init__(
+        self, accounts, token, run, changed=lambda containerId: None, sftpPort=None
+    ) -> None:
         super().__init__()
         self._accounts = accounts
         self._token = None if token is None else token.encode("utf-8")
         self._run = run
         self._changed = changed
+        self._sftpPort = sftpPort
 
     def render(self, request):
         try:
@@ -313,14 +313,14 @@ class AdminAPI(Resource):
                 username=result["username"],
             )
             self._notifyChanged(containerId)
-            return 200, result
+            return 200, self._bound(result)
 
         d = self._run(self._accounts.generate, containerId, fields["username"], fields["password"])
         return d.addCallback(done)
 
     def _info(self, request, containerId: str):
         d = self._run(self._accounts.info, containerId)
-        return d.addCallback(lambda result: (200, result))
+        return d.addCallback(lambda result: (200, self._bound(result)))
 
     def _revoke(self, request, containerId: str):
         def done(result):
@@ -329,6 +329,11 @@ class AdminAPI(Resource):
             return 204, None
 
         return self._run(self._accounts.revoke, containerId).addCallback(done)
+
+    def _bound(self, result: dict) -> dict:
+        if self._sftpPort is not None:
+            result["port"] = self._sftpPort()
+        return result
 
     def _notifyChanged(self, containerId: str) -> None:
         # The change is made: a failure to end sessions now must not turn
@@ -379,8 +384,13 @@ def makeSite(resource) -> server.Site:
     """
     The site serving C{resource}, with bounded request bodies, a one-minute
     idle timeout and no start/stop noise in the log.
+
+    Bodies are never parsed as HTML forms: they are JSON whatever their
+    Content-Type says, and twisted.web would answer a malformed
+    multipart/form-data body itself, with a bare 400 and before the token
+    is checked.  The resource answers 415 instead.
     """
-    site = server.Site(resource, timeout=60)
+    site = server.Site(resource, timeout=60, parsePOSTFormSubmission=False)
     site.requestFactory = _BoundedRequest
     site.noisy = False
     site.displayTracebacks = False

@@ -71,13 +71,33 @@ def _list(accounts, args, stdin, stdout, stderr) -> None:
         stdout.write(line.rstrip() + "\n")
 
 
+# A password is at most 72 bytes: a longer line is not one, and reading stops
+# here instead of taking in all of a runaway stdin.
+_MAX_PASSWORD_LINE = 4096
+
+
 def _read_password(stdin) -> str:
-    # What `echo`, a here-string or a file with one line end adds.
-    password = stdin.read()
+    """
+    The first line of C{stdin}, less its line end: LF, or CR LF as Windows
+    files end lines.  Nothing else is taken off, and the rest of C{stdin} is
+    not read; L{Accounts} checks the password.
+    """
+    # Bytes, split at "\n" only: sys.stdin's universal newlines would also end
+    # the line at a lone "\r", and turn "\r\n" into "\n".
+    binary = getattr(stdin, "buffer", None)
+    raw = (binary or stdin).readline(_MAX_PASSWORD_LINE + 1)
+    # What is not UTF-8 stays as surrogates, which Accounts refuses.
+    line = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
     for ending in ("\r\n", "\n"):
-        if password.endswith(ending):
-            return password[: -len(ending)]
-    return password
+        if line.endswith(ending):
+            return line[: -len(ending)]
+    if len(raw) > _MAX_PASSWORD_LINE:
+        raise AccountError(
+            "invalid",
+            "password must be 8 to 72 bytes; standard input has no line end"
+            f" in its first {_MAX_PASSWORD_LINE} bytes",
+        )
+    return line
 
 
 def _print_json(value, stdout) -> None:

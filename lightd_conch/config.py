@@ -5,6 +5,9 @@ L{load} turns the file into frozen dataclasses with every default filled in
 and every path absolute, or raises L{ConfigError} naming the file and the
 key.  It writes nothing: creating folders, keys and tokens is the service's
 job, and a refused configuration must leave the host as it found it.
+
+L{warnIfExposed} is the one check of the mode of a secret file the
+configuration leads to (the admin API token, the SSH host key).
 """
 
 import difflib
@@ -12,7 +15,12 @@ import ipaddress
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+log = Logger()
 
 
 class ConfigError(Exception):
@@ -179,7 +187,12 @@ def _show(value: object) -> str:
     """
     Render a rejected value the way it was written, short and on one line.
     """
-    text = json.dumps(value)
+    try:
+        text = json.dumps(value)
+    except RecursionError:
+        # Nested nearly as deep as the parser allows: json.dumps, called
+        # deeper in the stack than json.loads was, can run out of it.
+        return "a value nested too deeply"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -225,6 +238,22 @@ def _seconds(value: object, folder: str) -> float:
     return float(value)
 
 
+def _address(value: object, folder: str) -> str:
+    # An address literal only: "" would bind every interface, and a name would
+    # be looked up (or fail) only when the service binds, after it wrote files.
+    # ipaddress takes integers too (5 is 0.0.0.5): only a string is an address.
+    try:
+        if isinstance(value, str):
+            ipaddress.ip_address(value)
+            return value
+    except ValueError:
+        pass
+    raise _Invalid(
+        "must be an IPv4 or IPv6 address such as 127.0.0.1, 0.0.0.0 or ::,"
+        f" got {_show(value)}"
+    )
+
+
 def _resolve(folder: str, path: str) -> str:
     return os.path.normpath(os.path.join(folder, path))
 
@@ -255,13 +284,18 @@ def _networks(value: object, folder: str) -> tuple:
         raise _Invalid(f"must be a list of networks, got {_show(value)}")
     networks = []
     for item in value:
+        # ipaddress takes integers too (5 is 0.0.0.5/32, true 0.0.0.1/32):
+        # only a string is an address or a network.
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except (TypeError, ValueError):
-            raise _Invalid(
-                f"must be a list of addresses or networks like 10.0.0.0/8,"
-                f" got {_show(item)}"
-            ) from None
+            if isinstance(item, str):
+                networks.append(ipaddress.ip_network(item, strict=False))
+                continue
+        except ValueError:
+            pass
+        raise _Invalid(
+            f"must be a list of addresses or networks like 10.0.0.0/8,"
+            f" got {_show(item)}"
+        )
     return tuple(networks)
 
 
@@ -290,12 +324,12 @@ def _object(cls, checks: dict):
 # section -> key -> check.  Defaults live on the dataclasses, except the
 # storage paths below, which depend on where the file is.
 _SCHEMA = {
-    "server": {"host": _text, "port": _port},
+    "server": {"host": _address, "port": _port},
     "authorization": {"enabled": _flag, "token": _text},
     "storage": {"base_path": _path, "volumes_path": _path},
     "sftp": {
         "enabled": _flag,
-        "host": _text,
+        "host": _address,
         "port": _port,
         "public_host": _text,
         "host_key": _path,
@@ -379,6 +413,8 @@ def _read(path: str) -> dict:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(path, None, "invalid JSON: not UTF-8") from None
+    except RecursionError:
+        raise ConfigError(path, None, "invalid JSON: nested too deeply") from None
     if not isinstance(document, dict):
         raise ConfigError(path, None, f"must be a JSON object, got {_show(document)}")
     return document
@@ -425,3 +461,20 @@ def load(path: str) -> Config:
         storage=storage,
         sftp=sftp,
     )
+
+
+def warnIfExposed(what: str, path: str, mode: int) -> None:
+    """
+    Log a warning if the secret file at C{path}, whose C{st_mode} is
+    C{mode}, grants its group or others any access.  It is used all the
+    same: the operator may have reasons, and the warning says how to fix it.
+
+    @param what: what the file is, for the message ("API token file").
+    """
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warn(
+            "the {what} {path} is readable by others (mode {mode:04o}); chmod 600 it",
+            what=what,
+            path=path,
+            mode=stat.S_IMODE(mode),
+        )

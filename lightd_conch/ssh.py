@@ -132,20 +132,65 @@ def loadOrCreateHostKey(path: str) -> keys.Key:
     """
     The service's ED25519 host key, generated at C{path} (mode 0600) the first
     time and read back on every later start, so clients see the same
-    fingerprint across restarts.
+    fingerprint across restarts.  A key file that group or others can read
+    is used with a warning, as the API token is.
+
+    @raise keys.BadKeyError: if the file cannot be read or created, or does
+        not hold an unencrypted ED25519 private key; C{str()} names the file
+        and says why in one line, never with the key's bytes (Conch's own
+        messages quote them).
     """
+    # The one check of a secret file's mode, shared with the API token.
+    from .config import warnIfExposed
+
+    def refuse(reason: str) -> keys.BadKeyError:
+        return keys.BadKeyError(f"{path} {reason}")
+
     try:
         with open(path, "rb") as f:
-            return keys.Key.fromString(f.read())
+            data = f.read()
+            mode = os.fstat(f.fileno()).st_mode
     except FileNotFoundError:
-        pass
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        data = None
+    except OSError as e:
+        raise refuse(f"cannot be read: {e.strerror}") from None
+    if data is not None:
+        if not data.strip():
+            raise refuse("is empty")
+        try:
+            key = keys.Key.fromString(data)
+        except keys.EncryptedKeyError:
+            raise refuse(
+                "is protected by a passphrase; lightd-sftp needs a host key without one"
+            ) from None
+        except Exception:
+            # BadKeyError, and struct, binascii or ValueError from a key cut short.
+            raise refuse(
+                "is not a private key lightd-sftp can read"
+                " (damaged, truncated, or not in OpenSSH format)"
+            ) from None
+        if key.isPublic():
+            raise refuse("is a public key; sftp.host_key must name the private key")
+        if key.type() != "Ed25519":
+            # An RSA host key would have Conch offer ssh-rsa (SHA-1) and
+            # ECDSA the NIST curves, both of which this service avoids.
+            kind = {"RSA": "an RSA", "EC": "an ECDSA", "DSA": "a DSA"}.get(
+                key.type(), f"a {key.type()}"
+            )
+            raise refuse(f"is {kind} key; lightd-sftp uses an ED25519 host key")
+        warnIfExposed("SSH host key file", path, mode)
+        return key
+
     pem = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise refuse(f"cannot be created: {e.strerror}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     return keys.Key.fromString(pem)

@@ -13,6 +13,7 @@ import os
 import sys
 
 from twisted.application.service import MultiService, Service
+from twisted.conch.ssh import keys
 from twisted.cred.portal import Portal
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -21,7 +22,13 @@ from twisted.python.threadpool import ThreadPool
 
 from . import config as _config
 from .accounts import Accounts
-from .api import AdminAPI, TokenError, configureToken, makeSite
+from .api import (
+    AdminAPI,
+    TokenError,
+    configureToken,
+    makeSite,
+    warnAuthorizationDisabled,
+)
 from .cred import ContainerRealm, PasswordChecker
 from .sessions import CredentialWatcher, SessionRegistry
 from .ssh import SSHFactory, loadOrCreateHostKey
@@ -94,15 +101,29 @@ class _Listener(Service):
     """
     Listens on a TCP address and logs the port actually bound (port 0 asks
     for any free one).
+
+    @param listening: if given, called with the bound address once
+        listening.
     """
 
-    def __init__(self, reactor, label: str, host: str, port: int, factory) -> None:
+    def __init__(
+        self, reactor, label: str, host: str, port: int, factory, listening=None
+    ) -> None:
         self._reactor = reactor
         self._label = label
         self._host = host
         self._port = port
         self._factory = factory
+        self._listening = listening
         self.listeningPort = None
+
+    def boundPort(self) -> int:
+        """
+        The port listened on, once bound; before, the one configured.
+        """
+        if self.listeningPort is None:
+            return self._port
+        return self.listeningPort.getHost().port
 
     def privilegedStartService(self) -> None:
         self.listeningPort = self._reactor.listenTCP(
@@ -120,6 +141,8 @@ class _Listener(Service):
             host=address.host,
             port=address.port,
         )
+        if self._listening is not None:
+            self._listening(address)
         super().startService()
 
     def stopService(self):
@@ -129,21 +152,42 @@ class _Listener(Service):
             return port.stopListening()
 
 
+def _hostKey(cfg) -> keys.Key:
+    try:
+        return loadOrCreateHostKey(cfg.sftp.host_key)
+    except keys.BadKeyError as e:
+        raise _config.ConfigError(cfg.path, "sftp.host_key", str(e)) from None
+
+
+def _makeFolders(cfg) -> None:
+    for key, folder in (
+        ("storage.base_path", cfg.storage.base_path),
+        ("storage.volumes_path", cfg.storage.volumes_path),
+    ):
+        try:
+            os.makedirs(folder, mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise _config.ConfigError(
+                cfg.path, key, f"cannot create the folder {folder}: {e.strerror}"
+            ) from None
+
+
 def makeService(options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     try:
         cfg = _config.load(os.path.abspath(options["config"]))
-    except _config.ConfigError as e:
-        # Stop before anything is bound or written, with one clear line.
-        sys.stderr.write(f"lightd-sftp: {e}\n")
-        raise SystemExit(1)
-
-    for folder in (cfg.storage.base_path, cfg.storage.volumes_path):
-        os.makedirs(folder, mode=0o755, exist_ok=True)
-    try:
+        # A host key already there must be usable before anything is written;
+        # a missing one is made once the folders and the token are.
+        hostKey = None
+        if cfg.sftp.enabled and os.path.lexists(cfg.sftp.host_key):
+            hostKey = _hostKey(cfg)
+        _makeFolders(cfg)
         token = configureToken(cfg)
-    except TokenError as e:
+        if cfg.sftp.enabled and hostKey is None:
+            hostKey = _hostKey(cfg)
+    except (_config.ConfigError, TokenError) as e:
+        # Stop before anything is bound, with one clear line.
         sys.stderr.write(f"lightd-sftp: {e}\n")
         raise SystemExit(1)
 
@@ -156,6 +200,7 @@ def makeService(options, reactor=None) -> MultiService:
     watcher = CredentialWatcher(store, sessions, reactor)
     watcher.setServiceParent(top)
 
+    sftpPort = None
     if cfg.sftp.enabled:
         # bcrypt holds the GIL only briefly; two threads keep a burst of
         # logins from queueing behind each other without starving transfers.
@@ -165,13 +210,12 @@ def makeService(options, reactor=None) -> MultiService:
             ContainerRealm(cfg),
             [PasswordChecker(store, reactor, pool, cfg.sftp.bcrypt_cost)],
         )
-        factory = SSHFactory(
-            portal, loadOrCreateHostKey(cfg.sftp.host_key), cfg.sftp, reactor
-        )
+        factory = SSHFactory(portal, hostKey, cfg.sftp, reactor)
         factory.sessions = sessions
-        _Listener(
-            reactor, "SFTP", cfg.sftp.host, cfg.sftp.port, factory
-        ).setServiceParent(top)
+        listener = _Listener(reactor, "SFTP", cfg.sftp.host, cfg.sftp.port, factory)
+        listener.setServiceParent(top)
+        # With sftp.port 0 only the listener knows the port clients dial.
+        sftpPort = listener.boundPort
 
     # The API's own thread, for bcrypt and LMDB writes: a burst of API calls
     # queues here instead of delaying logins or stalling the reactor.
@@ -182,8 +226,19 @@ def makeService(options, reactor=None) -> MultiService:
         token,
         run=lambda f, *args: deferToThreadPool(reactor, apiPool, f, *args),
         changed=lambda containerId: watcher.check([containerId]),
+        sftpPort=sftpPort,
     )
     _Listener(
-        reactor, "API", cfg.server.host, cfg.server.port, makeSite(api)
+        reactor,
+        "API",
+        cfg.server.host,
+        cfg.server.port,
+        makeSite(api),
+        # Said once bound, so that it names the port really open.
+        listening=(
+            (lambda address: warnAuthorizationDisabled(cfg.server.host, address.port))
+            if token is None
+            else None
+        ),
     ).setServiceParent(top)
     return top

@@ -12,9 +12,13 @@ from io import BytesIO, StringIO
 from urllib.parse import unquote_to_bytes
 
 import bcrypt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -294,6 +298,21 @@ class GenerateTests(APITestCase):
             self.assertError(request, 415)
         self.assertEqual(self.store.list(), [])
 
+    def test_boundSFTPPort(self):
+        """
+        The C{port} handed out is the one C{sftpPort} reports, the port the
+        daemon bound (with C{sftp.port} 0 the configuration says 0), asked
+        again for each answer.
+        """
+        bound = [40022]
+        self.api = api.AdminAPI(
+            self.accounts, TOKEN, run=maybeDeferred, sftpPort=lambda: bound[0]
+        )
+        self.assertEqual(self.assertResponse(self.generate(), 200)["port"], 40022)
+        bound[0] = 40023
+        info = self.assertResponse(self.request("GET", "/containers/demo/sftp/info"), 200)
+        self.assertEqual(info["port"], 40023)
+
     def test_noVolume(self):
         self.assertError(self.generate("ghost"), 404, "container volume does not exist")
         self.assertIsNone(self.store.get("ghost"))
@@ -548,6 +567,78 @@ class BoundedRequestTests(TestCase):
         self.assertEqual(request.content.read(), b'{"a": 1}')
 
 
+class SiteTests(APITestCase):
+    """
+    Requests over HTTP through L{api.makeSite}: what twisted.web does before
+    the resource sees the request.
+    """
+
+    def exchange(self, headers, body=b"{}", path=b"/containers/demo/sftp/credentials"):
+        """
+        Send one POST with C{headers} and C{body}; return the status and
+        the JSON answer.
+        """
+        site = api.makeSite(self.api)
+        site.reactor = Clock()
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+        head = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers.items())
+        channel.dataReceived(
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (path, head, len(body), body)
+        )
+        response = transport.value()
+        status = int(response.split(b" ", 2)[1])
+        headerBlock, _, answer = response.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Type: application/json\r\n", headerBlock)
+        return status, json.loads(answer)
+
+    def test_multipartIsNotParsed(self):
+        """
+        A multipart/form-data body, well-formed or not, is not parsed by
+        twisted.web (which would answer a malformed one with a bare 400
+        before the token is checked): the token is checked, then it is
+        refused as not JSON.
+        """
+        refused = {"error": "request body must be JSON (Content-Type: application/json)"}
+        for contentType, body in [
+            (b"multipart/form-data", b"{}"),
+            (b"multipart/form-data; boundary=xyz", b"--xyz\r\nbroken"),
+            (
+                b"multipart/form-data; boundary=xyz",
+                b'--xyz\r\nContent-Disposition: form-data; name="password"\r\n\r\n'
+                b"correct horse\r\n--xyz--\r\n",
+            ),
+        ]:
+            self.assertEqual(
+                self.exchange({b"Content-Type": contentType}, body),
+                (401, {"error": "missing bearer token"}),
+            )
+            self.assertEqual(
+                self.exchange(
+                    {b"Content-Type": contentType, b"Authorization": b"Bearer " + TOKEN.encode()},
+                    body,
+                ),
+                (415, refused),
+            )
+        self.assertEqual(self.store.list(), [])
+
+    def test_formTypeBodyIsJSON(self):
+        """
+        curl's default Content-Type carries a JSON body as before.
+        """
+        status, answer = self.exchange(
+            {
+                b"Content-Type": b"application/x-www-form-urlencoded",
+                b"Authorization": b"Bearer " + TOKEN.encode(),
+            },
+            b'{"username": "alice"}',
+        )
+        self.assertEqual((status, answer["username"]), (200, "alice"))
+
+
 class TokenTests(TestCase):
     def test_generatedOnceAndReused(self):
         log = LogCapture(self)
@@ -597,27 +688,35 @@ class TokenTests(TestCase):
         self.assertNotIn("configured-token", log.text())
         self.assertIn(cfg.path, log.text())
 
-    def test_disabledOnLoopback(self):
+    def test_disabled(self):
+        """
+        Without authorization there is no token and no file; the warning
+        comes from L{api.warnAuthorizationDisabled} once the port is bound.
+        """
         log = LogCapture(self)
         cfg = writeConfig(self, authorization={"enabled": False})
         self.assertIsNone(api.configureToken(cfg))
         self.assertFalse(os.path.exists(cfg.api_token_path))
-        self.assertIn("authorization is disabled", log.text())
-        self.assertNotIn("reachable from other hosts", log.text())
-        self.assertEqual([e["log_level"].name for e in log.events], ["warn"])
+        self.assertEqual(log.events, [])
+
+    def test_disabledOnLoopback(self):
+        for host in ("127.0.0.1", "127.0.0.2", "::1"):
+            log = LogCapture(self)
+            api.warnAuthorizationDisabled(host, 40080)
+            self.assertIn(
+                f"authorization is disabled: any local user or process that can"
+                f" connect to {host} port 40080",
+                log.text(),
+            )
+            self.assertNotIn("reachable from other hosts", log.text())
+            self.assertEqual([e["log_level"].name for e in log.events], ["warn"])
 
     def test_disabledBeyondLoopback(self):
-        for host in ("0.0.0.0", "::", "192.0.2.1", "example.test", ""):
+        for host in ("0.0.0.0", "::", "192.0.2.1"):
             log = LogCapture(self)
-            cfg = writeConfig(self, authorization={"enabled": False}, server={"host": host})
-            self.assertIsNone(api.configureToken(cfg))
-            self.assertIn("reachable from other hosts", log.text())
+            api.warnAuthorizationDisabled(host, 40080)
+            self.assertIn(f"bound to {host} port 40080, reachable from other hosts", log.text())
             self.assertEqual([e["log_level"].name for e in log.events], ["critical"])
-        for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
-            log = LogCapture(self)
-            cfg = writeConfig(self, authorization={"enabled": False}, server={"host": host})
-            api.configureToken(cfg)
-            self.assertNotIn("reachable from other hosts", log.text())
 
 
 class ServiceTreeTests(TestCase):
@@ -642,3 +741,229 @@ class ServiceTreeTests(TestCase):
         error = self.assertRaises(SystemExit, tap.makeService, {"config": cfg.path}, MemoryReactorClock())
         self.assertEqual(error.code, 1)
         self.assertIn("api_token is empty", tap.sys.stderr.getvalue())
+
+    def refusedStart(self, cfg):
+        """
+        makeService on C{cfg} exits 1; return what it wrote to stderr.
+        """
+        stderr = StringIO()
+        self.patch(tap.sys, "stderr", stderr)
+        error = self.assertRaises(
+            SystemExit, tap.makeService, {"config": cfg.path}, MemoryReactorClock()
+        )
+        self.assertEqual(error.code, 1)
+        return stderr.getvalue()
+
+    def test_authorizationDisabledWarningNamesBoundPort(self):
+        """
+        With C{server.port} 0, the warning that the API answers without a
+        token names the port it was bound to, not 0.
+        """
+        log = LogCapture(self)
+        cfg = writeConfig(self, authorization={"enabled": False})
+        service = tap.makeService({"config": cfg.path}, BindingReactor())
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = re.search(r"API listening on \S+ port (\d+)", log.text()).group(1)
+        self.assertNotEqual(port, "0")
+        self.assertIn(f"that can connect to 127.0.0.1 port {port} can manage", log.text())
+
+    def test_storageBaseIsAFile(self):
+        """
+        A C{storage.base_path} that is a file stops the start with one line
+        naming the key.
+        """
+        cfg = writeConfig(self, storage={"base_path": "config.json"})
+        self.assertEqual(
+            self.refusedStart(cfg),
+            f"lightd-sftp: {cfg.path}: storage.base_path: cannot create the folder"
+            f" {cfg.path}: File exists\n",
+        )
+
+
+def _ed25519():
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def _openssh(key, encryption=None) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        encryption or serialization.NoEncryption(),
+    )
+
+
+def _pem(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+class BindingReactor(MemoryReactorClock):
+    """
+    A memory reactor that, like a real one, binds port 0 to a free port
+    (here 40001 and up).
+    """
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        listening = super().listenTCP(port, factory, backlog, interface)
+        if port == 0:
+            listening = _BoundPort(
+                IPv4Address("TCP", interface, 40000 + len(self.tcpServers))
+            )
+        return listening
+
+
+class _BoundPort:
+    def __init__(self, address):
+        self._address = address
+
+    def getHost(self):
+        return self._address
+
+    def stopListening(self):
+        return None
+
+
+class HostKeyTests(TestCase):
+    """
+    C{sftp.host_key}: the key file the service starts with, through
+    L{tap.makeService}.
+    """
+
+    unreadable = (
+        "is not a private key lightd-sftp can read"
+        " (damaged, truncated, or not in OpenSSH format)"
+    )
+
+    def configWithKey(self, data=None, mode=0o600):
+        """
+        A configuration whose host key is the file C{key} beside it,
+        holding C{data} (if not None) with C{mode}.
+        """
+        cfg = writeConfig(self, sftp={"host_key": "key"})
+        if data is not None:
+            fd = os.open(cfg.sftp.host_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(cfg.sftp.host_key, mode)
+        return cfg
+
+    def start(self, cfg):
+        service = tap.makeService({"config": cfg.path}, MemoryReactorClock())
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def assertRefused(self, cfg, reason, data=b""):
+        """
+        The start stops with one line naming the config file, the key, the
+        key file and C{reason}, shows nothing of the key file, and writes
+        nothing.
+        """
+        folder = os.path.dirname(cfg.path)
+        before = sorted(os.listdir(folder))
+        stderr = StringIO()
+        self.patch(tap.sys, "stderr", stderr)
+        error = self.assertRaises(
+            SystemExit, tap.makeService, {"config": cfg.path}, MemoryReactorClock()
+        )
+        self.assertEqual(error.code, 1)
+        self.assertEqual(
+            stderr.getvalue(),
+            f"lightd-sftp: {cfg.path}: sftp.host_key: {cfg.sftp.host_key} {reason}\n",
+        )
+        for line in data.splitlines():
+            for start in range(0, max(len(line) - 12, 0), 12):
+                self.assertNotIn(line[start : start + 12].decode("latin-1"), stderr.getvalue())
+        self.assertEqual(sorted(os.listdir(folder)), before)
+
+    def test_otherKeyTypesRefused(self):
+        """
+        Only an ED25519 key is used: an RSA key would have Conch offer
+        ssh-rsa (SHA-1), an ECDSA key a NIST curve.
+        """
+        ed25519Only = "lightd-sftp uses an ED25519 host key"
+        rsaKey = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        ecKey = ec.generate_private_key(ec.SECP256R1())
+        for data, kind in [
+            (_openssh(rsaKey), "an RSA"),
+            (_pem(rsaKey), "an RSA"),
+            (_openssh(ecKey), "an ECDSA"),
+            (_pem(ecKey), "an ECDSA"),
+        ]:
+            cfg = self.configWithKey(data)
+            self.assertRefused(cfg, f"is {kind} key; {ed25519Only}", data)
+
+    def test_unusableFilesRefused(self):
+        """
+        A key file that cannot be used stops the start with a short reason,
+        never with Conch's messages, which quote the file.
+        """
+        key = _openssh(_ed25519())
+        lines = key.splitlines(keepends=True)
+        public = _ed25519().public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        for data, reason in [
+            (b"".join(lines[1:-1]), self.unreadable),
+            (key[: len(key) // 2], self.unreadable),
+            (b"".join(lines[:3]), self.unreadable),
+            (b"not a key\n", self.unreadable),
+            (b"\xff\xfe\x00\x01", self.unreadable),
+            (b"", "is empty"),
+            (b"\n\n", "is empty"),
+            (
+                _openssh(_ed25519(), serialization.BestAvailableEncryption(b"passphrase")),
+                "is protected by a passphrase; lightd-sftp needs a host key without one",
+            ),
+            (public, "is a public key; sftp.host_key must name the private key"),
+        ]:
+            cfg = self.configWithKey(data)
+            self.assertRefused(cfg, reason, data)
+
+    def test_unreadableRefused(self):
+        cfg = self.configWithKey()
+        os.mkdir(cfg.sftp.host_key)
+        self.assertRefused(cfg, "cannot be read: Is a directory")
+
+    def test_badDefaultKeyWritesNothing(self):
+        """
+        A bad key at the default place, in the storage folder, is refused
+        before the folder gets the volumes, the token or anything else.
+        """
+        cfg = writeConfig(self)
+        os.makedirs(cfg.storage.base_path)
+        data = b"".join(_openssh(_ed25519()).splitlines(keepends=True)[1:-1])
+        with open(cfg.sftp.host_key, "wb") as f:
+            f.write(data)
+        self.assertRefused(cfg, self.unreadable, data)
+        self.assertEqual(os.listdir(cfg.storage.base_path), ["sftp_host_ed25519_key"])
+
+    def test_createdWhenMissing(self):
+        log = LogCapture(self)
+        cfg = self.configWithKey()
+        self.start(cfg)
+        self.assertEqual(stat.S_IMODE(os.stat(cfg.sftp.host_key).st_mode), 0o600)
+        self.assertNotIn("readable by others", log.text())
+
+    def test_looseModeWarned(self):
+        """
+        A key file that group or others can read is used, with the API
+        token's warning.
+        """
+        for mode in (0o644, 0o640, 0o604):
+            log = LogCapture(self)
+            cfg = self.configWithKey(_openssh(_ed25519()), mode)
+            self.start(cfg)
+            self.assertIn(
+                f"the SSH host key file {cfg.sftp.host_key} is readable by others"
+                f" (mode {mode:04o}); chmod 600 it",
+                log.text(),
+            )
+        log = LogCapture(self)
+        self.start(self.configWithKey(_openssh(_ed25519()), 0o600))
+        self.assertNotIn("readable by others", log.text())
+

@@ -109,6 +109,15 @@ class GenerateTests(CLITestsMixin, TestCase):
         )
         self.assertEqual(stderr, "lightd-sftp: the password will not be shown again\n")
 
+    def test_portZero(self):
+        """
+        With C{sftp.port} 0 the daemon's port is chosen when it binds; the
+        CLI, which works without the daemon, prints the 0 it is configured
+        with (the API gives the bound port).
+        """
+        self.writeConfig({"sftp": {"bcrypt_cost": 4, "port": 0}})
+        self.assertEqual(self.generate("web1")["port"], 0)
+
     def test_volumeMissing(self):
         """
         Without the volume, and without C{--create-volume}, it is refused.
@@ -120,17 +129,45 @@ class GenerateTests(CLITestsMixin, TestCase):
 
     def test_passwordStdin(self):
         """
-        C{--password-stdin} takes the password from stdin, less one line end.
+        C{--password-stdin} takes the first line of stdin, less its line end
+        (LF or CR LF) and nothing else.
         """
         for stdin, password in [
             ("correct horse\n", "correct horse"),
             ("correct horse\r\n", "correct horse"),
             ("correct horse", "correct horse"),
-            (" spaced out \n\n", " spaced out \n"),
+            (" spaced out \n\n", " spaced out "),
+            ("abcdefgh\nsecondline\n", "abcdefgh"),
+            ("first line\r\nsecond line", "first line"),
+            ("\ttabbed\tpassword\n", "\ttabbed\tpassword"),
         ]:
             result = self.generate("web1", "--password-stdin", stdin=stdin)
             self.assertEqual(result["password"], password)
             self.assertTrue(bcrypt.checkpw(password.encode(), self.storedHash("web1")))
+
+    def test_passwordStdinRefused(self):
+        """
+        What the first line leaves is checked by the password rules: an
+        empty line is refused, even with a password on the next one, and so
+        is a NUL.  A line with no end in the first 4096 bytes is refused
+        without reading on.
+        """
+        argv = ("credentials", "generate", "web1", "--create-volume", "--password-stdin")
+        for stdin, message in [
+            ("", "password must be 8 to 72 bytes, got 0"),
+            ("\n", "password must be 8 to 72 bytes, got 0"),
+            ("\r\n", "password must be 8 to 72 bytes, got 0"),
+            ("\ncorrect horse\n", "password must be 8 to 72 bytes, got 0"),
+            ("correct\0horse\n", "password must not contain NUL characters"),
+            ("x" * 73 + "\n", "password must be 8 to 72 bytes, got 73"),
+            (
+                "x" * 5000,
+                "password must be 8 to 72 bytes; standard input has no line end"
+                " in its first 4096 bytes",
+            ),
+        ]:
+            self.assertRefused(message, *argv, stdin=stdin)
+        self.assertFalse(os.path.exists(os.path.join(self.volumes, "web1")))
 
     def test_passwordNotInStore(self):
         """
@@ -371,3 +408,33 @@ class ConfigAndUsageTests(CLITestsMixin, TestCase):
             (1, "", f"lightd-sftp: error: {NOT_FOUND}\n"),
         )
         self.assertEqual(script("credentials").returncode, 2)
+
+    def test_passwordFromRealStdin(self):
+        """
+        From a real stdin, the line is split at LF only (not at a lone CR,
+        as a text stream's universal newlines would), and bytes that are not
+        UTF-8 are refused in one line.
+        """
+        def generate(stdin):
+            return subprocess.run(
+                [sys.executable, "-m", "lightd_conch.cli", "--config", self.config,
+                 "credentials", "generate", "web1", "--create-volume", "--json",
+                 "--password-stdin"],
+                input=stdin,
+                capture_output=True,
+                env=dict(os.environ, PYTHONPATH=REPOSITORY),
+            )
+
+        for stdin, password in [
+            (b"abcdefgh\r\nsecond line\n", "abcdefgh"),
+            (b"pass\rword\n", "pass\rword"),
+            ("p\u00e4ssw\u00f6rd\n".encode(), "p\u00e4ssw\u00f6rd"),
+        ]:
+            done = generate(stdin)
+            self.assertEqual((done.returncode, done.stderr), (0, b""))
+            self.assertEqual(json.loads(done.stdout)["password"], password)
+        refused = generate(b"\xffpassword\n")
+        self.assertEqual(
+            (refused.returncode, refused.stdout, refused.stderr),
+            (1, b"", b"lightd-sftp: error: password must be valid UTF-8\n"),
+        )

@@ -5,6 +5,7 @@ and the one-line refusals naming the file and the key.
 
 import json
 import os
+import re
 
 from twisted.trial.unittest import TestCase
 
@@ -227,7 +228,7 @@ class RefusalTests(LoadTestsMixin, TestCase):
             ("sftp", "enabled", "yes", 'must be true or false, got "yes"'),
             ("authorization", "enabled", 1, "must be true or false, got 1"),
             ("authorization", "token", None, "must be a string, got null"),
-            ("server", "host", 127, "must be a string, got 127"),
+            ("authorization", "token", 5, "must be a string, got 5"),
             ("sftp", "public_host", [], "must be a string, got []"),
             ("sftp", "port", 2022.0, "must be an integer 0..65535, got 2022.0"),
             ("storage", "base_path", "", 'must be a non-empty path, got ""'),
@@ -254,6 +255,84 @@ class RefusalTests(LoadTestsMixin, TestCase):
         ]:
             self.assertRefused(
                 {section: {key: value}}, f"{section}.{key}: {problem}"
+            )
+
+    def test_bindAddresses(self):
+        """
+        C{server.host} and C{sftp.host} are IP address literals: "" would
+        bind every interface, and a name or a bad address would fail only
+        when the service binds, after it wrote its files.
+        """
+        problem = "must be an IPv4 or IPv6 address such as 127.0.0.1, 0.0.0.0 or ::"
+        for section in ("server", "sftp"):
+            for value, shown in [
+                ("", '""'),
+                ("localhost", '"localhost"'),
+                ("sftp.example.test", '"sftp.example.test"'),
+                ("999.1.1.1", '"999.1.1.1"'),
+                (" 127.0.0.1", '" 127.0.0.1"'),
+                ("10.0.0.0/8", '"10.0.0.0/8"'),
+                (2130706433, "2130706433"),
+                (True, "true"),
+                (None, "null"),
+            ]:
+                self.assertRefused(
+                    {section: {"host": value}}, f"{section}.host: {problem}, got {shown}"
+                )
+        for value in ("127.0.0.1", "0.0.0.0", "192.0.2.7", "::", "::1", "fe80::1%lo"):
+            config = load(self.writeConfig({"server": {"host": value}, "sftp": {"host": value}}))
+            self.assertEqual((config.server.host, config.sftp.host), (value, value))
+
+    def test_safeListItemsAreStrings(self):
+        """
+        Each C{safe_list} item is a string: C{ipaddress} would take 5 as
+        0.0.0.5/32 and true as 0.0.0.1/32.
+        """
+        for item, shown in [(5, "5"), (True, "true"), (None, "null"), ([], "[]"), ("x", '"x"')]:
+            self.assertRefused(
+                {"sftp": {"defender": {"safe_list": ["10.0.0.0/8", item]}}},
+                "sftp.defender.safe_list: must be a list of addresses or networks"
+                f" like 10.0.0.0/8, got {shown}",
+            )
+        config = load(
+            self.writeConfig({"sftp": {"defender": {"safe_list": ["10.0.0.0/8", "::1"]}}})
+        )
+        self.assertEqual(
+            [str(network) for network in config.sftp.defender.safe_list],
+            ["10.0.0.0/8", "::1/128"],
+        )
+
+    def test_nestedTooDeeply(self):
+        """
+        JSON nested deeper than the parser goes is refused in one line, not
+        with a RecursionError.
+        """
+        deep = "[" * 100000 + "]" * 100000
+        self.assertRefused(None, "invalid JSON: nested too deeply", text=deep)
+        self.assertRefused(
+            None,
+            "invalid JSON: nested too deeply",
+            text='{"sftp": {"port": ' + deep + "}}",
+        )
+
+    def test_nestedValueShown(self):
+        """
+        A value nested nearly as deep as the parser goes is refused in one
+        line too, whether the parser or the message runs out of stack.
+        """
+        # Just below the depth json.loads gives up at, json.dumps, called
+        # deeper in the stack, can give up instead: try every depth near it.
+        for depth in range(900, 1000):
+            path = self.writeConfig(
+                None, text='{"sftp": {"port": ' + "[" * depth + "]" * depth + "}}"
+            )
+            error = self.assertRaises(ConfigError, load, path)
+            self.assertRegex(
+                str(error),
+                "^" + re.escape(f"{path}: ")
+                + r"(invalid JSON: nested too deeply"
+                r"|sftp\.port: must be an integer 0\.\.65535, got (\[{37}\.\.\."
+                r"|a value nested too deeply))$",
             )
 
     def test_notANumber(self):

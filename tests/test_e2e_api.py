@@ -38,8 +38,7 @@ def free_port():
 
 def api_config(**authorization):
     """
-    The harness's config with a fixed free SFTP port, so the port the API hands out is the one
-    clients can connect to (port 0 would be handed out as 0).
+    The harness's config with a fixed free SFTP port (see PortZeroTests for port 0).
     """
     config = default_config()
     config["sftp"]["port"] = free_port()
@@ -199,6 +198,36 @@ class DisabledAuthorizationTests(APITestCase):
         self.assertIn("authorization is disabled", self.service.log_text())
         self.assertFalse((self.service.storage / "api_token").exists())
 
+    def test_warning_names_the_bound_port(self):
+        # server.port is 0: the warning names the port the API really listens on.
+        self.assertEqual(self.service.config["server"]["port"], 0)
+        lines = self.service.log_lines("authorization is disabled")
+        self.assertEqual(len(lines), 1, self.service.log_text())
+        self.assertIn(f"connect to {HOST} port {self.api_port} can manage", lines[0])
+
+
+class PortZeroTests(APITestCase):
+    """
+    With ``sftp.port`` 0 the API hands out the port the daemon bound, which clients can dial;
+    the CLI, which works without the daemon, prints the 0 it is configured with.
+    """
+
+    def config(self):
+        return default_config()  # sftp.port 0
+
+    def test_bound_port_handed_out(self):
+        self.volume()
+        creds = self.assertJSON(self.generate(), 200)
+        self.assertEqual(self.service.config["sftp"]["port"], 0)
+        self.assertNotEqual(self.service.port, 0)
+        self.assertEqual(creds["port"], self.service.port)
+        info = self.assertJSON(self.request("GET", "/containers/demo/sftp/info"), 200)
+        self.assertEqual(info["port"], self.service.port)
+        self.sftp(creds).listdir("/")
+        result = self.service.cli("credentials", "info", "demo", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["port"], 0)
+
 
 class CredentialTests(APITestCase):
     def test_create_with_defaults_and_log_in(self):
@@ -353,6 +382,18 @@ class BadRequestTests(APITestCase):
         self.volume()
         response = self.generate(body="{}", headers={"Content-Type": "text/plain"})
         self.assertError(response, 415)
+
+    def test_malformed_multipart_gets_json(self):
+        # twisted.web would parse a multipart body itself and answer a malformed one with a bare
+        # 400, before the token check; it is answered like any body that is not JSON.
+        self.volume()
+        for content_type in ("multipart/form-data", "multipart/form-data; boundary=xyz"):
+            headers = {"Content-Type": content_type}
+            self.assertError(
+                self.generate(body="{}", headers=headers, token=None), 401, "missing bearer token"
+            )
+            self.assertError(self.generate(body="--xyz\r\nbroken", headers=headers), 415)
+        self.assertError(self.request("GET", "/containers/demo/sftp/info"), 404)
 
     def test_unknown_route_and_wrong_method(self):
         for path in ("/", "/containers/demo", "/containers/demo/sftp/keys", "/v1/x/y/z"):

@@ -13,6 +13,8 @@ import subprocess
 import time
 import uuid
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.trial import unittest
 
 from tests.harness import (
@@ -74,6 +76,32 @@ class HostKeyTests(unittest.TestCase):
         self.assertEqual(rc, 0, err)
         self.assertNotIn("REMOTE HOST IDENTIFICATION HAS CHANGED", err)
         self.assertIn("Remote working directory: /", out)
+
+
+def ed25519_pem():
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+
+
+class LooseHostKeyTests(unittest.TestCase):
+    timeout = 60
+
+    def test_host_key_readable_by_others_is_warned(self):
+        # The same warning as for an API token file with group or other access.
+        service = Service(self)
+        service.storage.mkdir()
+        service.host_key_path.write_bytes(ed25519_pem())
+        os.chmod(service.host_key_path, 0o644)
+        service.start()
+        text = service.wait_for_log(lambda text: "readable by others" in text)
+        self.assertIn(
+            f"the SSH host key file {service.host_key_path} is readable by others (mode 0644);"
+            " chmod 600 it",
+            text,
+        )
 
 
 class SecretsAndLogTests(unittest.TestCase):
@@ -171,10 +199,17 @@ class SecretsAndLogTests(unittest.TestCase):
 class BadConfigTests(unittest.TestCase):
     timeout = 60
 
-    def run_twistd(self, config):
-        """Run the service on ``config``; it must exit by itself. Returns (rc, output, root)."""
+    def run_twistd(self, config, files=None):
+        """
+        Run the service on ``config``, with ``files`` ({relative path: bytes}) written beside it
+        first; it must exit by itself. Returns (rc, output, root, config_path).
+        """
         root = make_temp_root(self)
         config_path = write_config(root, config)
+        for name, data in (files or {}).items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+            os.chmod(root / name, 0o600)
         log_path = root / "service.log"
         try:
             result = subprocess.run(
@@ -197,16 +232,104 @@ class BadConfigTests(unittest.TestCase):
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    def assertRefusedToStart(self, config, key_pattern):
-        rc, output, root, config_path = self.run_twistd(config)
+    def assertRefusedToStart(self, config, key_pattern, files=None):
+        rc, output, root, config_path = self.run_twistd(config, files)
         self.assertNotEqual(rc, 0, output)
         self.assertRegex(output, key_pattern)
         self.assertIn(str(config_path), output)
         self.assertNotRegex(output, r"SFTP listening on")
+        self.assertNotIn("Traceback", output)
         self.assertFalse((root / "storage").exists(), "a refused config wrote storage/")
         # The configured port was never bound: it is still free.
         with socket.socket() as s:
             s.bind(("127.0.0.1", config["sftp"]["port"]))
+        return output, root, config_path
+
+    def refusal_line(self, output, config_path):
+        """The one line naming the config file; there is no other mention of it."""
+        lines = [line for line in output.splitlines() if str(config_path) in line]
+        self.assertEqual(len(lines), 1, output)
+        return lines[0]
+
+    def test_non_ed25519_host_keys(self):
+        # An RSA key would have the service offer ssh-rsa (SHA-1), an ECDSA key a NIST curve.
+        for kind, key in [
+            ("an RSA", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+            ("an ECDSA", ec.generate_private_key(ec.SECP256R1())),
+        ]:
+            config = default_config()
+            config["sftp"].update(port=self.free_port(), host_key="host_key")
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+            output, root, config_path = self.assertRefusedToStart(
+                config,
+                rf"sftp\.host_key: \S+/host_key is {kind} key; lightd-sftp uses an ED25519 host key",
+                files={"host_key": pem},
+            )
+            self.assertEqual(
+                self.refusal_line(output, config_path),
+                f"lightd-sftp: {config_path}: sftp.host_key: {root / 'host_key'} is {kind} key;"
+                " lightd-sftp uses an ED25519 host key",
+            )
+
+    def test_unusable_host_key_shows_no_key_material(self):
+        pem = ed25519_pem()
+        headerless = b"".join(pem.splitlines(keepends=True)[1:-1])
+        for data in (headerless, pem[: len(pem) // 2]):
+            config = default_config()
+            config["sftp"].update(port=self.free_port(), host_key="host_key")
+            output, root, config_path = self.assertRefusedToStart(
+                config, r"sftp\.host_key: \S+/host_key is not a private key", files={"host_key": data}
+            )
+            self.assertRegex(
+                self.refusal_line(output, config_path),
+                r"^lightd-sftp: \S+: sftp\.host_key: \S+ is not a private key lightd-sftp can read"
+                r" \(damaged, truncated, or not in OpenSSH format\)$",
+            )
+            for line in headerless.splitlines():
+                self.assertNotIn(line[:24].decode(), output)
+
+    def test_bind_addresses_must_be_ip_literals(self):
+        # "" would bind every interface (the API too); a name or a bad address would fail only
+        # when binding, after storage/ had been written.
+        for section, host in [("server", ""), ("sftp", ""), ("server", "999.1.1.1"),
+                              ("sftp", "localhost")]:
+            config = default_config()
+            config["sftp"]["port"] = self.free_port()
+            config[section]["host"] = host
+            output, root, config_path = self.assertRefusedToStart(
+                config, rf"{section}\.host: must be an IPv4 or IPv6 address"
+            )
+            self.refusal_line(output, config_path)
+
+    def test_storage_base_path_is_a_file(self):
+        config = default_config()
+        config["sftp"]["port"] = self.free_port()
+        config["storage"]["base_path"] = "config.json"
+        rc, output, root, config_path = self.run_twistd(config)
+        self.assertNotEqual(rc, 0, output)
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(
+            self.refusal_line(output, config_path),
+            f"lightd-sftp: {config_path}: storage.base_path: cannot create the folder"
+            f" {config_path}: File exists",
+        )
+
+    def test_deeply_nested_config(self):
+        root = make_temp_root(self)
+        config_path = root / "config.json"
+        config_path.write_text("[" * 100000 + "]" * 100000)
+        result = subprocess.run(
+            twistd_command(config_path, root / "service.log"), cwd=root, env=service_env(),
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=START_TIMEOUT,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        self.assertIn(f"{config_path}: invalid JSON: nested too deeply", result.stderr)
+        self.assertEqual(sorted(os.listdir(root)), ["config.json"])
 
     def test_unknown_sftp_key(self):
         config = default_config()
