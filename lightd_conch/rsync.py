@@ -7,11 +7,15 @@ The argv is checked word by word against the option forms rsync's client
 sends for uploads and downloads; anything that could run a program (``-e``,
 ``--rsync-path``), start a daemon, write a log or batch file on the host,
 or hide the paths from us (``--protect-args``) is refused.  Paths get chroot
-semantics: ``/x``, ``x`` and ``~/x`` all mean ``x`` in the volume, and ``..``
-cannot climb above it.  The sandbox then enforces what the argv check
-promises: a new mount, network, pid, IPC and user namespace, a read-only
+semantics: ``/x``, ``x`` and ``~/x`` all mean ``x`` in the volume, ``..``
+cannot climb above it, and a path that starts with ``-`` is passed as
+``./-...``, since rsync would read it as an option.  Two options are always
+added: ``--no-super`` (rsync never chowns to the client's ids or makes
+devices, even as uid 0) and ``--chmod=a-st`` (no file or directory rsync
+receives or sends keeps a setuid, setgid or sticky bit).  The sandbox then enforces what the
+argv check promises: new mount, network, pid and IPC namespaces, a read-only
 root, the volume as the only writable place, and rsync running as the
-volume's owner.
+volume's owner without any capability.
 """
 
 from __future__ import annotations
@@ -128,6 +132,16 @@ _REFUSED = {
 }
 
 
+# Always added, whatever the client sent.  First, so that a client's
+# --fake-super (which keeps owners in xattrs, never chowns) still wins over it:
+# rsync as uid 0 never tries to give files the client's ids or make devices.
+_ENFORCED_FIRST = ["--no-super"]
+# Last before ".", so that rsync applies it after any --chmod of the client's:
+# every file-list entry, received or sent, loses its setuid, setgid and sticky
+# bits (rsync does not forward a client's own --chmod; -M--chmod comes first).
+_ENFORCED_LAST = ["--chmod=a-st"]
+
+
 def isRsyncCommand(command: bytes) -> bool:
     return command.lstrip(b" \t").split(b" ", 1)[0] == b"rsync"
 
@@ -148,6 +162,17 @@ def _mapPath(value: str) -> str:
     if parts and (raw.endswith(b"/") or raw.endswith(b"/.")):
         mapped += b"/"
     return os.fsdecode(mapped)
+
+
+def _pathArgument(value: str) -> str:
+    """
+    A client path as the word rsync gets: mapped into the volume, and, if it
+    would start with "-", as "./-..." since rsync parses such words as
+    options even after the "." that ends them.  A file named "-x" stays
+    transferable, and "--log-file=x" is a name, not an option.
+    """
+    mapped = _mapPath(value)
+    return "./" + mapped if mapped.startswith("-") else mapped
 
 
 def _mapOptionPath(value: str) -> str:
@@ -223,8 +248,20 @@ def parseCommand(command: bytes) -> List[str]:
     if not paths:
         raise RsyncRefused("no path given")
     argv.append(".")
-    argv.extend(_mapPath(p) for p in paths)
+    argv.extend(_pathArgument(p) for p in paths)
     return argv
+
+
+def enforced(argv: Sequence[str]) -> List[str]:
+    """
+    C{argv} (from L{parseCommand}) with the options this service always adds:
+    rsync never runs in super-user mode and never sets special mode bits.
+    """
+    separator = list(argv).index(".")
+    return (
+        list(argv[:2]) + _ENFORCED_FIRST + list(argv[2:separator])
+        + _ENFORCED_LAST + list(argv[separator:])
+    )
 
 
 # -- the sandbox -------------------------------------------------------------
@@ -310,15 +347,18 @@ class Sandbox:
         The command line running C{rsyncArgv} on the volume open as
         C{volumeFD}.
 
-        Without C{ids} (a volume owned by root) rsync runs as root in a new
-        user namespace.  With C{ids}, bwrap sets the sandbox up as root
-        without a user namespace (the volume's owner may not be able to reach
-        the volume's host path) and setpriv, inside, becomes that uid and gid
-        with no other groups and no capabilities before running rsync.
+        With C{ids} (the service runs as root), bwrap sets the sandbox up as
+        root without a user namespace (the volume's owner may not be able to
+        reach the volume's host path) and setpriv, inside, becomes that uid
+        and gid (0 included) with no other groups, no capabilities and an
+        empty bounding set before running rsync: uid 0 without capabilities
+        cannot set file capabilities or reach past permission bits.  Without
+        C{ids} (the service is not root) rsync runs as the service's user in
+        a new user namespace, with every capability dropped.
         """
         argv = [self.bwrap]
         if ids is None:
-            argv.append("--unshare-all")
+            argv += ["--unshare-all", "--cap-drop", "ALL"]
         else:
             if self.setpriv is None:
                 raise OSError("setpriv is needed to run rsync as the volume's owner")
@@ -452,9 +492,10 @@ class RsyncServer(Protocol):
             return
         try:
             owner = os.fstat(volumeFD)
-            # rsync runs as the volume's owner, as if the container wrote.
+            # rsync runs as the volume's owner, as if the container wrote;
+            # a root-owned volume too, as uid 0 without capabilities.
             ids = None
-            if os.geteuid() == 0 and owner.st_uid != 0:
+            if os.geteuid() == 0:
                 ids = (owner.st_uid, owner.st_gid)
             argv = self.sandbox.argv(3, self.argv, ids)
             self.process = reactor.spawnProcess(
@@ -544,4 +585,4 @@ def rsyncProtocol(command: bytes, volumePath: str) -> Protocol:
         argv = parseCommand(command)
     except RsyncRefused as e:
         return Refusal(f"lightd-sftp: rsync refused: {e}", 1)
-    return RsyncServer(sandbox, volumePath, argv)
+    return RsyncServer(sandbox, volumePath, enforced(argv))
