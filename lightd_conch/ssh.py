@@ -789,7 +789,11 @@ class SessionChannel(SSHChannel):
                 container=self.avatar.containerId,
             )
             return 0
-        self.protocol = SFTPServer(filesystem, self.avatar.settings.max_handles)
+        self.protocol = SFTPServer(
+            filesystem,
+            self.avatar.settings.max_handles,
+            clientVersion=self.conn.transport.otherVersionString,
+        )
         self.protocol.makeConnection(self)
         return 1
 

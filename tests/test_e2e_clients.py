@@ -652,6 +652,9 @@ class LibraryTests(ClientTestCase):
                         await f.fsync()
                     await client.utime("link", (1000, 2000), follow_symlinks=False)
                     await client.remote_copy("b", "copy", src_offset=2, src_length=5)
+                    await client.symlink("target", "made-link")
+                    await client.symlink("/abs/target", "dir-link")
+                    found["readlink"] = await client.readlink("made-link")
                     return found
 
         found = asyncio.run(asyncio.wait_for(exercise(), 60))
@@ -664,3 +667,8 @@ class LibraryTests(ClientTestCase):
         self.assertEqual(os.lstat(self.volume / "link").st_mtime, 2000)
         self.assertEqual(target.stat().st_mtime, 2_000_000_000)
         self.assertEqual((self.volume / "copy").read_bytes(), b"23456")
+        # asyncssh's symlink(target, link), made as asked: asyncssh sends the
+        # drafts' order to a server that does not call itself OpenSSH.
+        self.assertEqual(os.readlink(self.volume / "made-link"), "target")
+        self.assertEqual(os.readlink(self.volume / "dir-link"), "/abs/target")
+        self.assertEqual(found["readlink"], "target")
