@@ -10,6 +10,7 @@ C{startService}, after twistd has forked, never at import or in makeService.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 
 from twisted.application.service import MultiService, Service
@@ -172,6 +173,30 @@ def _makeFolders(cfg) -> None:
             ) from None
 
 
+_NR_OPEN = 1048576  # Linux's default fs.nr_open
+
+
+def raiseOpenFileLimit(resourceModule=resource) -> None:
+    """
+    Take the soft limit on open files up to the hard one.  Every handle,
+    session and connection is a descriptor, and systemd's soft default of
+    1,024 is one container's busy sessions away from refusing every other
+    container's; the hard limit (524,288 under systemd) is what an operator
+    allows.
+    """
+    soft, hard = resourceModule.getrlimit(resourceModule.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    # "Unlimited" is refused for open files: the kernel's ceiling stands in.
+    target = _NR_OPEN if hard == resourceModule.RLIM_INFINITY else hard
+    if soft != resourceModule.RLIM_INFINITY and soft >= target:
+        return
+    try:
+        resourceModule.setrlimit(resourceModule.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warn("cannot raise the open files limit from {soft}: {error}", soft=soft, error=e)
+
+
 def makeService(options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -190,6 +215,7 @@ def makeService(options, reactor=None) -> MultiService:
         # Stop before anything is bound, with one clear line.
         sys.stderr.write(f"lightd-sftp: {e}\n")
         raise SystemExit(1)
+    raiseOpenFileLimit()
 
     # Children stop in reverse order: the listeners and thread pools before
     # the watcher, the watcher before the store closes.

@@ -967,3 +967,54 @@ class HostKeyTests(TestCase):
         self.start(self.configWithKey(_openssh(_ed25519()), 0o600))
         self.assertNotIn("readable by others", log.text())
 
+
+class _FakeResource:
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft, hard, refuse=False):
+        self.limits = (soft, hard)
+        self.refuse = refuse
+
+    def getrlimit(self, which):
+        assert which == self.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which, limits):
+        assert which == self.RLIMIT_NOFILE
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+class OpenFileLimitTests(TestCase):
+    """
+    The service takes its soft limit on open files up to the hard one, so
+    one container's many handles do not run the whole daemon out of them.
+    """
+
+    def test_raisedToTheHardLimit(self):
+        fake = _FakeResource(1024, 524288)
+        tap.raiseOpenFileLimit(fake)
+        self.assertEqual(fake.limits, (524288, 524288))
+
+    def test_unlimitedHardLimit(self):
+        fake = _FakeResource(1024, _FakeResource.RLIM_INFINITY)
+        tap.raiseOpenFileLimit(fake)
+        self.assertEqual(fake.limits, (tap._NR_OPEN, _FakeResource.RLIM_INFINITY))
+
+    def test_alreadyHighEnough(self):
+        for limits in ((20000, 20000), (2_000_000, _FakeResource.RLIM_INFINITY)):
+            fake = _FakeResource(*limits, refuse=True)
+            tap.raiseOpenFileLimit(fake)
+            self.assertEqual(fake.limits, limits)
+
+    def test_refusalIsLogged(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        fake = _FakeResource(1024, 4096, refuse=True)
+        tap.raiseOpenFileLimit(fake)
+        self.assertEqual(fake.limits, (1024, 4096))
+        self.assertIn("cannot raise the open files limit from 1024",
+                      " ".join(formatEvent(e) for e in events))
