@@ -128,6 +128,7 @@ class SFTPConfig:
     window_size: int = 2 * 1024 * 1024
     max_packet_size: int = 32 * 1024
     max_handles: int = 512
+    max_handles_per_container: int = 4096
     ciphers: tuple = DEFAULT_CIPHERS
     macs: tuple = DEFAULT_MACS
     max_channels: int = 10
@@ -343,6 +344,7 @@ _SCHEMA = {
         # headers must fit the transport's 256 KiB packet limit: 128 KiB does.
         "max_packet_size": _integer(4096, 128 * 1024),
         "max_handles": _integer(1, 65536),
+        "max_handles_per_container": _integer(1, 1_048_576),
         "max_channels": _integer(1, 1024),
         "ciphers": _names(SUPPORTED_CIPHERS),
         "macs": _names(SUPPORTED_MACS),

@@ -511,6 +511,34 @@ class _Copy:
 
 
 @implementer(IPushProducer)
+class HandleBudget:
+    """
+    The open handles of each container, counted across all its sessions and
+    held under one limit: every handle is a file descriptor of the service,
+    and one container's sessions must not take them all.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: Dict[str, int] = {}
+
+    def full(self, owner: str) -> bool:
+        return self._open.get(owner, 0) >= self.limit
+
+    def take(self, owner: str) -> None:
+        self._open[owner] = self._open.get(owner, 0) + 1
+
+    def give(self, owner: str, count: int = 1) -> None:
+        left = self._open.get(owner, 0) - count
+        if left > 0:
+            self._open[owner] = left
+        else:
+            self._open.pop(owner, None)
+
+    def held(self, owner: str) -> int:
+        return self._open.get(owner, 0)
+
+
 class SFTPServer(Protocol):
     """
     One SFTP session over one channel.
@@ -529,9 +557,13 @@ class SFTPServer(Protocol):
         maxHandles: int = 512,
         cooperator: Optional[Cooperator] = None,
         clientVersion: bytes = b"",
+        budget: Optional[HandleBudget] = None,
+        owner: str = "",
     ) -> None:
         self.filesystem = filesystem
         self.maxHandles = maxHandles
+        self._budget = budget
+        self._owner = owner
         self._linkFirst = clientVersion.startswith(_LINK_FIRST_CLIENTS)
         self._cooperate = cooperate if cooperator is None else cooperator.cooperate
         self._copies: Set[CooperativeTask] = set()
@@ -706,11 +738,23 @@ class SFTPServer(Protocol):
         self._nextHandle += 1
         key = str(self._nextHandle).encode("ascii")
         self._handles[key] = handle
+        if self._budget is not None:
+            self._budget.take(self._owner)
         return self._packet(FXP_HANDLE, requestId, _string(key))
 
     def _checkHandleRoom(self) -> None:
-        if len(self._handles) >= self.maxHandles:
+        # Before anything is opened: this session's limit, then its
+        # container's, across all the container's sessions.
+        if len(self._handles) >= self.maxHandles or (
+            self._budget is not None and self._budget.full(self._owner)
+        ):
             raise SFTPError(FX_FAILURE, "Too many open handles")
+
+    def _dropHandle(self, key: bytes) -> Optional[_Handle]:
+        handle = self._handles.pop(key, None)
+        if handle is not None and self._budget is not None:
+            self._budget.give(self._owner)
+        return handle
 
     # Both take the handle's key once every field of the request is read, so
     # a short packet is BAD_MESSAGE whatever handle it names.
@@ -753,7 +797,7 @@ class SFTPServer(Protocol):
 
     def _close(self, requestId: int, reader: _Reader) -> bytes:
         key = reader.string()
-        handle = self._handles.pop(key, None)
+        handle = self._dropHandle(key)
         if handle is None:
             raise SFTPError(FX_FAILURE, "Invalid handle")
         handle.close()
@@ -1088,6 +1132,8 @@ class SFTPServer(Protocol):
         for task in list(self._copies):
             task.stop()
         handles, self._handles = self._handles, {}
+        if self._budget is not None:
+            self._budget.give(self._owner, len(handles))
         for handle in handles.values():
             try:
                 handle.close()

@@ -43,7 +43,7 @@ from ._address import formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
 from .commands import execProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
-from .sftp import SFTPServer
+from .sftp import HandleBudget, SFTPServer
 
 log = Logger()
 
@@ -789,10 +789,13 @@ class SessionChannel(SSHChannel):
                 container=self.avatar.containerId,
             )
             return 0
+        transport = self.conn.transport
         self.protocol = SFTPServer(
             filesystem,
             self.avatar.settings.max_handles,
-            clientVersion=self.conn.transport.otherVersionString,
+            clientVersion=transport.otherVersionString,
+            budget=transport.factory.handles,
+            owner=self.avatar.containerId,
         )
         self.protocol.makeConnection(self)
         return 1
@@ -996,6 +999,7 @@ class SSHFactory(factory.SSHFactory):
         self.startups = StartupLimiter(
             settings.max_startups, settings.max_startups_per_ip
         )
+        self.handles = HandleBudget(settings.max_handles_per_container)
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None

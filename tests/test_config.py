@@ -76,6 +76,7 @@ class DefaultsTests(LoadTestsMixin, TestCase):
             ),
             (10, 300.0, 120.0, 6, 2 * 1024 * 1024, 32 * 1024, 512),
         )
+        self.assertEqual(sftp.max_handles_per_container, 4096)
 
     def test_shippedConfig(self):
         """
@@ -238,6 +239,7 @@ class RefusalTests(LoadTestsMixin, TestCase):
             ("sftp", "bcrypt_cost", 32, "must be an integer 4..31, got 32"),
             ("sftp", "max_auth_tries", 0, "must be an integer 1..100, got 0"),
             ("sftp", "max_handles", 0, "must be an integer 1..65536, got 0"),
+            ("sftp", "max_handles_per_container", 0, "must be an integer 1..1048576, got 0"),
             (
                 "sftp",
                 "window_size",

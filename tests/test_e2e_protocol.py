@@ -495,6 +495,62 @@ class HandleTests(ProtocolTestCase):
         self.assertStillServing()
 
 
+class ContainerHandleTests(ProtocolTestCase):
+    """
+    sftp.max_handles_per_container holds one container's handles across all its
+    sessions: it cannot take the service's file descriptors from the others.
+    """
+
+    CONTAINER_HANDLES = MAX_HANDLES + MAX_HANDLES // 2
+
+    def setUp(self):
+        require_paramiko()
+        config = default_config()
+        config["sftp"]["max_handles"] = MAX_HANDLES
+        config["sftp"]["max_handles_per_container"] = self.CONTAINER_HANDLES
+        self.service = start_service(self, config)
+        self.creds = make_credentials(self.service, "demo")
+        self.volume = self.service.volume("demo")
+        (self.volume / "file.txt").write_bytes(b"content\n")
+        self.pid = self.service.process.pid
+
+    def open_until_refused(self, session, limit):
+        handles = []
+        for _ in range(limit + 1):
+            reply_type, reader = session.call(FXP_OPEN, string("file.txt"), uint32(PFLAG_READ),
+                                              attrs())
+            if reply_type != FXP_HANDLE:
+                self.assertEqual(reply_type, FXP_STATUS)
+                self.assertEqual((reader.uint32(), reader.string()),
+                                 (FX_FAILURE, b"Too many open handles"))
+                break
+            handles.append(reader.string())
+        return handles
+
+    def test_sessions_of_one_container_share_its_handles(self):
+        first, second, third = self.session(), self.session(), self.session()
+        self.assertEqual(len(self.open_until_refused(first, MAX_HANDLES)), MAX_HANDLES)
+        self.assertEqual(len(self.open_until_refused(second, MAX_HANDLES)), MAX_HANDLES // 2)
+        self.assertEqual(self.open_until_refused(third, MAX_HANDLES), [])
+
+        # Another container is not held back.
+        other_creds = make_credentials(self.service, "other")
+        (self.service.volume("other") / "file.txt").write_bytes(b"other\n")
+        other = Session(self, self.service, other_creds)
+        self.assertEqual(len(self.open_until_refused(other, MAX_HANDLES)), MAX_HANDLES)
+
+        # What a session closes, or holds when it ends, is the container's again.
+        self.assertEqual(self.open_until_refused(second, 0), [])
+        first.transport.close()
+        deadline = time.monotonic() + 10
+        while True:
+            got = self.open_until_refused(third, MAX_HANDLES)
+            if got or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual(len(got), MAX_HANDLES)
+
+
 class FloodTests(ProtocolTestCase):
     timeout = 300
 
