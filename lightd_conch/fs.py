@@ -188,6 +188,8 @@ class ConfinedFilesystem:
 
     def __init__(self, root: str, useOpenat2: Optional[bool] = None) -> None:
         self.rootFD = os.open(root, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The volume's host path, only to tell where a link's folder is.
+        self._rootPath = os.fsencode(os.readlink(_procPath(self.rootFD)))
         if useOpenat2 is None:
             useOpenat2 = openat2Available()
         self._resolve = self._resolveOpenat2 if useOpenat2 else self._resolveWalk
@@ -362,7 +364,9 @@ class ConfinedFilesystem:
 
     # -- files and directories --------------------------------------------
 
-    def openFile(self, path: bytes, flags: int, mode: Optional[int] = None) -> int:
+    def openFile(
+        self, path: bytes, flags: int, mode: Optional[int] = None, _links: int = 0
+    ) -> int:
         """
         Open a regular file with C{os.open} flags and return its fd.
 
@@ -385,16 +389,22 @@ class ConfinedFilesystem:
                 if flags & os.O_EXCL:
                     raise
             else:
-                return self._adoptOrClose(fd, mode, checkRegular=False)
+                return self._adoptOrClose(fd, mode)
         try:
             probe = self._resolve(parts, _O_PATH)
         except FileNotFoundError:
             if not flags & os.O_CREAT:
                 raise
-            # It exists, but leads nowhere: a dangling symlink.  Create its
-            # target, beneath the root.
-            fd = self._resolve(parts, access | os.O_CREAT, mode)
-            return self._adoptOrClose(fd, mode, checkRegular=True)
+            # It exists but leads nowhere (a dangling symlink), or it was
+            # removed in between.  Create what the link names, beneath the
+            # root, again exclusively: nothing that appears meanwhile (a
+            # device node, a mount point) is opened before its type is known.
+            if _links >= _MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            target = self._linkTarget(parts)
+            return self.openFile(
+                virtualPath(parts if target is None else target), flags, mode, _links + 1
+            )
         try:
             self._checkRegular(probe)
             fd = os.open(_procPath(probe), access | os.O_CLOEXEC)
@@ -402,14 +412,36 @@ class ConfinedFilesystem:
             os.close(probe)
         return fd
 
-    def _adoptOrClose(self, fd: int, mode: int, checkRegular: bool) -> int:
+    def _linkTarget(self, parts: Parts) -> Optional[Parts]:
         """
-        C{fd}, just opened with O_CREAT, checked (when it may be an existing
-        file) and adopted (L{_adopt}); closed if either fails.
+        Where the symlink at C{parts} leads, as components beneath the root
+        (chroot semantics: an absolute target starts at the root, a relative
+        one at the link's folder); None if no link is there.
+        """
+        with self._parent(virtualPath(parts)) as (dirfd, name):
+            try:
+                target = os.readlink(name, dir_fd=dirfd)
+            except OSError:
+                return None
+            folder = parts[:-1]
+            if not target.startswith(b"/"):
+                # The folder the link really is in, as the kernel would
+                # resolve from it (the path asked for may pass links).
+                where = os.fsencode(os.readlink(_procPath(dirfd)))
+                if where == self._rootPath:
+                    folder = ()
+                elif where.startswith(self._rootPath + b"/"):
+                    folder = normalize(where[len(self._rootPath) :])
+        return normalize(target) if target.startswith(b"/") else normalize(
+            virtualPath(folder) + b"/" + target
+        )
+
+    def _adoptOrClose(self, fd: int, mode: int) -> int:
+        """
+        C{fd}, a file just created (O_CREAT | O_EXCL), adopted (L{_adopt});
+        closed if that fails.
         """
         try:
-            if checkRegular:
-                self._checkRegular(fd)
             self._adopt(fd, mode)
         except BaseException:
             os.close(fd)
@@ -435,15 +467,18 @@ class ConfinedFilesystem:
             os.mkdir(name, mode, dir_fd=dirfd)
             if mode & ~self._umask == mode and self._owner is None:
                 return
-            # Set the exact mode (and owner) on what we just made; O_NOFOLLOW
-            # keeps a symlink swapped in meanwhile from redirecting us.
-            fd = os.open(
-                name,
-                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=dirfd,
-            )
+            # Set the exact mode (and owner) on what we just made, through an
+            # fd on the entry itself: neither a symlink nor a mount point
+            # swapped in meanwhile (a container can rename a host mount point
+            # it does not see as one) redirects us.
+            fd = self._openEntry(dirfd, name)
             try:
-                self._adopt(fd, mode)
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    return  # replaced meanwhile: not ours to adopt
+                if mode & ~self._umask != mode:
+                    os.chmod(_procPath(fd), mode)
+                if self._owner is not None:
+                    _fchownEmpty(fd, *self._owner)
             finally:
                 os.close(fd)
 
@@ -559,9 +594,10 @@ class ConfinedFilesystem:
                     if mode is not None:
                         raise OSError(errno.EOPNOTSUPP, "Symbolic links have no permissions")
                     if times is not None:
-                        # By name (futimens cannot act on an O_PATH fd), and
-                        # never through a link (AT_SYMLINK_NOFOLLOW).
-                        os.utime(name, times, dir_fd=dirfd, follow_symlinks=False)
+                        # Through the fd's /proc entry, which leads to the
+                        # link itself (and no further), never by name: a
+                        # mount point renamed in meanwhile is never touched.
+                        os.utime(_procPath(fd), times)
                     return
                 target = _procPath(fd)
                 if mode is not None:

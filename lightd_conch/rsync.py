@@ -423,6 +423,29 @@ def findSandbox() -> Optional[Sandbox]:
     return _sandbox
 
 
+def _mountsInside(volumePath: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """
+    Whether anything is mounted below C{volumePath} (the volume itself may
+    be a mount point), by the mount table's paths, which follow a mount
+    point wherever it is renamed to.
+    """
+    volume = os.fsencode(os.path.realpath(volumePath)).rstrip(b"/") + b"/"
+    try:
+        with open(mountinfo, "rb") as table:
+            for line in table:
+                fields = line.split(b" ")
+                if len(fields) > 4 and _unescape(fields[4]).startswith(volume):
+                    return True
+    except OSError:
+        return True  # unknown: refuse rather than guess
+    return False
+
+
+def _unescape(field: bytes) -> bytes:
+    # The kernel writes space, tab, newline and backslash as octal escapes.
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes((int(m.group(1), 8),)), field)
+
+
 class _Process(ProcessProtocol):
     def __init__(self, owner: "RsyncServer") -> None:
         self.owner = owner
@@ -489,6 +512,12 @@ class RsyncServer(Protocol):
             volumeFD = os.open(self.volumePath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             self._refuse("lightd-sftp: the volume is missing\n", 1)
+            return
+        if _mountsInside(self.volumePath):
+            # bwrap binds the volume with everything mounted below it, and
+            # rsync would reach into those mounts (SFTP and scp refuse them).
+            os.close(volumeFD)
+            self._refuse("lightd-sftp: rsync is not served for a volume with mounts inside\n", 1)
             return
         try:
             owner = os.fstat(volumeFD)

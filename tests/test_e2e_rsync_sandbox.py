@@ -420,3 +420,49 @@ class RsyncDashPathTests(TestCase):
             self.assertNotEqual(status, 0, command)
             self.assertFalse(out.startswith(b"@RSYNCD"), (command, out))
             self.assertEqual(os.listdir(self.volume), [], (command, err))
+
+
+class RsyncMountTests(TestCase):
+    """
+    bwrap binds the volume with what is mounted below it, so rsync is not
+    served for a volume with a mount inside: it would reach what SFTP and
+    scp refuse to enter.
+    """
+
+    timeout = 300
+    setUp = RsyncDashPathTests.setUp
+    rsync = RsyncDashPathTests.rsync
+    remote = RsyncDashPathTests.remote
+
+    def test_volumeWithAMountInsideIsRefused(self):
+        require_root("bind mounts need root")
+        outside = self.service.root / "outside"
+        outside.mkdir()
+        (outside / "host.txt").write_bytes(b"host file")
+        (self.volume / "inside.txt").write_bytes(b"inside")
+        mountpoint = self.volume / "m"
+        mountpoint.mkdir()
+        subprocess.run(["mount", "--bind", str(outside), str(mountpoint)], check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", str(mountpoint)], capture_output=True)
+        rc, out, err = self.rsync("-a", self.remote("/"), str(self.local) + "/", expect=None)
+        self.assertNotEqual(rc, 0)
+        self.assertIn("lightd-sftp: rsync is not served for a volume with mounts inside", err)
+        self.assertEqual(os.listdir(self.local), [])
+        # Renamed by the container (in whose mount namespace it is a plain
+        # folder), the mount point is still found.
+        renamed = self.volume / "renamed"
+        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        'umount "$1" && mv "$1" "$2"', "-", str(mountpoint), str(renamed)],
+                       check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", str(renamed)], check=True)
+        self.assertEqual((renamed / "host.txt").read_bytes(), b"host file")
+        rc, out, err = self.rsync("-a", "--delete", str(self.local) + "/", self.remote("/"),
+                                  expect=None)
+        self.assertNotEqual(rc, 0)
+        self.assertEqual((outside / "host.txt").read_bytes(), b"host file")
+        self.assertEqual((self.volume / "inside.txt").read_bytes(), b"inside")
+
+    def test_volumeWithoutMountsIsServed(self):
+        (self.volume / "inside.txt").write_bytes(b"inside")
+        self.rsync("-a", self.remote("/"), str(self.local) + "/")
+        self.assertEqual((self.local / "inside.txt").read_bytes(), b"inside")

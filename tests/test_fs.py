@@ -238,6 +238,59 @@ class _ConfinementMixin:
         self.assertEqual((stat.S_ISLNK(st.st_mode), st.st_uid, st.st_gid), (True, 4321, 4322))
         self.assertEqual(os.readlink(self.inVolume("link")), "/etc/passwd")
 
+    def test_whatAppearsAtADanglingLinkIsNeverOpened(self):
+        """
+        OPEN with O_CREAT of a link leading nowhere creates its target
+        exclusively: a FIFO (or a device node) that appears there meanwhile
+        is refused by its type, never opened.
+        """
+        self.plant("d", "fifo")
+        found = self.fs._linkTarget
+
+        def appearing(parts):
+            os.mkfifo(self.inVolume("fifo"))
+            return found(parts)
+
+        self.patch(self.fs, "_linkTarget", appearing)
+        # Opened for writing with no reader, a FIFO would say ENXIO.
+        self.assertErrno(errno.EINVAL, self.fs.openFile, b"d", os.O_WRONLY | os.O_CREAT)
+
+    def test_createThroughDanglingLinks(self):
+        os.makedirs(self.inVolume("sub"))
+        self.plant("sub/rel", "../made-rel")
+        self.plant("abs", "/sub/made-abs")
+        self.plant("chain", "abs2")
+        self.plant("abs2", "/made-chain")
+        for link, made in (("sub/rel", "made-rel"), ("abs", "sub/made-abs"),
+                           ("chain", "made-chain")):
+            fd = self.fs.openFile(link.encode(), os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"x")
+            os.close(fd)
+            with open(self.inVolume(made)) as f:
+                self.assertEqual(f.read(), "x", link)
+        self.plant("loop", "loop")
+        self.assertErrno(errno.ELOOP, self.fs.openFile, b"loop", os.O_WRONLY | os.O_CREAT)
+
+    def test_mountedEntriesAreNeverChanged(self):
+        """
+        A host folder and a host file bind-mounted in the volume: lsetstat
+        and hardlink, which act on a name's entry, refuse both.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("bind mounts need root")
+        for name, source in (("m", self.outside), ("mf", self.sentinel)):
+            target = self.inVolume(name)
+            if os.path.isdir(source):
+                os.mkdir(target)
+            else:
+                open(target, "w").close()
+            subprocess.run(["mount", "--bind", source, target], check=True)
+            self.addCleanup(subprocess.run, ["umount", "-l", target], check=True)
+        for name in (b"m", b"mf"):
+            self.assertErrno(errno.EXDEV, self.fs.lsetattrs, name, None, (1, 2))
+        self.assertErrno(errno.EXDEV, self.fs.lsetattrs, b"mf", 0o777, None)
+        self.assertErrno(errno.EXDEV, self.fs.hardlink, b"mf", b"copy")
+
     def test_rootCannotBeNamed(self):
         for f in (self.fs.remove, self.fs.rmdir, self.fs.readlink):
             self.assertErrno(errno.EPERM, f, b"/")
