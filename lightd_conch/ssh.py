@@ -26,6 +26,7 @@ from twisted.conch.ssh.transport import (
     MSG_KEXINIT,
     MSG_NEWKEYS,
     MSG_SERVICE_ACCEPT,
+    MSG_SERVICE_REQUEST,
     SSHCiphers,
     SSHServerTransport,
 )
@@ -78,6 +79,21 @@ USER_KEY_ALGORITHMS = [
 _STRICT_KEX_SERVER = b"kex-strict-s-v00@openssh.com"
 _STRICT_KEX_CLIENT = b"kex-strict-c-v00@openssh.com"
 _KEX_MESSAGES = frozenset([MSG_KEXINIT, MSG_NEWKEYS, *range(30, 50)])
+# The smallest maximum packet size a client may give its channel.
+_MIN_REMOTE_PACKET = 256
+
+
+def _allowedDuringKex(messageNum: int) -> bool:
+    """
+    What a side may send between its KEXINIT and its NEWKEYS (RFC 4253 7.1):
+    generic transport messages other than the service ones, and key exchange
+    messages other than a further KEXINIT.
+    """
+    return (1 <= messageNum <= 49) and messageNum not in (
+        MSG_SERVICE_REQUEST,
+        MSG_SERVICE_ACCEPT,
+        MSG_KEXINIT,
+    )
 MSG_CHANNEL_DATA = connection.MSG_CHANNEL_DATA
 
 # sendmsg takes at most this many parts at once (the kernel's UIO_MAXIOV).
@@ -227,6 +243,9 @@ class SSHTransport(SSHServerTransport):
     _needed = 4
     _corked: Optional[list] = None
     _corkedSize = 0
+    _blockedSize = 0  # bytes held back by a key exchange in progress
+    _newKeysSent = False
+    _peerInKex = False  # between the client's KEXINIT and its NEWKEYS
     _socket = None
 
     def connectionMade(self) -> None:
@@ -287,8 +306,14 @@ class SSHTransport(SSHServerTransport):
         """
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
             if not self._allowedKeyExchangeMessageType(messageType):
-                self._blockedByKeyExchange.append((messageType, b"".join(parts)))
+                payload = b"".join(parts)
+                self._blockedByKeyExchange.append((messageType, payload))
+                # Counted as waiting output, so channels hold back and the
+                # SFTP server pauses while a key exchange is unfinished.
+                self._blockedSize += len(payload)
                 return
+            if messageType == MSG_NEWKEYS:
+                self._newKeysSent = True
         sealed = self.currentEncryptions.outbound.seal(
             self.outgoingPacketSequence, (_TYPE_BYTES[messageType], *parts)
         )
@@ -411,6 +436,10 @@ class SSHTransport(SSHServerTransport):
             self.incomingPacketSequence = (self.incomingPacketSequence + 1) & 0xFFFFFFFF
             messageNum = payload[0]
             if messageNum == MSG_CHANNEL_DATA and isinstance(self.service, SSHConnection):
+                if self._peerInKex:
+                    self._outOfKex()
+                    position = size
+                    break
                 self.service.channelData(payload)
             else:
                 self.dispatchMessage(messageNum, bytes(payload[1:]))
@@ -422,11 +451,11 @@ class SSHTransport(SSHServerTransport):
 
     def outputBuffered(self) -> int:
         """
-        How many bytes wait to be sent: in the transport's buffer, and sealed
-        but not yet handed to it.
+        How many bytes wait to be sent: in the transport's buffer, sealed but
+        not yet handed to it, and held back by a key exchange in progress.
         """
         transport = self.transport
-        waiting = self._corkedSize
+        waiting = self._corkedSize + self._blockedSize
         if self._socket is not None:
             waiting += transport._tempDataLen + len(transport.dataBuffer) - transport.offset
         return waiting
@@ -449,7 +478,36 @@ class SSHTransport(SSHServerTransport):
                 DISCONNECT_PROTOCOL_ERROR, b"unexpected message during strict key exchange"
             )
             return
-        super().dispatchMessage(messageNum, payload)
+        if self._peerInKex and not _allowedDuringKex(messageNum):
+            self._outOfKex()
+            return
+        try:
+            super().dispatchMessage(messageNum, payload)
+        except Exception as e:
+            # A message Conch cannot parse (short, garbled, out of place):
+            # one line and a protocol-error disconnect, not a traceback and a
+            # bare close.
+            log.warn(
+                "closing the connection from {peer}: bad message {number} ({error})",
+                peer=_peer(self),
+                number=messageNum,
+                error=type(e).__name__,
+            )
+            self._disconnect(DISCONNECT_PROTOCOL_ERROR, b"malformed message")
+
+    def _outOfKex(self) -> None:
+        # RFC 4253 7.1: once a side has sent KEXINIT, only transport and key
+        # exchange messages until its NEWKEYS.
+        self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"unexpected message during key exchange")
+
+    def _disconnect(self, reason: int, description: bytes) -> None:
+        """
+        Say goodbye and close; if even the goodbye cannot be sealed, close.
+        """
+        try:
+            self.sendDisconnect(reason, description)
+        except Exception:
+            self.transport.loseConnection()
 
     def ssh_KEXINIT(self, packet: bytes) -> None:
         if not self._firstKexDone and self.sessionID is None:
@@ -463,6 +521,7 @@ class SSHTransport(SSHServerTransport):
                     )
                     return
         super().ssh_KEXINIT(packet)
+        self._peerInKex = True
         negotiated = getattr(self, "nextEncryptions", None)
         if negotiated is not None and not isinstance(negotiated, _Ciphers):
             self.nextEncryptions = _Ciphers(
@@ -473,10 +532,21 @@ class SSHTransport(SSHServerTransport):
             )
 
     def ssh_NEWKEYS(self, packet: bytes) -> None:
+        if not self._newKeysSent:
+            # No key exchange has made keys to switch to: OpenSSH's server
+            # calls this a protocol error too.
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"NEWKEYS before the key exchange")
+            return
+        self._newKeysSent = False
+        self._peerInKex = False
         super().ssh_NEWKEYS(packet)
         self._firstKexDone = True
         if self._strictKex:
             self.incomingPacketSequence = 0
+        if self._blockedSize:
+            # What the key exchange held back is sent: channels go on.
+            self._blockedSize = 0
+            self.outputDrained()
 
     def sendExtInfo(self, extensions) -> None:
         super().sendExtInfo(
@@ -493,9 +563,7 @@ class SSHTransport(SSHServerTransport):
     def _graceExpired(self) -> None:
         self._graceCall = None
         log.info("login grace time over for {peer}", peer=_peer(self))
-        self.sendDisconnect(
-            DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"login grace time exceeded"
-        )
+        self._disconnect(DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"login grace time exceeded")
 
     def _checkIdle(self) -> None:
         timeout = self.factory.settings.idle_timeout
@@ -503,7 +571,7 @@ class SSHTransport(SSHServerTransport):
         if idle >= timeout:
             self._idleCall = None
             log.info("closing idle connection from {peer}", peer=_peer(self))
-            self.sendDisconnect(DISCONNECT_BY_APPLICATION, b"idle timeout")
+            self._disconnect(DISCONNECT_BY_APPLICATION, b"idle timeout")
             return
         self._idleCall = self.factory.clock.callLater(timeout - idle, self._checkIdle)
 
@@ -665,6 +733,13 @@ class SSHConnection(connection.SSHConnection):
             self._refuseChannel(
                 rest, connection.OPEN_RESOURCE_SHORTAGE, b"too many channels"
             )
+        elif struct.unpack(">3L", rest[:12])[2] < _MIN_REMOTE_PACKET:
+            # Replies are cut into packets of at most this size: 0 would
+            # never make progress, and a few bytes would make a packet of
+            # every few bytes.
+            self._refuseChannel(
+                rest, connection.OPEN_ADMINISTRATIVELY_PROHIBITED, b"maximum packet size too small"
+            )
         else:
             super().ssh_CHANNEL_OPEN(packet)
 
@@ -694,7 +769,7 @@ class SSHConnection(connection.SSHConnection):
         if channel is None:
             self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"no such channel")
             return
-        data = message[9 : 9 + dataLength]
+        data = message[9:]
         if (
             len(data) != dataLength
             or dataLength > channel.localWindowLeft
@@ -942,6 +1017,12 @@ class SessionChannel(SSHChannel):
         self.conn.sendClose(self)
 
     def addWindowBytes(self, data: int) -> None:
+        if self.remoteWindowLeft + data > 0xFFFFFFFF:
+            # RFC 4254 5.2: a window never exceeds 2**32 - 1 bytes.
+            self.conn.transport.sendDisconnect(
+                DISCONNECT_PROTOCOL_ERROR, b"window adjust beyond 2**32 - 1"
+            )
+            return
         self.remoteWindowLeft += data
         self.outputDrained()
 

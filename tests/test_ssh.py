@@ -102,6 +102,78 @@ class TransportTimerTests(TestCase):
             self.assertIn(strong, offered)
 
 
+def plain(payload):
+    """An unencrypted binary packet (before the first NEWKEYS) holding C{payload}."""
+    padding = 8 - (5 + len(payload)) % 8
+    if padding < 4:
+        padding += 8
+    return struct.pack(">IB", 1 + len(payload) + padding, padding) + payload + b"\0" * padding
+
+
+def lastDisconnect(data):
+    """The reason code of the DISCONNECT at the end of what the server wrote, or None."""
+    position = data.find(b"\r\n") + 2
+    found = None
+    while position + 5 <= len(data):
+        length, padding = struct.unpack_from(">IB", data, position)
+        payload = data[position + 5 : position + 4 + length - padding]
+        if payload[:1] == b"\x01":
+            found = struct.unpack_from(">I", payload, 1)[0]
+        position += 4 + length
+    return found
+
+
+class MalformedTransportTests(TestCase):
+    """
+    Out-of-place or garbled transport messages end the connection with a
+    protocol-error DISCONNECT: no traceback in the log, no connection left
+    open holding its unauthenticated slot.
+    """
+
+    connect = TransportTimerTests.connect
+
+    def greet(self, **kwargs):
+        clock, transport, tcp = self.connect(**kwargs)
+        transport.dataReceived(b"SSH-2.0-test\r\n")
+        return clock, transport, tcp
+
+    def test_newKeysBeforeTheKeyExchange(self):
+        clock, transport, tcp = self.greet(login_grace_time=5)
+        transport.dataReceived(plain(b"\x15"))  # NEWKEYS
+        self.assertTrue(tcp.disconnecting)
+        self.assertEqual(lastDisconnect(tcp.value()), 2)  # PROTOCOL_ERROR
+        # The grace timer finds nothing left to do, and raises nothing.
+        clock.advance(10)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_garbledMessages(self):
+        for payload in (b"\x04", b"\x03\x00", b"\x01\x00", b"\x14\x00\x01", b"\x1e"):
+            clock, transport, tcp = self.greet()
+            transport.dataReceived(plain(payload))
+            self.assertTrue(tcp.disconnecting, payload)
+            self.assertEqual(lastDisconnect(tcp.value()), 2, payload)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_outputHeldByAKeyExchangeCounts(self):
+        """
+        Packets held back while a key exchange is unfinished count as
+        waiting output, so channels stop adding to them.
+        """
+        clock, transport, tcp = self.greet()
+        transport._keyExchangeState = transport._KEY_EXCHANGE_REQUESTED
+        transport._blockedByKeyExchange = []
+        before = transport.outputBuffered()
+        transport.sendPacket(94, b"x" * 100000)
+        self.assertGreaterEqual(transport.outputBuffered() - before, 100000)
+
+    def test_connectionMessagesDuringTheClientsKeyExchange(self):
+        clock, transport, tcp = self.greet()
+        transport._peerInKex = True
+        transport.dispatchMessage(94, b"\0\0\0\0\0\0\0\0")
+        self.assertTrue(tcp.disconnecting)
+        self.assertEqual(lastDisconnect(tcp.value()), 2)
+
+
 class _Pool:
     """
     A thread pool that runs work at once, for checker tests.
