@@ -137,6 +137,17 @@ def normalize(path: bytes) -> Parts:
     return tuple(parts)
 
 
+def namesAFolder(path: bytes) -> bool:
+    """
+    Whether a client path below the root ends as only a folder's can:
+    C{x/}, C{x/.} or C{x/..}.  Normalisation drops that ending, so the operations that act on
+    files check it: C{put a.txt dir/} must not replace a file named C{dir}.
+    """
+    last = path.rsplit(b"/", 1)[-1] if b"/" in path else None
+    # The root itself is refused by name elsewhere (EPERM).
+    return last in (b"", b".", b"..") and bool(normalize(path))
+
+
 def virtualPath(parts: Parts) -> bytes:
     """
     The path a client sees for C{parts}.
@@ -347,14 +358,34 @@ class ConfinedFilesystem:
     def realpath(self, path: bytes) -> bytes:
         return virtualPath(normalize(path))
 
+    def _asFolder(self, path: bytes) -> int:
+        """
+        C{_O_PATH}, with C{O_DIRECTORY} when C{path} ends as a folder's:
+        then anything else is ENOTDIR, as the kernel says of C{file/}.
+        """
+        return _O_PATH | os.O_DIRECTORY if namesAFolder(path) else _O_PATH
+
+    def _refuseFolderEnding(self, path: bytes) -> None:
+        """
+        For an operation on a file: C{path} ending as a folder's names a
+        folder (EISDIR), or nothing this operation can act on (ENOTDIR, or
+        ENOENT when nothing is there).
+        """
+        if namesAFolder(path):
+            with self._opened(normalize(path), _O_PATH | os.O_DIRECTORY):
+                pass
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+
     def stat(self, path: bytes) -> os.stat_result:
-        with self._opened(normalize(path), _O_PATH) as fd:
+        with self._opened(normalize(path), self._asFolder(path)) as fd:
             return os.fstat(fd)
 
     def lstat(self, path: bytes) -> os.stat_result:
         parts = normalize(path)
         if not parts:
             return os.fstat(self.rootFD)
+        if namesAFolder(path):
+            return self.stat(path)  # "link/" is the folder it leads to
         with self._parent(path) as (dirfd, name):
             return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
 
@@ -376,6 +407,14 @@ class ConfinedFilesystem:
         call creates gets C{mode} (default 0644) under L{_CREATION_MASK},
         whatever the process umask.
         """
+        if namesAFolder(path):
+            try:
+                self._refuseFolderEnding(path)
+            except FileNotFoundError:
+                if flags & os.O_CREAT:
+                    # "new/": a file cannot be made under a folder's name.
+                    raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+                raise
         parts = normalize(path)
         access = flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC)
         access |= os.O_NONBLOCK | os.O_NOCTTY
@@ -487,6 +526,7 @@ class ConfinedFilesystem:
             os.rmdir(name, dir_fd=dirfd)
 
     def remove(self, path: bytes) -> None:
+        self._refuseFolderEnding(path)
         with self._parent(path) as (dirfd, name):
             os.unlink(name, dir_fd=dirfd)
 
@@ -495,6 +535,10 @@ class ConfinedFilesystem:
         Rename C{old} to C{new}; unless C{replace}, an existing C{new} is an
         error (SFTP v3 semantics), checked atomically by the kernel.
         """
+        if namesAFolder(old) or namesAFolder(new):
+            # Either ending as a folder's: only a folder may be renamed.
+            with self._opened(normalize(old), _O_PATH | os.O_DIRECTORY):
+                pass
         with self._parent(old) as (olddir, oldname), self._parent(new) as (newdir, newname):
             if not replace:
                 try:
@@ -522,6 +566,9 @@ class ConfinedFilesystem:
         directory is refused.  The inode checked is pinned by an fd and linked
         through it, so nothing swapped in after the check can be linked.
         """
+        if namesAFolder(new):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        self._refuseFolderEnding(old)
         with self._parent(old) as (olddir, oldname):
             fd = self._openEntry(olddir, oldname)
         try:
@@ -564,7 +611,7 @@ class ConfinedFilesystem:
         Change the attributes of what C{path} leads to (following symlinks,
         beneath the root).
         """
-        with self._opened(normalize(path), _O_PATH) as fd:
+        with self._opened(normalize(path), self._asFolder(path)) as fd:
             target = _procPath(fd)
             if size is not None:
                 os.truncate(target, size)
@@ -584,7 +631,8 @@ class ConfinedFilesystem:
         symlink.  Linux keeps no permissions on a symlink, so a mode for one
         is refused with C{EOPNOTSUPP} before anything changes.
         """
-        if not normalize(path):
+        if not normalize(path) or namesAFolder(path):
+            # The root, or "x/": what it leads to, as SETSTAT does.
             self.setattrs(path, mode=mode, times=times)
             return
         with self._parent(path) as (dirfd, name):
@@ -611,7 +659,7 @@ class ConfinedFilesystem:
         """
         The figures of the filesystem holding what C{path} leads to.
         """
-        with self._opened(normalize(path), _O_PATH) as fd:
+        with self._opened(normalize(path), self._asFolder(path)) as fd:
             return os.fstatvfs(fd)
 
     @staticmethod

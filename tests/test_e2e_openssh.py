@@ -102,6 +102,20 @@ class BatchCommandsTests(OpenSSHTestCase):
         self.assertNotEqual(rc, 0, out)
         self.assertEqual((self.volume / "full" / "keep.txt").read_bytes(), b"keep")
 
+    def test_put_into_a_folder_that_is_a_file_fails(self):
+        # "put a.txt dest/" where dest is a file: OpenSSH's server refuses,
+        # and so must this one, leaving the file as it was.
+        self.local_file("a.txt", b"new content")
+        (self.volume / "dest").write_bytes(b"precious")
+        for command in ("put a.txt dest/", "put a.txt newdir/"):
+            rc, out, err = run_sftp(self.service, self.creds, [command], cwd=self.local)
+            self.assertNotEqual(rc, 0, command)
+        self.assertEqual((self.volume / "dest").read_bytes(), b"precious")
+        self.assertFalse((self.volume / "newdir").exists())
+        rc, out, err = run_scp(self.service, self.creds, str(self.local / "a.txt"), ":dest/")
+        self.assertNotEqual(rc, 0)
+        self.assertEqual((self.volume / "dest").read_bytes(), b"precious")
+
     def test_get_of_missing_file_fails(self):
         rc, out, err = run_sftp(self.service, self.creds, ["get nothing-here.txt"], cwd=self.local)
         self.assertNotEqual(rc, 0)

@@ -450,6 +450,48 @@ class ProtocolTests(PacketDriver, TestCase):
         for path, expected in ((b".", b"/"), (b"", b"/"), (b"../../a/./b/..", b"/a")):
             self.assertEqual(self.request(sftp.FXP_REALPATH, string(path)).names()[0][0], expected)
 
+    def test_pathsEndingAsAFolders(self):
+        """
+        "x/", "x/." and "x/.." name a folder: a file operation on one never
+        acts on a file named x (put a.txt dir/ must not replace a file
+        "dir"), and makes no file named x.
+        """
+        self.init()
+        with open(os.path.join(self.volume, "f"), "wb") as f:
+            f.write(b"keep")
+        os.mkdir(os.path.join(self.volume, "d"))
+        os.symlink("d", os.path.join(self.volume, "dl"))
+        write = sftp.FXF_WRITE | sftp.FXF_CREAT | sftp.FXF_TRUNC
+        for path, status, message in (
+            (b"f/", sftp.FX_NO_SUCH_FILE, "Not a directory"),
+            (b"/f/.", sftp.FX_NO_SUCH_FILE, "Not a directory"),
+            (b"new/", sftp.FX_FAILURE, "Is a directory"),
+            (b"d/", sftp.FX_FAILURE, "Is a directory"),
+        ):
+            reply = self.open(path, write)
+            self.assertEqual((reply.status, reply.message), (status, message), path)
+        self.assertFalse(os.path.exists(os.path.join(self.volume, "new")))
+        for kind, payload in (
+            (sftp.FXP_STAT, string(b"f/")),
+            (sftp.FXP_LSTAT, string(b"f/")),
+            (sftp.FXP_SETSTAT, string(b"f/") + attrs(0o600)),
+            (sftp.FXP_REMOVE, string(b"f/.")),
+            (sftp.FXP_RENAME, string(b"f/") + string(b"g")),
+            (sftp.FXP_RENAME, string(b"f") + string(b"g/")),
+        ):
+            reply = self.request(kind, payload)
+            self.assertEqual((kind, reply.status), (kind, sftp.FX_NO_SUCH_FILE))
+        with open(os.path.join(self.volume, "f"), "rb") as f:
+            self.assertEqual(f.read(), b"keep")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.volume, "f")).st_mode) & 0o200, 0o200)
+        # Folders, and links to them, take the ending.
+        self.assertEqual(self.request(sftp.FXP_STAT, string(b"d/")).kind, sftp.FXP_ATTRS)
+        self.assertEqual(self.request(sftp.FXP_LSTAT, string(b"dl/")).kind, sftp.FXP_ATTRS)
+        self.assertEqual(self.request(sftp.FXP_REMOVE, string(b"d/")).status, sftp.FX_FAILURE)
+        self.assertEqual(self.request(sftp.FXP_RENAME, string(b"d/") + string(b"e")).status,
+                         sftp.FX_OK)
+        self.assertTrue(os.path.isdir(os.path.join(self.volume, "e")))
+
     def test_renameRefusesExistingTarget(self):
         self.init()
         self.open(b"a", sftp.FXF_WRITE | sftp.FXF_CREAT)
