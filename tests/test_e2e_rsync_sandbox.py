@@ -214,18 +214,15 @@ class SandboxCredentialsTests(TestCase):
             self.assertEqual(int(fields[name][0], 16), 0, f"{name} {fields[name]}")
 
 
-class RsyncPrivilegeTests(TestCase):
+class _RsyncService(TestCase):
     """
-    rsync -a/-aX against the real service: whatever the client sends, no
-    file gets a setuid, setgid or sticky bit, a file capability or another
-    owner than the volume's.
+    The real service with a volume "demo", driven by the real rsync client.
     """
 
     timeout = 300
 
     def setUp(self):
         require_sandbox()
-        require_root("the client must send setuid files, file capabilities and other owners")
         self.service = start_service(self)
         self.creds = make_credentials(self.service, "demo")
         self.volume = self.service.volume("demo")
@@ -241,6 +238,18 @@ class RsyncPrivilegeTests(TestCase):
 
     def remote(self, path):
         return f"{self.creds['username']}@{HOST}:{path}"
+
+
+class RsyncPrivilegeTests(_RsyncService):
+    """
+    rsync -a/-aX against the real service: whatever the client sends, no
+    file gets a setuid, setgid or sticky bit, a file capability or another
+    owner than the volume's.
+    """
+
+    def setUp(self):
+        require_root("the client must send setuid files, file capabilities and other owners")
+        super().setUp()
 
     def hostileTree(self):
         """A tree a root client could send: special bits, a file capability, foreign owners."""
@@ -345,31 +354,12 @@ class RsyncPrivilegeTests(TestCase):
         self.assertIn("user.rsync.%stat", os.listxattr(up / "suid"))
 
 
-class RsyncDashPathTests(TestCase):
+class RsyncDashPathTests(_RsyncService):
     """
     Remote paths that start with "-" are names: an option hidden after "."
     is refused as such, a file named "-x" is transferred.
     """
 
-    timeout = 300
-
-    def setUp(self):
-        require_sandbox()
-        self.service = start_service(self)
-        self.creds = make_credentials(self.service, "demo")
-        self.volume = self.service.volume("demo")
-        self.local = self.service.root / "local"
-        self.local.mkdir()
-
-    def rsync(self, *args, expect=0):
-        rc, out, err = run(["rsync", "-e", ssh_command(self.service), *args],
-                           env=_askpass_env(self.service, self.creds["password"]))
-        if expect is not None:
-            self.assertEqual(rc, expect, f"rsync {args}\n{out}\n{err}")
-        return rc, out, err
-
-    def remote(self, path):
-        return f"{self.creds['username']}@{HOST}:{path}"
 
     def test_dashNamedFiles(self):
         (self.local / "-x").write_bytes(b"dash")
@@ -422,17 +412,13 @@ class RsyncDashPathTests(TestCase):
             self.assertEqual(os.listdir(self.volume), [], (command, err))
 
 
-class RsyncMountTests(TestCase):
+class RsyncMountTests(_RsyncService):
     """
     bwrap binds the volume with what is mounted below it, so rsync is not
     served for a volume with a mount inside: it would reach what SFTP and
     scp refuse to enter.
     """
 
-    timeout = 300
-    setUp = RsyncDashPathTests.setUp
-    rsync = RsyncDashPathTests.rsync
-    remote = RsyncDashPathTests.remote
 
     def test_volumeWithAMountInsideIsRefused(self):
         require_root("bind mounts need root")

@@ -506,37 +506,33 @@ class ProtocolTests(PacketDriver, TestCase):
         self.assertEqual(os.readlink(os.path.join(self.volume, "link")), "../target text")
         self.assertEqual(self.request(sftp.FXP_READLINK, string(b"link")).names()[0][0], b"../target text")
 
-    def test_symlinkDraftOrderClients(self):
+    def assertSymlinkOrder(self, versions, linkFirst):
         """
-        asyncssh, WinSCP and Node.js's ssh2 send the drafts' order (the link,
-        then the target) to a server that does not call itself OpenSSH: the
-        link they ask for is made all the same.
+        A client whose SSH version is one of C{versions} sends SYMLINK with
+        the link first (the drafts' order) if C{linkFirst}, else the target
+        first (OpenSSH's order); either way the link it asks for is made.
         """
-        for number, version in enumerate((b"SSH-2.0-AsyncSSH_2.24.1", b"SSH-2.0-WinSCP_release_6.3.5",
-                                          b"SSH-2.0-ssh2js1.16.0")):
-            server = sftp.SFTPServer(ConfinedFilesystem(self.volume), clientVersion=version)
-            server.makeConnection(self.transport)
-            self.addCleanup(server.connectionLost, None)
-            self.server = server
+        for number, version in enumerate(versions):
+            self.server = sftp.SFTPServer(ConfinedFilesystem(self.volume), clientVersion=version)
+            self.server.makeConnection(self.transport)
+            self.addCleanup(self.server.connectionLost, None)
             self.init()
-            link = b"link%d" % number
-            reply = self.request(sftp.FXP_SYMLINK, string(link) + string(b"target text"))
+            link, target = b"link-%d-%d" % (linkFirst, number), b"target text"
+            fields = (link, target) if linkFirst else (target, link)
+            reply = self.request(sftp.FXP_SYMLINK, b"".join(map(string, fields)))
             self.assertEqual(reply.status, sftp.FX_OK, version)
             self.assertEqual(os.readlink(os.path.join(self.volume, link.decode())), "target text")
 
+    def test_symlinkDraftOrderClients(self):
+        # asyncssh, WinSCP and Node.js's ssh2 send the drafts' order to a
+        # server that does not call itself OpenSSH.
+        self.assertSymlinkOrder((b"SSH-2.0-AsyncSSH_2.24.1", b"SSH-2.0-WinSCP_release_6.3.5",
+                                 b"SSH-2.0-ssh2js1.16.0"), linkFirst=True)
+
     def test_symlinkOpenSSHOrderForOthers(self):
         # paramiko, OpenSSH's sftp, sshfs, rclone, JSch: OpenSSH's order.
-        for number, version in enumerate((b"SSH-2.0-paramiko_3.4.0", b"SSH-2.0-OpenSSH_9.2p1 Debian-2",
-                                          b"SSH-2.0-Go", b"SSH-2.0-JSCH_0.2.16")):
-            server = sftp.SFTPServer(ConfinedFilesystem(self.volume), clientVersion=version)
-            server.makeConnection(self.transport)
-            self.addCleanup(server.connectionLost, None)
-            self.server = server
-            self.init()
-            link = b"link%d" % number
-            reply = self.request(sftp.FXP_SYMLINK, string(b"target text") + string(link))
-            self.assertEqual(reply.status, sftp.FX_OK, version)
-            self.assertEqual(os.readlink(os.path.join(self.volume, link.decode())), "target text")
+        self.assertSymlinkOrder((b"SSH-2.0-paramiko_3.4.0", b"SSH-2.0-OpenSSH_9.2p1 Debian-2",
+                                 b"SSH-2.0-Go", b"SSH-2.0-JSCH_0.2.16"), linkFirst=False)
 
     def test_setstat(self):
         self.init()
