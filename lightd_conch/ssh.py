@@ -579,6 +579,17 @@ class SSHTransport(SSHServerTransport):
         # Some clients (paramiko) request ssh-userauth before every attempt;
         # Conch would start a fresh service with a fresh failure count each
         # time.  Keep the running one, as OpenSSH keeps its auth context.
+        if not self._firstKexDone or isinstance(self.service, SSHConnection):
+            # Before any key exchange there is nothing to serve; after login
+            # a fresh user-auth service would let the connection log in
+            # again (as another container, with a fresh failure count).
+            log.warn(
+                "closing the connection from {peer}: service request {when}",
+                peer=_peer(self),
+                when="after login" if self._firstKexDone else "before key exchange",
+            )
+            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"unexpected service request")
+            return
         if common.getNS(packet)[0] == b"ssh-userauth" and isinstance(
             self.service, UserAuthServer
         ):
