@@ -288,6 +288,37 @@ class InteropTests(_Interop, TestCase):
         return deferToThread(run).addCallback(check)
 
     def test_openssh(self):
+        return self.openssh()
+
+    def test_openssh_rekeying(self):
+        """
+        With a rekey every 256 KiB (about a dozen key exchanges each way per
+        file, in the middle of pipelined transfers), every cipher still moves
+        the file intact: what a key exchange holds back goes out after it.
+        """
+        return self.openssh(["-o", "RekeyLimit=256K"])
+
+    def test_paramiko_rekeying(self):
+        port = self.port.getHost().port
+
+        def run():
+            transport = paramiko.Transport(("127.0.0.1", port))
+            transport.connect(username="alice", password="secret-pass")
+            # paramiko renegotiates after this many bytes either way.
+            transport.packetizer.REKEY_BYTES = 256 * 1024
+            client = paramiko.SFTPClient.from_transport(transport)
+            with client.open("r.bin", "wb") as f:
+                f.write(self.data)
+            with client.open("r.bin", "rb") as f:
+                back = f.read()
+            transport.renegotiate_keys()
+            names = client.listdir(".")
+            transport.close()
+            return back == self.data, "r.bin" in names
+
+        return deferToThread(run).addCallback(self.assertEqual, (True, True))
+
+    def openssh(self, options=()):
         if shutil.which("sftp") is None:
             raise SkipTest("OpenSSH's sftp is not installed")
         port = self.port.getHost().port
@@ -309,7 +340,7 @@ class InteropTests(_Interop, TestCase):
                 batch = os.path.join(base, "batch")
                 with open(batch, "w") as f:
                     f.write(f"put {source} o.bin\nget o.bin {back}\n")
-                argv = ["sftp", "-P", str(port), "-c", cipher.decode(),
+                argv = ["sftp", "-P", str(port), "-c", cipher.decode(), *options,
                         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                         "-o", "PubkeyAuthentication=no", "-o", "BatchMode=no", "-b", batch]
                 if mac:
