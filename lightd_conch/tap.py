@@ -197,6 +197,23 @@ def raiseOpenFileLimit(resourceModule=resource) -> None:
         log.warn("cannot raise the open files limit from {soft}: {error}", soft=soft, error=e)
 
 
+def warnIfFewOpenFiles(perContainer: int, resourceModule=resource) -> None:
+    """
+    Say so when the open files limit leaves room for only a few containers
+    at C{sftp.max_handles_per_container} each: then one container's
+    sessions could still take every descriptor.
+    """
+    soft = resourceModule.getrlimit(resourceModule.RLIMIT_NOFILE)[0]
+    if soft != resourceModule.RLIM_INFINITY and soft < 4 * perContainer:
+        log.warn(
+            "the open files limit ({limit}) is below 4 x sftp.max_handles_per_container"
+            " ({handles}): one container's sessions could use up the service's open files;"
+            " raise the limit (systemd: LimitNOFILE) or lower the setting",
+            limit=soft,
+            handles=perContainer,
+        )
+
+
 def makeService(options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -216,6 +233,8 @@ def makeService(options, reactor=None) -> MultiService:
         sys.stderr.write(f"lightd-sftp: {e}\n")
         raise SystemExit(1)
     raiseOpenFileLimit()
+    if cfg.sftp.enabled:
+        warnIfFewOpenFiles(cfg.sftp.max_handles_per_container)
 
     # Children stop in reverse order: the listeners and thread pools before
     # the watcher, the watcher before the store closes.

@@ -1018,3 +1018,14 @@ class OpenFileLimitTests(TestCase):
         self.assertEqual(fake.limits, (1024, 4096))
         self.assertIn("cannot raise the open files limit from 1024",
                       " ".join(formatEvent(e) for e in events))
+
+    def test_fewOpenFilesWarned(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        tap.warnIfFewOpenFiles(4096, _FakeResource(16383, 16383))
+        tap.warnIfFewOpenFiles(4096, _FakeResource(16384, 16384))
+        tap.warnIfFewOpenFiles(4096, _FakeResource(_FakeResource.RLIM_INFINITY, -1))
+        said = [formatEvent(e) for e in events if "open files limit" in formatEvent(e)]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("(16383) is below 4 x sftp.max_handles_per_container (4096)", said[0])
