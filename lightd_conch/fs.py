@@ -200,7 +200,7 @@ class ConfinedFilesystem:
     def __init__(self, root: str, useOpenat2: Optional[bool] = None) -> None:
         self.rootFD = os.open(root, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         # The volume's host path, only to tell where a link's folder is.
-        self._rootPath = os.fsencode(os.readlink(_procPath(self.rootFD)))
+        self._rootPath = os.readlink(_procPath(self.rootFD).encode())
         if useOpenat2 is None:
             useOpenat2 = openat2Available()
         self._resolve = self._resolveOpenat2 if useOpenat2 else self._resolveWalk
@@ -456,24 +456,36 @@ class ConfinedFilesystem:
         Where the symlink at C{parts} leads, as components beneath the root
         (chroot semantics: an absolute target starts at the root, a relative
         one at the link's folder); None if no link is there.
+
+        The target's folder is resolved as the kernel resolves it (a ".."
+        after a link climbs from where the link leads, and a missing name
+        before ".." is ENOENT); only its last name is taken as written.
         """
         with self._parent(virtualPath(parts)) as (dirfd, name):
             try:
                 target = os.readlink(name, dir_fd=dirfd)
             except OSError:
                 return None
-            folder = parts[:-1]
-            if not target.startswith(b"/"):
-                # The folder the link really is in, as the kernel would
-                # resolve from it (the path asked for may pass links).
-                where = os.fsencode(os.readlink(_procPath(dirfd)))
-                if where == self._rootPath:
-                    folder = ()
-                elif where.startswith(self._rootPath + b"/"):
-                    folder = normalize(where[len(self._rootPath) :])
-        return normalize(target) if target.startswith(b"/") else normalize(
-            virtualPath(folder) + b"/" + target
-        )
+            head, _, last = target.rpartition(b"/")
+            if last in (b"", b".", b".."):
+                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))  # names a folder
+            start = () if target.startswith(b"/") else self._partsOf(dirfd)
+        # Unnormalised: the resolver (openat2, or the walk) gives "." and ".."
+        # their meaning, beneath the root.
+        within = start + tuple(part for part in head.split(b"/") if part)
+        with self._opened(within, _O_PATH | os.O_DIRECTORY) as fd:
+            return self._partsOf(fd) + (last,)
+
+    def _partsOf(self, fd: int) -> Parts:
+        """
+        The components beneath the root of the folder C{fd} is open on.
+        """
+        where = os.readlink(_procPath(fd).encode())
+        if where == self._rootPath:
+            return ()
+        if where.startswith(self._rootPath + b"/"):
+            return normalize(where[len(self._rootPath) :])
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))  # moved away meanwhile
 
     def _adoptOrClose(self, fd: int, mode: int) -> int:
         """

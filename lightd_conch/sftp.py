@@ -510,7 +510,6 @@ class _Copy:
                 pass
 
 
-@implementer(IPushProducer)
 class HandleBudget:
     """
     The open handles of each container, counted across all its sessions and
@@ -539,6 +538,7 @@ class HandleBudget:
         return self._open.get(owner, 0)
 
 
+@implementer(IPushProducer)
 class SFTPServer(Protocol):
     """
     One SFTP session over one channel.

@@ -484,14 +484,18 @@ class SSHTransport(SSHServerTransport):
         try:
             super().dispatchMessage(messageNum, payload)
         except Exception as e:
-            # A message Conch cannot parse (short, garbled, out of place):
-            # one line and a protocol-error disconnect, not a traceback and a
-            # bare close.
+            # A message Conch cannot parse (short, garbled, out of place)
+            # raises whatever its parsing met (struct.error, IndexError,
+            # TypeError, AttributeError for a key exchange message before
+            # KEXINIT...): one line and a protocol-error disconnect, not a
+            # traceback a client could flood the log with, and not a bare
+            # close.  The line names the error and what it said (escaped,
+            # cut short), enough to tell a fault of ours from garbage.
             log.warn(
                 "closing the connection from {peer}: bad message {number} ({error})",
                 peer=_peer(self),
                 number=messageNum,
-                error=type(e).__name__,
+                error=ascii(f"{type(e).__name__}: {e}")[1:121],
             )
             self._disconnect(DISCONNECT_PROTOCOL_ERROR, b"malformed message")
 

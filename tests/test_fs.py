@@ -271,6 +271,27 @@ class _ConfinementMixin:
         self.plant("loop", "loop")
         self.assertErrno(errno.ELOOP, self.fs.openFile, b"loop", os.O_WRONLY | os.O_CREAT)
 
+    def test_createThroughADanglingLinkResolvesItsFolderAsTheKernel(self):
+        """
+        A ".." in a dangling link's text climbs from where the link before
+        it leads, and a missing name before ".." is ENOENT, as the kernel
+        has it: no other file is created or truncated.
+        """
+        os.makedirs(self.inVolume("sub", "deep"))
+        self.plant("sym", "sub/deep")
+        with open(self.inVolume("y"), "w") as f:
+            f.write("precious")
+        self.plant("e", "sym/../y")
+        self.plant("f", "missing/../y")
+        self.plant("g", "nothere/")
+        write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        os.close(self.fs.openFile(b"e", write))
+        self.assertTrue(os.path.isfile(self.inVolume("sub", "y")))
+        self.assertErrno(errno.ENOENT, self.fs.openFile, b"f", write)
+        self.assertErrno(errno.EISDIR, self.fs.openFile, b"g", write)
+        with open(self.inVolume("y")) as f:
+            self.assertEqual(f.read(), "precious")
+
     def test_mountedEntriesAreNeverChanged(self):
         """
         A host folder and a host file bind-mounted in the volume: lsetstat
