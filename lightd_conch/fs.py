@@ -215,15 +215,22 @@ class ConfinedFilesystem:
         )
         self._umask = _umask()
 
-    def _adopt(self, fd: int, mode: int) -> None:
+    def _adopt(self, fd: int, mode: int, pathOnly: bool = False) -> None:
         """
-        Give what was just created (as C{fd}) exactly C{mode} and the volume's
-        owner, with no call where creation already got it right.
+        Give what was just created (as C{fd}; an C{O_PATH} one if
+        C{pathOnly}) exactly C{mode} and the volume's owner, with no call
+        where creation already got it right.
         """
         if mode & ~self._umask != mode:
-            os.fchmod(fd, mode)
+            if pathOnly:
+                os.chmod(_procPath(fd), mode)  # fchmod refuses an O_PATH fd
+            else:
+                os.fchmod(fd, mode)
         if self._owner is not None:
-            os.fchown(fd, *self._owner)
+            if pathOnly:
+                _fchownEmpty(fd, *self._owner)
+            else:
+                os.fchown(fd, *self._owner)
 
     def close(self) -> None:
         if self.rootFD >= 0:
@@ -526,10 +533,7 @@ class ConfinedFilesystem:
             try:
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):
                     return  # replaced meanwhile: not ours to adopt
-                if mode & ~self._umask != mode:
-                    os.chmod(_procPath(fd), mode)
-                if self._owner is not None:
-                    _fchownEmpty(fd, *self._owner)
+                self._adopt(fd, mode, pathOnly=True)
             finally:
                 os.close(fd)
 

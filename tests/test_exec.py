@@ -128,7 +128,12 @@ class _Channel:
         return data
 
 
-class ScpProtocolTests(TestCase):
+class ScpDriver:
+    """
+    Drives scp's protocol object over a fake channel, on a real volume; the
+    test case stands in for the avatar.
+    """
+
     def setUp(self):
         self.volume = os.path.abspath(self.mktemp())
         os.makedirs(self.volume)
@@ -142,6 +147,9 @@ class ScpProtocolTests(TestCase):
 
     def openFilesystem(self):
         return ConfinedFilesystem(self.volume)
+
+
+class ScpProtocolTests(ScpDriver, TestCase):
 
     def test_sinkFile(self):
         protocol, channel = self.start(b"scp -p -t /")

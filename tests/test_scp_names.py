@@ -11,14 +11,10 @@ of a directory; messages never carry a raw control character.
 
 import os
 
-from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from lightd_conch import commands
-from lightd_conch.fs import ConfinedFilesystem
-
 from tests.harness import make_credentials, require_binary, run_scp, start_service
-from tests.test_exec import _Channel
+from tests.test_exec import ScpDriver
 
 SKIPPING = b"skipping, filename contains a newline"
 PAYLOAD = b"echo INJECTED-BY-CONTAINER\n"
@@ -39,23 +35,12 @@ def _writeFile(path, data, mode=0o644, mtime=None):
         os.utime(path, (mtime, mtime))
 
 
-class _ScpProtocolTestCase(TestCase):
+class _ScpProtocolTestCase(ScpDriver, TestCase):
     """Drives scp's protocol object over a fake channel, on a real volume."""
 
     def setUp(self):
-        self.volume = os.path.abspath(self.mktemp())
-        os.makedirs(self.volume)
+        super().setUp()
         self.volumeBytes = os.fsencode(self.volume)
-
-    def openFilesystem(self):
-        return ConfinedFilesystem(self.volume)
-
-    def start(self, line):
-        protocol = commands.execProtocol(line, self)
-        protocol.clock = Clock()
-        channel = _Channel()
-        protocol.makeConnection(channel)
-        return protocol, channel
 
     def path(self, *names):
         return os.path.join(self.volumeBytes, *names)
