@@ -534,9 +534,6 @@ class HandleBudget:
         else:
             self._open.pop(owner, None)
 
-    def held(self, owner: str) -> int:
-        return self._open.get(owner, 0)
-
 
 @implementer(IPushProducer)
 class SFTPServer(Protocol):
