@@ -16,6 +16,7 @@ import time
 
 import bcrypt
 
+from lightd_conch.policy import PolicyError
 from lightd_conch.store import Credential, UsernameTaken
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
@@ -210,6 +211,35 @@ class Accounts:
             {"container_id": credential.container_id, **self._info(credential)}
             for credential in self._store.list()
         ]
+
+    def policy(self, container_id: str) -> dict:
+        """
+        The policy of C{container_id}, as JSON: it needs the container's
+        volume, not credentials.
+
+        @raise AccountError: C{invalid}, or C{not_found} (no volume).
+        """
+        self._checkVolume(container_id)
+        return self._store.get_policy(container_id).toJSON()
+
+    def set_policy(self, container_id: str, changes: object) -> dict:
+        """
+        Change the keys in C{changes} of the policy of C{container_id};
+        return the whole new policy, as JSON.
+
+        @raise AccountError: C{invalid} (a bad id, an unknown key, a wrong
+            value: the message names the key), or C{not_found} (no volume).
+        """
+        self._checkVolume(container_id)
+        try:
+            return self._store.update_policy(container_id, changes).toJSON()
+        except PolicyError as e:
+            raise AccountError("invalid", str(e)) from None
+
+    def _checkVolume(self, container_id: str) -> None:
+        validate_name("container id", container_id)
+        if not os.path.isdir(self._config.volume_path(container_id)):
+            raise AccountError("not_found", "container volume does not exist")
 
     def _address(self) -> dict:
         sftp = self._config.sftp

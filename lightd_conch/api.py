@@ -4,6 +4,8 @@ The admin HTTP API, Lightd-compatible JSON on twisted.web:
     POST   /containers/{id}/sftp/credentials   create or reset (200, shows the password)
     GET    /containers/{id}/sftp/info          show, without the password (200)
     DELETE /containers/{id}/sftp/credentials   revoke (204)
+    GET    /containers/{id}/sftp/policy        the container's policy (200)
+    PATCH  /containers/{id}/sftp/policy        change some of its keys (200, the whole policy)
 
 This module translates HTTP to L{lightd_conch.accounts.Accounts}, the same
 rules the CLI uses, and owns the bearer token.  The blocking work of
@@ -37,6 +39,7 @@ _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409}
 _ROUTES = {
     (b"sftp", b"credentials"): {b"POST": "_generate", b"DELETE": "_revoke"},
     (b"sftp", b"info"): {b"GET": "_info"},
+    (b"sftp", b"policy"): {b"GET": "_policy", b"PATCH": "_setPolicy"},
 }
 
 
@@ -329,6 +332,24 @@ class AdminAPI(Resource):
             return 204, None
 
         return self._run(self._accounts.revoke, containerId).addCallback(done)
+
+    def _policy(self, request, containerId: str):
+        d = self._run(self._accounts.policy, containerId)
+        return d.addCallback(lambda result: (200, result))
+
+    def _setPolicy(self, request, containerId: str):
+        changes = self._body(request)
+
+        def done(result):
+            log.info(
+                "admin API: policy of container {container} changed ({keys})",
+                container=containerId,
+                keys=", ".join(sorted(changes)) or "nothing",
+            )
+            self._notifyChanged(containerId)
+            return 200, result
+
+        return self._run(self._accounts.set_policy, containerId, changes).addCallback(done)
 
     def _bound(self, result: dict) -> dict:
         if self._sftpPort is not None:

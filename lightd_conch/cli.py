@@ -1,5 +1,6 @@
 """
-The C{lightd-sftp} console script: manage containers' SFTP credentials.
+The C{lightd-sftp} console script: manage containers' SFTP credentials and
+policies.
 
 It opens the credential store directly, so it works whether the daemon runs
 or not; the daemon sees its changes.  Exit status: 0 done, 1 refused (with
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 
 from lightd_conch.accounts import AccountError, Accounts
 from lightd_conch.config import ConfigError, load
+from lightd_conch.policy import PolicyError, parseSetting
 from lightd_conch.store import LMDBCredentialStore, StoreError
 
 _PROG = "lightd-sftp"
@@ -69,6 +71,35 @@ def _list(accounts, args, stdin, stdout, stderr) -> None:
     for row in rows:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
         stdout.write(line.rstrip() + "\n")
+
+
+def _policyShow(accounts, args, stdin, stdout, stderr) -> None:
+    _printPolicy(accounts.policy(args.container), args.json, stdout)
+
+
+def _policySet(accounts, args, stdin, stdout, stderr) -> None:
+    changes = {}
+    for setting in args.settings:
+        try:
+            key, value = parseSetting(setting)
+        except PolicyError as e:
+            raise AccountError("invalid", str(e)) from None
+        changes[key] = value
+    _printPolicy(accounts.set_policy(args.container, changes), args.json, stdout)
+
+
+def _printPolicy(policy: dict, asJSON: bool, stdout) -> None:
+    if asJSON:
+        _print_json(policy, stdout)
+        return
+    for key, value in policy.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list):
+            text = ",".join(value)
+        else:
+            text = str(value)
+        stdout.write(f"{key}: {text}\n")
 
 
 # A password is at most 72 bytes: a longer line is not one, and reading stops
@@ -164,7 +195,21 @@ def _parser() -> argparse.ArgumentParser:
     listing = actions.add_parser("list", help="list the containers with credentials")
     listing.set_defaults(run=_list)
 
-    for action in (generate, info, listing):
+    policy = groups.add_parser("policy", help="show and change a container's policy")
+    policyActions = policy.add_subparsers(required=True, metavar="ACTION")
+    show = policyActions.add_parser("show", help="show a container's policy")
+    show.add_argument("container", metavar="CONTAINER")
+    show.set_defaults(run=_policyShow)
+    change = policyActions.add_parser(
+        "set",
+        help="change keys of a container's policy (sizes take K, M, G, T;"
+        " lists are comma-separated)",
+    )
+    change.add_argument("container", metavar="CONTAINER")
+    change.add_argument("settings", metavar="KEY=VALUE", nargs="+")
+    change.set_defaults(run=_policySet)
+
+    for action in (generate, info, listing, show, change):
         action.add_argument(
             "--json", action="store_true", help="print the API's JSON object"
         )

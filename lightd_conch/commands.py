@@ -146,4 +146,9 @@ def _rsyncProtocol(command: bytes, avatar) -> Protocol:
         volume = avatar.openVolume()
     except OSError:
         return Refusal(VOLUME_MISSING, 1)
+    try:
+        volume.mayRunRsync(upload="--sender" not in argv)
+    except PermissionError as e:
+        volume.close()
+        return Refusal(f"lightd-sftp: rsync refused: {e.strerror}", 1)
     return rsync.RsyncServer(sandbox, volume, rsync.enforced(argv))

@@ -17,6 +17,9 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from .defender import UnknownUser
+from .containers import ContainerState, IContainerStates, MemoryContainerStates
+from .policy import Policy
+from .quota import QuotaMeasurer
 from .sftp import HandleBudget
 from .ssh import SessionChannel
 from .volume import Volume
@@ -33,11 +36,13 @@ class ContainerId(str):
     """
 
     credential = None
+    policy = None
 
     @classmethod
-    def of(cls, credential) -> "ContainerId":
+    def of(cls, credential, policy=None) -> "ContainerId":
         containerId = cls(credential.container_id)
         containerId.credential = credential
+        containerId.policy = policy
         return containerId
 
 
@@ -81,7 +86,9 @@ class PasswordChecker:
             raise UnknownUser() if record is None else UnauthorizedLogin()
         if not bcrypt.checkpw(password, record.password_hash):
             raise UnauthorizedLogin()
-        return ContainerId.of(record)
+        # Read with the record, off the reactor: what the login gate and the
+        # session's volume obey from the first request on.
+        return ContainerId.of(record, self._store.get_policy(record.container_id))
 
 
 class ContainerAvatar(ConchUser):
@@ -93,10 +100,18 @@ class ContainerAvatar(ConchUser):
         or None if unknown.
     @ivar handles: the L{HandleBudget} shared by all the sessions of all
         containers, or None for no limit across sessions.
+    @ivar state: the container's L{ContainerState} (its live policy and
+        quota usage), shared by all its sessions.
     """
 
     def __init__(
-        self, containerId: str, volumePath: str, settings, credential=None, handles=None
+        self,
+        containerId: str,
+        volumePath: str,
+        settings,
+        credential=None,
+        handles=None,
+        state: "ContainerState | None" = None,
     ) -> None:
         super().__init__()
         self.containerId = str(containerId)
@@ -104,6 +119,11 @@ class ContainerAvatar(ConchUser):
         self.settings = settings
         self.credential = credential
         self.handles = handles
+        self.state = ContainerState(self.containerId) if state is None else state
+
+    @property
+    def policy(self) -> Policy:
+        return self.state.policy
 
     def lookupChannel(self, channelType, windowSize, maxPacket, data):
         return SessionChannel(
@@ -121,7 +141,7 @@ class ContainerAvatar(ConchUser):
 
         @raise OSError: the volume directory is missing.
         """
-        return Volume.open(self.volumePath, self.containerId)
+        return Volume.open(self.volumePath, self.containerId, state=self.state)
 
 
 @implementer(IRealm)
@@ -131,20 +151,43 @@ class ContainerRealm:
 
     @param handles: the L{HandleBudget} of open handles per container; by
         default one at C{sftp.max_handles_per_container}.
+    @param states: the L{IContainerStates} of the live containers.
+    @param quotas: the L{QuotaMeasurer}; a login of a container with a
+        quota completes once its volume's usage is known.  None: no
+        measurement (usage counts from zero).
     """
 
-    def __init__(self, config, handles: "HandleBudget | None" = None) -> None:
+    def __init__(
+        self,
+        config,
+        handles: "HandleBudget | None" = None,
+        states: "IContainerStates | None" = None,
+        quotas: "QuotaMeasurer | None" = None,
+    ) -> None:
         self._config = config
         if handles is None:
             handles = HandleBudget(config.sftp.max_handles_per_container)
         self._handles = handles
+        self._states = MemoryContainerStates() if states is None else states
+        self._quotas = quotas
 
     def requestAvatar(self, avatarId, mind, *interfaces):
+        containerId = str(avatarId)
+        policy = getattr(avatarId, "policy", None)
+        if policy is None:
+            state = self._states.get(containerId)
+        else:
+            state = self._states.update(containerId, policy)
+        volumePath = self._config.volume_path(containerId)
         avatar = ContainerAvatar(
-            avatarId,
-            self._config.volume_path(avatarId),
+            containerId,
+            volumePath,
             self._config.sftp,
             getattr(avatarId, "credential", None),
             self._handles,
+            state,
         )
-        return interfaces[0], avatar, lambda: None
+        result = (interfaces[0], avatar, lambda: None)
+        if self._quotas is None or not state.policy.quota_bytes or state.quota.used is not None:
+            return result
+        return self._quotas.ensure(state, volumePath).addCallback(lambda _: result)

@@ -170,7 +170,7 @@ def _relative(parts: Parts) -> bytes:
     return b"/".join(parts) or b"."
 
 
-def _mountId(fd: int) -> int:
+def mountId(fd: int) -> int:
     """
     The id of the mount C{fd} is on (st_dev cannot tell: btrfs subvolumes
     differ in st_dev on one mount).
@@ -264,11 +264,11 @@ class ConfinedFilesystem:
         stack = [os.dup(self.rootFD)]
         pending = list(parts)
         links = 0
-        rootMount = _mountId(self.rootFD)
+        rootMount = mountId(self.rootFD)
 
         def sameMount(fd: int) -> int:
             # As RESOLVE_NO_XDEV: never cross into a mount inside the volume.
-            if _mountId(fd) != rootMount:
+            if mountId(fd) != rootMount:
                 os.close(fd)
                 raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
             return fd
@@ -336,7 +336,7 @@ class ConfinedFilesystem:
         if self._useOpenat2:
             return _openat2(dirfd, name, _O_PATH | os.O_NOFOLLOW)
         fd = os.open(name, _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-        if _mountId(fd) != _mountId(dirfd):
+        if mountId(fd) != mountId(dirfd):
             os.close(fd)
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
         return fd
@@ -372,6 +372,34 @@ class ConfinedFilesystem:
             yield dirfd, parts[-1]
 
     # -- queries ----------------------------------------------------------
+
+    def located(self, path: bytes, follow: bool = True, _links: int = 0) -> Parts:
+        """
+        Where C{path} leads, as components beneath the root: with C{follow},
+        what it names after every symlink (a dangling one: where the link
+        leads); otherwise, or if nothing is there, its folder's true place
+        and its last name.  The names a policy compares, whatever alias
+        (a link, a link to a folder) the client used.
+        """
+        parts = normalize(path)
+        if not parts:
+            return ()
+        if follow:
+            try:
+                with self._opened(parts, _O_PATH) as fd:
+                    return self._partsOf(fd)
+            except FileNotFoundError:
+                target = self._linkTarget(parts) if _links < _MAX_SYMLINKS else None
+                if target is not None:
+                    return self.located(virtualPath(target), True, _links + 1)
+        with self._parent(path) as (dirfd, name):
+            return self._partsOf(dirfd) + (name,)
+
+    def partsOf(self, fd: int) -> Parts:
+        """
+        Where what C{fd} is open on is now, as components beneath the root.
+        """
+        return self._partsOf(fd)
 
     def realpath(self, path: bytes) -> bytes:
         return virtualPath(normalize(path))

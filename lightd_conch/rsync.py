@@ -340,6 +340,7 @@ class Sandbox:
         volumeFD: int,
         rsyncArgv: Sequence[str],
         ids: Optional[Tuple[int, int]] = None,
+        readOnly: bool = False,
     ) -> List[str]:
         """
         The command line running C{rsyncArgv} on the volume open as
@@ -352,7 +353,8 @@ class Sandbox:
         empty bounding set before running rsync: uid 0 without capabilities
         cannot set file capabilities or reach past permission bits.  Without
         C{ids} (the service is not root) rsync runs as the service's user in
-        a new user namespace, with every capability dropped.
+        a new user namespace, with every capability dropped.  With
+        C{readOnly}, the volume is bound read-only.
         """
         argv = [self.bwrap]
         if ids is None:
@@ -387,7 +389,8 @@ class Sandbox:
             argv += ["--symlink", target, link]
         argv += [
             "--dev", "/dev",
-            "--bind-fd", str(volumeFD), os.fsdecode(SANDBOX_VOLUME),
+            "--ro-bind-fd" if readOnly else "--bind-fd", str(volumeFD),
+            os.fsdecode(SANDBOX_VOLUME),
             "--chdir", os.fsdecode(SANDBOX_VOLUME),
             "--remount-ro", "/",
             "--",
@@ -520,7 +523,7 @@ class RsyncServer(Protocol):
             ids = None
             if os.geteuid() == 0:
                 ids = (owner.st_uid, owner.st_gid)
-            argv = self.sandbox.argv(3, self.argv, ids)
+            argv = self.sandbox.argv(3, self.argv, ids, self.volume.policy.read_only)
             self.process = reactor.spawnProcess(
                 _Process(self),
                 argv[0],

@@ -119,6 +119,11 @@ def _message(kind: bytes, text: str) -> bytes:
     return kind + b"scp: " + text.translate(_ESCAPES).encode("utf-8", "replace") + b"\n"
 
 
+def _reason(error: OSError) -> str:
+    # The errno's text, or what the volume said (never a host path).
+    return error.strerror or (os.strerror(error.errno) if error.errno else str(error))
+
+
 def _display(path: bytes) -> str:
     return os.fsdecode(virtualPath(normalize(path)))
 
@@ -264,7 +269,7 @@ class _Exchange(Protocol):
                 self._fail(str(e))
                 return
             except OSError as e:
-                self._fail(os.strerror(e.errno) if e.errno else str(e))
+                self._fail(_reason(e))
                 return
             if isinstance(request, _Yield):
                 steps += 1
@@ -355,6 +360,8 @@ class ScpSink(_Exchange):
         targetIsDirectory = self._isDirectory(target)
         if self.command.targetIsDirectory and not targetIsDirectory:
             raise _Fatal(f"{_display(target)}: Not a directory")
+        # Refused at once, with one line, when the volume takes no uploads.
+        self.volume.mayChange(target)
         self.transport.write(b"\0")
         yield from self._receive(target, targetIsDirectory, 0)
 
@@ -415,7 +422,7 @@ class ScpSink(_Exchange):
             if not self._isDirectory(path):
                 raise _Fatal(f"{_display(path)}: Not a directory")
         except OSError as e:
-            raise _Fatal(f"{_display(path)}: {os.strerror(e.errno)}")
+            raise _Fatal(f"{_display(path)}: {_reason(e)}")
         self.transport.write(b"\0")
 
     def _finishDirectory(
@@ -428,7 +435,7 @@ class ScpSink(_Exchange):
                 times=times if self.command.preserve else None,
             )
         except OSError as e:
-            self.error(f"{_display(path)}: {os.strerror(e.errno)}")
+            self.error(f"{_display(path)}: {_reason(e)}")
 
     def _receiveFile(
         self, path: bytes, mode: int, size: int, times: Optional[Tuple[int, int]]
@@ -437,7 +444,7 @@ class ScpSink(_Exchange):
             self._file = self.volume.openFile(path, os.O_WRONLY | os.O_CREAT, mode | 0o200)
         except OSError as e:
             # The client sends no data after an error in place of the ack.
-            self.error(f"{_display(path)}: {os.strerror(e.errno)}")
+            self.error(f"{_display(path)}: {_reason(e)}")
             return
         self.transport.write(b"\0")
         problem: Optional[OSError] = None
@@ -473,7 +480,7 @@ class ScpSink(_Exchange):
         finally:
             file.close()
         if problem is not None:
-            self.error(f"{_display(path)}: {os.strerror(problem.errno)}")
+            self.error(f"{_display(path)}: {_reason(problem)}")
         else:
             self.transport.write(b"\0")
 
@@ -546,7 +553,7 @@ class ScpSource(_Exchange):
         try:
             st = self.volume.stat(path)
         except OSError as e:
-            self.error(f"{_display(path)}: {os.strerror(e.errno)}")
+            self.error(f"{_display(path)}: {_reason(e)}")
             return
         if stat.S_ISDIR(st.st_mode):
             if not self.command.recursive:
@@ -568,7 +575,7 @@ class ScpSource(_Exchange):
         try:
             file = self.volume.openFile(path, os.O_RDONLY)
         except OSError as e:
-            self.error(f"{_display(path)}: {os.strerror(e.errno)}")
+            self.error(f"{_display(path)}: {_reason(e)}")
             return
         try:
             st = file.stat()
@@ -587,7 +594,7 @@ class ScpSource(_Exchange):
                 try:
                     chunk = file.read(want, offset) if problem is None else b""
                 except OSError as e:
-                    problem, chunk = os.strerror(e.errno), b""
+                    problem, chunk = _reason(e), b""
                 if not chunk:
                     # The file shrank or failed: keep the promised size.
                     problem = problem or "file changed size while being sent"
@@ -617,7 +624,7 @@ class ScpSource(_Exchange):
         try:
             names = self.volume.names(path)
         except OSError as e:
-            self.error(f"{_display(path)}: {os.strerror(e.errno)}")
+            self.error(f"{_display(path)}: {_reason(e)}")
             return
         if not (yield from self._timeRecord(st)):
             return

@@ -1,13 +1,18 @@
 """
-Live SFTP sessions, and ending them when their container's credentials change.
+Live SFTP sessions, and ending them when their container's credentials or
+policy change.
 
 L{SessionRegistry} knows which SSH transports are logged in to which
 container, and the credential record each one logged in with.
 L{CredentialWatcher} compares those records with the store every second, and
 at once after the admin API changes something, and disconnects the sessions
-whose record was reset or revoked.  Polling the store, rather than being told,
-is what lets the CLI, a separate process writing LMDB directly, end sessions
-too.
+whose record was reset or revoked.  It also hands each live container's
+policy, as the store holds it now, to its sessions' volumes, ends the
+sessions the policy no longer admits (suspended, an address no longer
+allowed, password logins turned off), and has the volumes with a quota
+measured again now and then.  Polling the store, rather than being told, is
+what lets the CLI, a separate process writing LMDB directly, reach live
+sessions too.
 """
 
 from __future__ import annotations
@@ -87,11 +92,23 @@ class CredentialWatcher(Service):
     whose login is unknown end only when the record is gone.
     """
 
-    def __init__(self, store, registry: SessionRegistry, clock, interval=CHECK_INTERVAL) -> None:
+    def __init__(
+        self,
+        store,
+        registry: SessionRegistry,
+        clock,
+        interval=CHECK_INTERVAL,
+        states=None,
+        quotas=None,
+        volumePath=None,
+    ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
         self._interval = interval
+        self._states = states
+        self._quotas = quotas
+        self._volumePath = volumePath
         self._loop = None
 
     def startService(self) -> None:
@@ -117,23 +134,34 @@ class CredentialWatcher(Service):
         for containerId in containerIds:
             try:
                 record = self._store.get(containerId)
+                policy = self._store.get_policy(containerId)
             except Exception:
                 # Keep the loop alive; the next tick tries again.
                 log.failure("cannot read the credentials of {container}", container=containerId)
                 continue
+            if self._states is not None:
+                state = self._states.update(containerId, policy)
+                if policy.quota_bytes and self._quotas is not None:
+                    self._quotas.refresh(state, self._volumePath(containerId))
             current = None if record is None else (record.username, record.password_hash)
             for transport, login in self._registry.sessions(containerId):
-                if record is not None and (login is None or login == current):
-                    continue
-                self._end(transport, containerId, "revoked" if record is None else "changed")
+                if record is None or (login is not None and login != current):
+                    why = "credentials " + ("revoked" if record is None else "changed")
+                else:
+                    why = policy.refusal(
+                        transport.transport.getPeer().host,
+                        getattr(transport.avatar, "method", "password"),
+                    )
+                    if why is None:
+                        continue
+                self._end(transport, containerId, why)
                 ended += 1
         return ended
 
     def _end(self, transport, containerId: str, why: str) -> None:
         self._registry.loggedOut(transport)
         log.info(
-            "ending session of user {username} (container {container}) from {peer}:"
-            " credentials {why}",
+            "ending session of user {username} (container {container}) from {peer}: {why}",
             username=getattr(transport, "loginUsername", "?"),
             container=containerId,
             peer=formatAddress(transport.transport.getPeer()),
@@ -141,6 +169,6 @@ class CredentialWatcher(Service):
         )
         # Sends the reason and closes once it is written; the transport
         # stops reading, so the session serves no further request.
-        transport.sendDisconnect(DISCONNECT_BY_APPLICATION, f"credentials {why}".encode())
+        transport.sendDisconnect(DISCONNECT_BY_APPLICATION, why.encode())
         # A no-op once the connection is closed.
         self._clock.callLater(ABORT_AFTER, transport.transport.abortConnection)

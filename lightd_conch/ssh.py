@@ -706,6 +706,23 @@ class UserAuthServer(userauth.SSHUserAuthServer):
     def _cbFinishedAuth(self, result) -> None:
         interface, avatar, logout = result
         username = self.user.decode("utf-8", "replace")
+        why = avatar.policy.refusal(
+            self.transport.transport.getPeer().host, self.method.decode("ascii", "replace")
+        )
+        if why is not None:
+            # The password was right: no failed login, no defender score.
+            log.info(
+                "login refused: user {username} (container {container}) from {peer}: {why}",
+                username=_printable(self.user[:128]),
+                container=avatar.containerId,
+                peer=_peer(self.transport),
+                why=why,
+            )
+            self.transport.sendDisconnect(
+                DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, why.encode("utf-8")
+            )
+            return
+        avatar.method = self.method.decode("ascii", "replace")
         super()._cbFinishedAuth(result)
         self.transport.authenticated(username, avatar.containerId)
 

@@ -1,5 +1,7 @@
 """
-The credential store: one record per container and a username index.
+The credential store: one record per container and a username index, and
+each container's policy (L{lightd_conch.policy.Policy}), kept apart from its
+credentials so that a reset or a revoke leaves it as it is.
 
 L{ICredentialStore} is what the rest of the service uses;
 L{LMDBCredentialStore} keeps it in an LMDB environment, and this is the only
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 
 import lmdb
 from zope.interface import Interface, implementer
+
+from .policy import Policy
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,19 @@ class ICredentialStore(Interface):
         All records, sorted by container id.
         """
 
+    def get_policy(container_id: str) -> Policy:
+        """
+        The policy of C{container_id}: the defaults if none was set.
+        """
+
+    def update_policy(container_id: str, changes: dict) -> Policy:
+        """
+        Make C{changes} (see L{Policy.patched}) to the policy of
+        C{container_id} in one transaction, and return the new policy.
+
+        @raise lightd_conch.policy.PolicyError: nothing is written.
+        """
+
     def close() -> None:
         """
         Release the store.  No other method may be called afterwards.
@@ -131,10 +148,11 @@ class LMDBCredentialStore:
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self._env = lmdb.open(
-                path, map_size=64 * 1024 * 1024, max_dbs=2, subdir=True, mode=0o700
+                path, map_size=64 * 1024 * 1024, max_dbs=8, subdir=True, mode=0o700
             )
             self._credentials = self._env.open_db(b"credentials")
             self._usernames = self._env.open_db(b"usernames")
+            self._policies = self._env.open_db(b"policies")
         except (OSError, lmdb.Error) as e:
             raise StoreError(f"cannot open the credential store {path}: {e}") from e
 
@@ -192,6 +210,23 @@ class LMDBCredentialStore:
         # the same order as sorting the ids as str.
         with self._env.begin(db=self._credentials) as txn:
             return [_decode(data) for data in txn.cursor().iternext(keys=False)]
+
+    def get_policy(self, container_id: str) -> Policy:
+        key = self._lookupKey(container_id)
+        if key is None:
+            return Policy()
+        with self._env.begin() as txn:
+            return Policy.decode(txn.get(key, db=self._policies))
+
+    def update_policy(self, container_id: str, changes: dict) -> Policy:
+        key = container_id.encode()
+        with self._env.begin(write=True) as txn:
+            policy = Policy.decode(txn.get(key, db=self._policies)).patched(changes)
+            if policy == Policy():
+                txn.delete(key, db=self._policies)
+            else:
+                txn.put(key, policy.encode(), db=self._policies)
+        return policy
 
     def close(self) -> None:
         self._env.close()

@@ -30,7 +30,9 @@ from .api import (
     makeSite,
     warnAuthorizationDisabled,
 )
+from .containers import MemoryContainerStates
 from .cred import ContainerRealm, PasswordChecker
+from .quota import QuotaMeasurer
 from .sessions import CredentialWatcher, SessionRegistry
 from .ssh import SSHFactory, loadOrCreateHostKey
 from .store import LMDBCredentialStore
@@ -242,7 +244,13 @@ def makeService(options, reactor=None) -> MultiService:
     store = _LazyStore(cfg.credentials_path)
     _StoreService(store).setServiceParent(top)
     sessions = SessionRegistry()
-    watcher = CredentialWatcher(store, sessions, reactor)
+    states = MemoryContainerStates()
+    quotas = QuotaMeasurer(
+        lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args), reactor
+    )
+    watcher = CredentialWatcher(
+        store, sessions, reactor, states=states, quotas=quotas, volumePath=cfg.volume_path
+    )
     watcher.setServiceParent(top)
 
     sftpPort = None
@@ -252,7 +260,7 @@ def makeService(options, reactor=None) -> MultiService:
         pool = ThreadPool(minthreads=1, maxthreads=2, name="lightd-sftp-bcrypt")
         _ThreadPoolService(pool).setServiceParent(top)
         portal = Portal(
-            ContainerRealm(cfg),
+            ContainerRealm(cfg, states=states, quotas=quotas),
             [PasswordChecker(store, reactor, pool, cfg.sftp.bcrypt_cost)],
         )
         factory = SSHFactory(portal, hostKey, cfg.sftp, reactor)

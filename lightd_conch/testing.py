@@ -7,6 +7,7 @@ import threading
 from zope.interface import implementer
 
 from lightd_conch.commands import ISessionChannel
+from lightd_conch.policy import Policy
 from lightd_conch.store import Credential, ICredentialStore, UsernameTaken
 
 
@@ -24,6 +25,7 @@ class MemoryCredentialStore:
         self._lock = threading.Lock()
         self._credentials: dict[str, Credential] = {}
         self._owners: dict[str, str] = {}
+        self._policies: dict[str, Policy] = {}
 
     def get(self, container_id: str) -> "Credential | None":
         with self._lock:
@@ -57,6 +59,16 @@ class MemoryCredentialStore:
             return sorted(
                 self._credentials.values(), key=lambda c: c.container_id
             )
+
+    def get_policy(self, container_id: str) -> Policy:
+        with self._lock:
+            return self._policies.get(container_id, Policy())
+
+    def update_policy(self, container_id: str, changes: dict) -> Policy:
+        with self._lock:
+            policy = self._policies.get(container_id, Policy()).patched(changes)
+            self._policies[container_id] = policy
+            return policy
 
     def close(self) -> None:
         self.closed = True

@@ -16,10 +16,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
+import struct
 import sys
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
-from .fs import ConfinedFilesystem, normalize, virtualPath
+from .containers import ContainerState
+from .fs import ConfinedFilesystem, Parts, namesAFolder, normalize, virtualPath
+from .policy import Policy
+from .quota import QuotaExceeded, allocated
 
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
@@ -33,29 +38,82 @@ _COPY_FALLBACK_CHUNK = 256 * 1024
 
 Times = Optional[Tuple[int, int]]
 
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_WRITE_LOCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+"""A struct flock for the whole file (l_len 0), l_pid 0 as OFD locks need."""
+
+
+class ReadOnly(PermissionError):
+    """A change to a read-only volume."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EACCES, "the volume is read-only")
+
+
+class FileLocked(OSError):
+    """An open for writing of a file another writer holds."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EAGAIN, "file is locked by another writer")
+
+
+def _hidden() -> OSError:
+    # What a denied name answers, as if nothing were there.
+    return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+class _StatVFS:
+    """A statvfs result with the quota as the size and the room left as free."""
+
+    __slots__ = (
+        "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+        "f_files", "f_ffree", "f_favail", "f_fsid", "f_flag", "f_namemax",
+    )
+
+    def __init__(self, st, **changes) -> None:
+        for name in self.__slots__:
+            setattr(self, name, changes.get(name, getattr(st, name)))
+
 
 class Volume:
     """
     One login's view of its container's volume, and the one gate for what
-    that login may do to it.
+    that login may do to it: every protocol's requests reach the volume
+    through here, and the container's policy (L{ContainerState.policy},
+    read at each call, so a change reaches live sessions) is applied here
+    and nowhere else.
 
     @ivar containerId: whose volume this is.
     """
 
-    def __init__(self, filesystem: ConfinedFilesystem, containerId: str = "") -> None:
+    def __init__(
+        self,
+        filesystem: ConfinedFilesystem,
+        containerId: str = "",
+        state: Optional[ContainerState] = None,
+    ) -> None:
         self._fs = filesystem
         self.containerId = containerId
+        self._state = ContainerState(containerId) if state is None else state
 
     @classmethod
     def open(
-        cls, root: str, containerId: str = "", useOpenat2: Optional[bool] = None
+        cls,
+        root: str,
+        containerId: str = "",
+        useOpenat2: Optional[bool] = None,
+        state: Optional[ContainerState] = None,
     ) -> "Volume":
         """
         The volume directory at C{root}, held by a descriptor from now on.
 
         @raise OSError: it is missing or not a directory.
         """
-        return cls(ConfinedFilesystem(root, useOpenat2), containerId)
+        return cls(ConfinedFilesystem(root, useOpenat2), containerId, state)
+
+    @property
+    def policy(self) -> Policy:
+        return self._state.policy
 
     @property
     def hostPath(self) -> str:
@@ -72,6 +130,25 @@ class Volume:
         """
         return os.dup(self._fs.rootFD)
 
+    def mayRunRsync(self, upload: bool) -> None:
+        """
+        Whether rsync's server may run for this login, uploading (C{upload})
+        or sending.  rsync works inside its sandbox, beyond the reach of
+        this object's checks: where a policy key cannot be held there, it
+        is refused, with why.
+
+        @raise PermissionError: with the reason as its message.
+        """
+        policy = self.policy
+        if policy.denylist:
+            raise PermissionError(errno.EACCES, "rsync is not served for a volume with a denylist")
+        if upload and policy.read_only:
+            raise PermissionError(errno.EACCES, "the volume is read-only")
+        if upload and policy.quota_bytes:
+            raise PermissionError(
+                errno.EACCES, "rsync uploads are not served for a volume with a disk quota"
+            )
+
     def close(self) -> None:
         self._fs.close()
 
@@ -80,69 +157,237 @@ class Volume:
     def mayChange(self, *paths: bytes) -> None:
         """
         The one check every change to the volume passes, by any protocol,
-        before anything is touched: raises C{OSError} (mapped to each
-        protocol's error) when the login may not change C{paths}.  Today
-        every login may change everything its volume holds.
+        before anything is touched.
+
+        @raise OSError: mapped to each protocol's error: L{ReadOnly}, or
+            C{ENOENT} for a name the denylist hides.
         """
+        policy = self._state.policy
+        if policy.read_only:
+            raise ReadOnly()
+        if policy.denylist:
+            for path in paths:
+                self._checkVisible(policy, path, follow=False)
+
+    def _mayQuery(self, path: bytes, follow: bool = True) -> None:
+        policy = self._state.policy
+        if policy.denylist:
+            self._checkVisible(policy, path, follow)
+
+    def _checkVisible(self, policy: Policy, path: bytes, follow: bool) -> None:
+        """
+        Refuse C{path} if the denylist hides it by the name given or by
+        where it truly is (through any symlink of its folders, or of
+        itself with C{follow}).
+        """
+        given = normalize(path)
+        if self._denies(policy, given, namesAFolder(path)):
+            raise _hidden()
+        try:
+            where = self._fs.located(path, follow)
+        except FileNotFoundError:
+            return  # its folder is missing: the call fails on its own
+        if where != given and self._denies(policy, where, False):
+            raise _hidden()
+
+    def _denies(self, policy: Policy, parts: Parts, isFolder: bool) -> bool:
+        if policy.denies(parts, isFolder):
+            return True
+        if not isFolder and parts and policy.denies(parts, True):
+            # A pattern only for folders ("build/"): hides it if it is one.
+            try:
+                return stat.S_ISDIR(self._fs.lstat(virtualPath(parts)).st_mode)
+            except OSError:
+                return False
+        return False
+
+    def _checkOpened(self, policy: Policy, fd: int) -> None:
+        # Where an opened file or folder truly is, whatever led to it.
+        if policy.denylist:
+            try:
+                where = self._fs.partsOf(fd)
+            except OSError:
+                return
+            if policy.denies(where, stat.S_ISDIR(os.fstat(fd).st_mode)):
+                raise _hidden()
+
+    def visible(self, folder: Parts, name: bytes, st: os.stat_result) -> bool:
+        """
+        Whether the entry C{name} of the folder at C{folder} is listed.
+        """
+        policy = self._state.policy
+        return not policy.denylist or not policy.denies(
+            folder + (name,), stat.S_ISDIR(st.st_mode)
+        )
+
+    # -- the quota ----------------------------------------------------------
+
+    def _charge(self, delta: int) -> None:
+        """
+        Count C{delta} bytes more (or fewer) against the quota.
+
+        @raise QuotaExceeded: the volume would pass its quota; nothing is
+            counted.
+        """
+        if delta:
+            self._state.quota.charge(self._state.policy.quota_bytes, delta)
+
+    def _freeEntry(self, st: os.stat_result) -> None:
+        # What removing an entry gives back: its blocks, once its last name goes.
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
+            self._state.quota.free(st.st_blocks * 512)
+
+    @property
+    def _quotaOn(self) -> bool:
+        return self._state.policy.quota_bytes > 0
 
     # -- queries ------------------------------------------------------------
 
     def realpath(self, path: bytes) -> bytes:
-        return self._fs.realpath(path)
+        resolved = self._fs.realpath(path)
+        self._mayQuery(resolved)
+        return resolved
 
     def stat(self, path: bytes) -> os.stat_result:
+        self._mayQuery(path)
         return self._fs.stat(path)
 
     def lstat(self, path: bytes) -> os.stat_result:
+        self._mayQuery(path, follow=False)
         return self._fs.lstat(path)
 
     def readlink(self, path: bytes) -> bytes:
+        self._mayQuery(path, follow=False)
         return self._fs.readlink(path)
 
-    def statvfs(self, path: bytes) -> os.statvfs_result:
-        return self._fs.statvfs(path)
+    def statvfs(self, path: bytes):
+        self._mayQuery(path)
+        return self._figures(self._fs.statvfs(path))
+
+    def _figures(self, st):
+        """
+        C{st} as this login sees it: read-only if the volume is, and with a
+        quota, the quota as the size and what is left of it as free.
+        """
+        policy = self._state.policy
+        changes = {}
+        if policy.read_only:
+            changes["f_flag"] = st.f_flag | os.ST_RDONLY
+        if policy.quota_bytes:
+            unit = st.f_frsize or st.f_bsize or 4096
+            free = min(self._state.quota.room(policy.quota_bytes) // unit, st.f_bavail)
+            changes.update(
+                f_blocks=policy.quota_bytes // unit,
+                f_bfree=free,
+                f_bavail=free,
+            )
+        return _StatVFS(st, **changes) if changes else st
 
     def openDirectory(self, path: bytes) -> "Directory":
-        return Directory(self, self._fs.openDirectory(path), path)
+        self._mayQuery(path)
+        fd = self._fs.openDirectory(path)
+        try:
+            self._checkOpened(self._state.policy, fd)
+            where = self._fs.partsOf(fd) if self._state.policy.denylist else ()
+        except BaseException:
+            os.close(fd)
+            raise
+        return Directory(self, fd, path, where)
 
     def names(self, path: bytes) -> List[bytes]:
         """
-        The names in the folder C{path}, sorted, without "." and "..".
+        The names listed in the folder C{path}, sorted, without "." and "..".
         """
-        fd = self._fs.openDirectory(path)
+        directory = self.openDirectory(path)
         try:
-            return sorted(os.fsencode(name) for name in os.listdir(fd))
+            names = []
+            while True:
+                batch = directory.read(1000)
+                if not batch:
+                    return sorted(name for name, _ in names if name not in (b".", b".."))
+                names.extend(batch)
         finally:
-            os.close(fd)
+            directory.close()
 
     # -- changes ------------------------------------------------------------
 
     def openFile(self, path: bytes, flags: int, mode: Optional[int] = None) -> "OpenFile":
         """
         Open the regular file C{path} with C{os.open} flags (see
-        L{ConfinedFilesystem.openFile}).
+        L{ConfinedFilesystem.openFile}).  A file opened for writing is
+        write-locked (an OFD lock, which the container's own POSIX and OFD
+        locks see) before anything in it changes.
+
+        @raise FileLocked: another writer holds it.
         """
+        writing = flags & (os.O_WRONLY | os.O_RDWR)
         if flags & _WRITING:
             self.mayChange(path)
-        return OpenFile(self, self._fs.openFile(path, flags, mode), path)
+            self._mayQuery(path)  # where it leads, too
+        else:
+            self._mayQuery(path)
+        truncate = flags & os.O_TRUNC
+        fd = self._fs.openFile(path, flags & ~os.O_TRUNC if writing else flags, mode)
+        try:
+            policy = self._state.policy
+            self._checkOpened(policy, fd)
+            if writing:
+                try:
+                    fcntl.fcntl(fd, _F_OFD_SETLK, _WRITE_LOCK)
+                except OSError as e:
+                    if e.errno in (errno.EAGAIN, errno.EACCES):
+                        raise FileLocked() from None
+                    raise
+                if truncate:
+                    size = os.fstat(fd).st_size
+                    os.ftruncate(fd, 0)
+                    if policy.quota_bytes:
+                        self._state.quota.free(allocated(size))
+        except BaseException:
+            os.close(fd)
+            raise
+        return OpenFile(self, fd, path, bool(flags & os.O_APPEND))
 
     def mkdir(self, path: bytes, mode: Optional[int] = None) -> None:
         self.mayChange(path)
-        self._fs.mkdir(path, mode)
+        quota = self._quotaOn
+        if quota:
+            self._charge(allocated(1))
+        try:
+            self._fs.mkdir(path, mode)
+        except BaseException:
+            if quota:
+                self._state.quota.free(allocated(1))
+            raise
 
     def rmdir(self, path: bytes) -> None:
         self.mayChange(path)
+        st = self._fs.lstat(path) if self._quotaOn else None
         self._fs.rmdir(path)
+        if st is not None:
+            self._freeEntry(st)
 
     def remove(self, path: bytes) -> None:
         self.mayChange(path)
+        st = self._fs.lstat(path) if self._quotaOn else None
         self._fs.remove(path)
+        if st is not None:
+            self._freeEntry(st)
 
     def rename(self, old: bytes, new: bytes, replace: bool = False) -> None:
         self.mayChange(old, new)
+        replaced = None
+        if replace and self._quotaOn:
+            try:
+                replaced = self._fs.lstat(new)
+            except OSError:
+                pass
         self._fs.rename(old, new, replace)
+        if replaced is not None and not stat.S_ISDIR(replaced.st_mode):
+            self._freeEntry(replaced)
 
     def hardlink(self, old: bytes, new: bytes) -> None:
+        # Another name of the same blocks: du counts them once.
         self.mayChange(old, new)
         self._fs.hardlink(old, new)
 
@@ -158,6 +403,10 @@ class Volume:
         times: Times = None,
     ) -> None:
         self.mayChange(path)
+        self._mayQuery(path)
+        if size is not None and self._quotaOn:
+            current = self._fs.stat(path).st_size
+            self._charge(allocated(size) - allocated(current))
         self._fs.setattrs(path, size, mode, times)
 
     def lsetattrs(self, path: bytes, mode: Optional[int] = None, times: Times = None) -> None:
@@ -174,9 +423,10 @@ class Volume:
     ) -> "Copy":
         """
         A copy of C{length} bytes (0: to the end) of C{source} into
-        C{target}, done in bounded steps (L{Copy.steps}).
+        C{target}, done in bounded steps (L{Copy.steps}), each charged to
+        the quota before it runs.
 
-        @raise OSError: C{EINVAL} when both are the same file.
+        @raise OSError: L{SameFile} when both are the same file.
         """
         self.mayChange(target.path)
         sourceStat, targetStat = source.stat(), target.stat()
@@ -184,7 +434,10 @@ class Volume:
             raise SameFile()
         # The copy owns duplicates of both descriptors: a close meanwhile
         # cannot make it write into whatever file reuses the number.
-        return Copy(os.dup(source._fd), readOffset, length, os.dup(target._fd), writeOffset)
+        return Copy(
+            os.dup(source._fd), readOffset, length, os.dup(target._fd), writeOffset,
+            self._charge if self._quotaOn else None,
+        )
 
 
 class SameFile(OSError):
@@ -201,34 +454,51 @@ class OpenFile:
     @ivar path: the virtual path it was opened by.
     """
 
-    __slots__ = ("_volume", "_fd", "path")
+    __slots__ = ("_volume", "_fd", "path", "_appending")
 
-    def __init__(self, volume: Volume, fd: int, path: bytes) -> None:
+    def __init__(self, volume: Volume, fd: int, path: bytes, appending: bool = False) -> None:
         self._volume = volume
         self._fd = fd
         self.path = path
+        self._appending = appending
 
     def read(self, length: int, offset: int) -> bytes:
         return os.pread(self._fd, length, offset)
 
     def write(self, data, offset: int) -> None:
         """
-        Write all of C{data} (bytes or a memoryview) at C{offset}.
+        Write all of C{data} (bytes or a memoryview) at C{offset}; with a
+        quota, only if the file's growth fits in it.
         """
         fd = self._fd
+        if self._volume._state.policy.quota_bytes:
+            self._reserve(offset, len(data))
         while data:
             written = os.pwrite(fd, data, offset)
             data = data[written:]
             offset += written
 
+    def _reserve(self, offset: int, length: int) -> None:
+        # Charge the growth a write of length bytes at offset would give.
+        size = os.fstat(self._fd).st_size
+        end = size + length if self._appending else offset + length
+        if end > size:
+            self._volume._charge(allocated(end) - allocated(size))
+
     def truncate(self, size: int) -> None:
+        volume = self._volume
+        if volume._state.policy.quota_bytes:
+            current = os.fstat(self._fd).st_size
+            volume._charge(allocated(size) - allocated(current))
         os.ftruncate(self._fd, size)
 
     def setattrs(
         self, size: Optional[int] = None, mode: Optional[int] = None, times: Times = None
     ) -> None:
         self._volume.mayChange(self.path)
-        ConfinedFilesystem.fsetattrs(self._fd, size, mode, times)
+        if size is not None:
+            self.truncate(size)
+        ConfinedFilesystem.fsetattrs(self._fd, None, mode, times)
 
     def fsync(self) -> None:
         os.fsync(self._fd)
@@ -236,8 +506,8 @@ class OpenFile:
     def stat(self) -> os.stat_result:
         return os.fstat(self._fd)
 
-    def statvfs(self) -> os.statvfs_result:
-        return os.fstatvfs(self._fd)
+    def statvfs(self):
+        return self._volume._figures(os.fstatvfs(self._fd))
 
     def close(self) -> None:
         os.close(self._fd)
@@ -245,17 +515,19 @@ class OpenFile:
 
 class Directory:
     """
-    A folder of the volume, open for listing.
+    A folder of the volume, open for listing; what the denylist hides is
+    not listed.
 
     @ivar path: the virtual path it was opened by.
     """
 
-    __slots__ = ("_volume", "_fd", "path", "_entries", "_dots", "_held")
+    __slots__ = ("_volume", "_fd", "path", "_where", "_entries", "_dots", "_held")
 
-    def __init__(self, volume: Volume, fd: int, path: bytes) -> None:
+    def __init__(self, volume: Volume, fd: int, path: bytes, where: Parts = ()) -> None:
         self._volume = volume
         self._fd = fd
         self.path = path
+        self._where = where
         self._entries: Optional[Iterator[os.DirEntry]] = None
         self._dots = True
         self._held: List[Tuple[bytes, os.stat_result]] = []
@@ -281,17 +553,21 @@ class Directory:
             batch.append((b".", os.fstat(self._fd)))
             parent = virtualPath(normalize(self.path)[:-1])
             try:
-                batch.append((b"..", self._volume.stat(parent)))
+                batch.append((b"..", self._volume._fs.stat(parent)))
             except OSError:
                 pass
             self._entries = os.scandir(self._fd)
         assert self._entries is not None
+        volume = self._volume
         for entry in self._entries:
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue  # removed since it was listed
-            batch.append((entry.name.encode(_FS_ENCODING, _FS_ERRORS), st))
+            name = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
+            if not volume.visible(self._where, name, st):
+                continue
+            batch.append((name, st))
             if len(batch) >= limit:
                 break
         return batch
@@ -305,8 +581,8 @@ class Directory:
     def stat(self) -> os.stat_result:
         return os.fstat(self._fd)
 
-    def statvfs(self) -> os.statvfs_result:
-        return os.fstatvfs(self._fd)
+    def statvfs(self):
+        return self._volume._figures(os.fstatvfs(self._fd))
 
     def close(self) -> None:
         if self._entries is not None:
@@ -323,8 +599,15 @@ class Copy:
     """
 
     def __init__(
-        self, source: int, readOffset: int, length: int, target: int, writeOffset: int
+        self,
+        source: int,
+        readOffset: int,
+        length: int,
+        target: int,
+        writeOffset: int,
+        charge: Optional[Callable[[int], None]] = None,
     ) -> None:
+        self._charge = charge
         self.source = source
         self.readOffset = readOffset
         self.remaining: Optional[int] = length or None  # 0 means "to the end"
@@ -338,7 +621,11 @@ class Copy:
         inKernel = not appending
         while self.remaining is None or self.remaining > 0:
             want = COPY_CHUNK if self.remaining is None else min(COPY_CHUNK, self.remaining)
-            if inKernel:
+            if self._charge is not None:
+                want = self._reserve(want, appending)
+            if not want:
+                moved = 0
+            elif inKernel:
                 try:
                     moved = os.copy_file_range(
                         self.source, self.target, want, self.readOffset, self.writeOffset
@@ -360,6 +647,15 @@ class Copy:
             if self.remaining is not None:
                 self.remaining -= moved
             yield None
+
+    def _reserve(self, want: int, appending: bool) -> int:
+        # At most what the source still holds, charged before it is moved.
+        want = max(0, min(want, os.fstat(self.source).st_size - self.readOffset))
+        size = os.fstat(self.target).st_size
+        end = size + want if appending else self.writeOffset + want
+        if end > size:
+            self._charge(allocated(end) - allocated(size))
+        return want
 
     def _writeAll(self, data: bytes, appending: bool) -> None:
         view = memoryview(data)

@@ -1,0 +1,73 @@
+"""
+What the service keeps of each container between its sessions: the policy
+its live sessions obey (as last read from the store) and its quota usage.
+
+Every per-login volume of a container holds that container's
+L{ContainerState}; the session watcher (L{lightd_conch.sessions}) refreshes
+its policy from the store, so a change made by the API or the CLI reaches
+live sessions within a second.  L{IContainerStates} is the seam where a later
+process model can share these figures between processes;
+L{MemoryContainerStates} keeps them in this one.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from zope.interface import Interface, implementer
+
+from .policy import Policy
+from .quota import QuotaUsage
+
+
+class ContainerState:
+    """
+    One container's live figures.
+
+    @ivar policy: the L{Policy} its sessions obey now.
+    @ivar quota: its L{QuotaUsage}.
+    """
+
+    __slots__ = ("containerId", "policy", "quota")
+
+    def __init__(self, containerId: str, policy: Policy = Policy()) -> None:
+        self.containerId = containerId
+        self.policy = policy
+        self.quota = QuotaUsage()
+
+
+class IContainerStates(Interface):
+    def get(containerId: str) -> ContainerState:
+        """
+        The state of C{containerId}, made with the default policy if new.
+        """
+
+    def update(containerId: str, policy: Policy) -> ContainerState:
+        """
+        Make C{policy} the one the sessions of C{containerId} obey.
+        """
+
+    def known() -> "list[str]":
+        """
+        The ids of the containers that have a state.
+        """
+
+
+@implementer(IContainerStates)
+class MemoryContainerStates:
+    def __init__(self) -> None:
+        self._states: Dict[str, ContainerState] = {}
+
+    def get(self, containerId: str) -> ContainerState:
+        state = self._states.get(containerId)
+        if state is None:
+            state = self._states[containerId] = ContainerState(containerId)
+        return state
+
+    def update(self, containerId: str, policy: Policy) -> ContainerState:
+        state = self.get(containerId)
+        state.policy = policy
+        return state
+
+    def known(self) -> "list[str]":
+        return list(self._states)
