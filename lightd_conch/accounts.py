@@ -1,7 +1,7 @@
 """
 The credential rules, shared by the CLI and the admin API: what a valid
 container id, username and password are, and how credentials are generated,
-shown, listed and revoked.
+shown, listed and revoked; and a login's public keys and TOTP secret.
 
 Plain blocking code over an L{ICredentialStore}; no reactor.  Refusals are
 L{AccountError}s whose messages a user may see, so they name no host path.
@@ -16,8 +16,16 @@ import time
 
 import bcrypt
 
+from lightd_conch import totp
 from lightd_conch.policy import PolicyError
-from lightd_conch.store import Credential, UsernameTaken
+from lightd_conch.store import (
+    Credential,
+    KeyExists,
+    NoCredential,
+    TooManyKeys,
+    UsernameTaken,
+)
+from lightd_conch.userkeys import MAX_KEYS, KeyRefused, normalizeFingerprint, parseAuthorizedKey
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
@@ -118,12 +126,15 @@ class Accounts:
     validates the container id before touching anything.
 
     @param clock: returns the time in unix seconds.
+    @param totpBox: the L{totp.SecretBox} that seals TOTP secrets; by
+        default the one at C{config.totp_key_path}.
     """
 
-    def __init__(self, config, store, clock=time.time) -> None:
+    def __init__(self, config, store, clock=time.time, totpBox=None) -> None:
         self._config = config
         self._store = store
         self._clock = clock
+        self._totpBox = totp.SecretBox(config.totp_key_path) if totpBox is None else totpBox
 
     def generate(
         self,
@@ -235,6 +246,90 @@ class Accounts:
             return self._store.update_policy(container_id, changes).toJSON()
         except PolicyError as e:
             raise AccountError("invalid", str(e)) from None
+
+    def add_key(self, container_id: str, line: object) -> dict:
+        """
+        Add the public key in the authorized_keys line C{line} to the login
+        of C{container_id}.
+
+        @return: its C{fingerprint}, C{type}, C{comment}, C{added_at}.
+        @raise AccountError: C{invalid} (the line is refused, the key is
+            there already, or the container holds L{MAX_KEYS} keys: the
+            message says which) or C{not_found} (no credentials).
+        """
+        validate_name("container id", container_id)
+        try:
+            key = parseAuthorizedKey(line, int(self._clock()))
+        except KeyRefused as e:
+            raise AccountError("invalid", str(e)) from None
+        try:
+            self._store.add_key(container_id, key, MAX_KEYS)
+        except NoCredential:
+            raise _not_found() from None
+        except KeyExists:
+            raise AccountError(
+                "invalid", f"the key {key.fingerprint} is already one of this container's keys"
+            ) from None
+        except TooManyKeys:
+            raise AccountError(
+                "invalid", f"the container holds {MAX_KEYS} keys, the most it may: remove one first"
+            ) from None
+        return key.toJSON()
+
+    def keys(self, container_id: str) -> "list[dict]":
+        """
+        The public keys of C{container_id}'s login, in the order added.
+
+        @raise AccountError: C{invalid} or C{not_found} (no credentials).
+        """
+        self._credential(container_id)
+        return [key.toJSON() for key in self._store.keys(container_id)]
+
+    def remove_key(self, container_id: str, fingerprint: str) -> dict:
+        """
+        Remove the key with C{fingerprint} (as C{ssh-keygen -lf} prints
+        it; the C{SHA256:} prefix may be left out, and URL-safe base64 is
+        read too).
+
+        @raise AccountError: C{invalid}, or C{not_found} (no such key).
+        """
+        validate_name("container id", container_id)
+        removed = self._store.remove_key(container_id, normalizeFingerprint(str(fingerprint)))
+        if removed is None:
+            raise AccountError("not_found", "no key with this fingerprint for this container")
+        return removed.toJSON()
+
+    def enable_totp(self, container_id: str) -> dict:
+        """
+        Turn TOTP on for C{container_id}'s login, or give it a new secret.
+
+        @return: C{secret} (base32) and C{otpauth_uri}, shown this once.
+        @raise AccountError: C{invalid} or C{not_found} (no credentials).
+        """
+        credential = self._credential(container_id)
+        try:
+            return totp.enable(
+                self._store, self._totpBox, container_id, credential.username, int(self._clock())
+            )
+        except NoCredential:
+            raise _not_found() from None
+
+    def disable_totp(self, container_id: str) -> None:
+        """
+        Turn TOTP off for C{container_id}'s login.
+
+        @raise AccountError: C{invalid}, or C{not_found} (it was not on).
+        """
+        validate_name("container id", container_id)
+        if not self._store.delete_totp(container_id):
+            raise AccountError("not_found", "TOTP is not enabled for this container")
+
+    def _credential(self, container_id: str) -> Credential:
+        validate_name("container id", container_id)
+        credential = self._store.get(container_id)
+        if credential is None:
+            raise _not_found()
+        return credential
 
     def _checkVolume(self, container_id: str) -> None:
         validate_name("container id", container_id)

@@ -6,6 +6,11 @@ The admin HTTP API, Lightd-compatible JSON on twisted.web:
     DELETE /containers/{id}/sftp/credentials   revoke (204)
     GET    /containers/{id}/sftp/policy        the container's policy (200)
     PATCH  /containers/{id}/sftp/policy        change some of its keys (200, the whole policy)
+    POST   /containers/{id}/sftp/keys          add a public key (201)
+    GET    /containers/{id}/sftp/keys          list the public keys (200)
+    DELETE /containers/{id}/sftp/keys/{fp}     remove a key (204), its sessions end
+    POST   /containers/{id}/sftp/totp          turn TOTP on (200, shows the secret)
+    DELETE /containers/{id}/sftp/totp          turn TOTP off (204)
 
 This module translates HTTP to L{lightd_conch.accounts.Accounts}, the same
 rules the CLI uses, and owns the bearer token.  The blocking work of
@@ -40,7 +45,11 @@ _ROUTES = {
     (b"sftp", b"credentials"): {b"POST": "_generate", b"DELETE": "_revoke"},
     (b"sftp", b"info"): {b"GET": "_info"},
     (b"sftp", b"policy"): {b"GET": "_policy", b"PATCH": "_setPolicy"},
+    (b"sftp", b"keys"): {b"POST": "_addKey", b"GET": "_keys"},
+    (b"sftp", b"totp"): {b"POST": "_enableTOTP", b"DELETE": "_disableTOTP"},
 }
+# /containers/{id}/sftp/keys/{fingerprint}
+_KEY_ROUTE = {b"DELETE": "_removeKey"}
 
 
 class TokenError(Exception):
@@ -259,8 +268,11 @@ class AdminAPI(Resource):
     def _route(self, request) -> "tuple[str, str]":
         segments = request.postpath
         methods = None
+        last = -2
         if len(segments) >= 4 and segments[0] == b"containers":
             methods = _ROUTES.get((segments[-2], segments[-1]))
+            if methods is None and len(segments) >= 5 and segments[-3:-1] == [b"sftp", b"keys"]:
+                methods, last = _KEY_ROUTE, -3
         if methods is None:
             raise _Refused(404, "no such endpoint")
         handler = methods.get(request.method)
@@ -275,7 +287,7 @@ class AdminAPI(Resource):
         # Ids are checked by Accounts, like the CLI's: an id of several
         # segments (/containers/a/b/sftp/info) is the invalid id "a/b", and
         # bytes that are not UTF-8 become U+FFFD, which no valid id contains.
-        return b"/".join(segments[1:-2]).decode("utf-8", "replace"), handler
+        return b"/".join(segments[1:last]).decode("utf-8", "replace"), handler
 
     def _body(self, request) -> dict:
         contentType = request.getHeader(b"content-type")
@@ -350,6 +362,58 @@ class AdminAPI(Resource):
             return 200, result
 
         return self._run(self._accounts.set_policy, containerId, changes).addCallback(done)
+
+    def _addKey(self, request, containerId: str):
+        body = self._body(request)
+        if set(body) != {"public_key"}:
+            raise _Refused(400, 'the body must be {"public_key": "<one authorized_keys line>"}')
+
+        def done(result):
+            log.info(
+                "admin API: key {fingerprint} ({type}) added to container {container}",
+                fingerprint=result["fingerprint"],
+                type=result["type"],
+                container=containerId,
+            )
+            return 201, result
+
+        d = self._run(self._accounts.add_key, containerId, body["public_key"])
+        return d.addCallback(done)
+
+    def _keys(self, request, containerId: str):
+        d = self._run(self._accounts.keys, containerId)
+        return d.addCallback(lambda result: (200, result))
+
+    def _removeKey(self, request, containerId: str):
+        fingerprint = request.postpath[-1].decode("utf-8", "replace")
+
+        def done(result):
+            log.info(
+                "admin API: key {fingerprint} removed from container {container}",
+                fingerprint=result["fingerprint"],
+                container=containerId,
+            )
+            self._notifyChanged(containerId)
+            return 204, None
+
+        d = self._run(self._accounts.remove_key, containerId, fingerprint)
+        return d.addCallback(done)
+
+    def _enableTOTP(self, request, containerId: str):
+        self._body(request)
+
+        def done(result):
+            log.info("admin API: TOTP turned on for container {container}", container=containerId)
+            return 200, result
+
+        return self._run(self._accounts.enable_totp, containerId).addCallback(done)
+
+    def _disableTOTP(self, request, containerId: str):
+        def done(result):
+            log.info("admin API: TOTP turned off for container {container}", container=containerId)
+            return 204, None
+
+        return self._run(self._accounts.disable_totp, containerId).addCallback(done)
 
     def _bound(self, result: dict) -> dict:
         if self._sftpPort is not None:

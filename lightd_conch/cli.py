@@ -1,6 +1,6 @@
 """
-The C{lightd-sftp} console script: manage containers' SFTP credentials and
-policies.
+The C{lightd-sftp} console script: manage containers' SFTP credentials,
+public keys, TOTP and policies.
 
 It opens the credential store directly, so it works whether the daemon runs
 or not; the daemon sees its changes.  Exit status: 0 done, 1 refused (with
@@ -86,6 +86,58 @@ def _policySet(accounts, args, stdin, stdout, stderr) -> None:
             raise AccountError("invalid", str(e)) from None
         changes[key] = value
     _printPolicy(accounts.set_policy(args.container, changes), args.json, stdout)
+
+
+# An authorized_keys line is a few kilobytes at most (RSA 16384 is 3 KiB).
+_MAX_KEY_FILE = 64 * 1024
+
+
+def _keysAdd(accounts, args, stdin, stdout, stderr) -> None:
+    if args.file == "-":
+        binary = getattr(stdin, "buffer", None)
+        raw = (binary or stdin).read(_MAX_KEY_FILE + 1)
+    else:
+        with open(args.file, "rb") as f:
+            raw = f.read(_MAX_KEY_FILE + 1)
+    if len(raw) > _MAX_KEY_FILE:
+        raise AccountError("invalid", f"{args.file}: more than {_MAX_KEY_FILE} bytes, not a public key")
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    result = accounts.add_key(args.container, text)
+    if args.json:
+        _print_json(result, stdout)
+    else:
+        _print_fields(result | {"added_at": _when(result["added_at"])}, stdout)
+
+
+def _keysList(accounts, args, stdin, stdout, stderr) -> None:
+    results = accounts.keys(args.container)
+    if args.json:
+        _print_json(results, stdout)
+        return
+    for key in results:
+        stdout.write(f"{key['fingerprint']}  {key['type']}  {_when(key['added_at'])}  {key['comment']}".rstrip() + "\n")
+
+
+def _keysRemove(accounts, args, stdin, stdout, stderr) -> None:
+    removed = accounts.remove_key(args.container, args.fingerprint)
+    stdout.write(f"removed {removed['fingerprint']} from {args.container}\n")
+
+
+def _totpEnable(accounts, args, stdin, stdout, stderr) -> None:
+    result = accounts.enable_totp(args.container)
+    if args.json:
+        _print_json(result, stdout)
+    else:
+        _print_fields(result, stdout)
+        stderr.write(
+            f"{_PROG}: add the secret or the otpauth URI to an authenticator app;"
+            " it will not be shown again\n"
+        )
+
+
+def _totpDisable(accounts, args, stdin, stdout, stderr) -> None:
+    accounts.disable_totp(args.container)
+    stdout.write(f"TOTP turned off for {args.container}\n")
 
 
 def _printPolicy(policy: dict, asJSON: bool, stdout) -> None:
@@ -209,7 +261,38 @@ def _parser() -> argparse.ArgumentParser:
     change.add_argument("settings", metavar="KEY=VALUE", nargs="+")
     change.set_defaults(run=_policySet)
 
-    for action in (generate, info, listing, show, change):
+    keys = groups.add_parser("keys", help="add, list and remove a container's public keys")
+    keyActions = keys.add_subparsers(required=True, metavar="ACTION")
+    keyAdd = keyActions.add_parser(
+        "add", help="add the public key in FILE (one authorized_keys line; - reads stdin)"
+    )
+    keyAdd.add_argument("container", metavar="CONTAINER")
+    keyAdd.add_argument("file", metavar="FILE")
+    keyAdd.set_defaults(run=_keysAdd)
+    keyList = keyActions.add_parser("list", help="list a container's public keys")
+    keyList.add_argument("container", metavar="CONTAINER")
+    keyList.set_defaults(run=_keysList)
+    keyRemove = keyActions.add_parser(
+        "remove", help="remove a key and end the sessions that logged in with it"
+    )
+    keyRemove.add_argument("container", metavar="CONTAINER")
+    keyRemove.add_argument("fingerprint", metavar="FINGERPRINT")
+    keyRemove.set_defaults(run=_keysRemove)
+
+    totpGroup = groups.add_parser(
+        "totp", help="ask a container's logins for a one-time code (TOTP) after the password or key"
+    )
+    totpActions = totpGroup.add_subparsers(required=True, metavar="ACTION")
+    totpOn = totpActions.add_parser(
+        "enable", help="turn TOTP on (or renew its secret) and print the secret once"
+    )
+    totpOn.add_argument("container", metavar="CONTAINER")
+    totpOn.set_defaults(run=_totpEnable)
+    totpOff = totpActions.add_parser("disable", help="turn TOTP off")
+    totpOff.add_argument("container", metavar="CONTAINER")
+    totpOff.set_defaults(run=_totpDisable)
+
+    for action in (generate, info, listing, show, change, keyAdd, keyList, totpOn):
         action.add_argument(
             "--json", action="store_true", help="print the API's JSON object"
         )

@@ -114,6 +114,8 @@ class SFTPConfig:
     """
     The SFTP listener and its limits.  Times are seconds; an C{idle_timeout}
     or C{login_grace_time} of 0 disables that timer.  C{host_key} is absolute.
+    C{allowed_ips} (networks) are the only addresses that may connect at
+    all; empty, any may.
     """
 
     enabled: bool = True
@@ -134,6 +136,7 @@ class SFTPConfig:
     max_channels: int = 10
     max_startups: int = 128
     max_startups_per_ip: int = 16
+    allowed_ips: tuple = ()
     defender: DefenderConfig = field(default_factory=DefenderConfig)
 
 
@@ -155,6 +158,14 @@ class Config:
         The LMDB environment holding the credential records.
         """
         return os.path.join(self.storage.base_path, "sftp_credentials")
+
+    @property
+    def totp_key_path(self) -> str:
+        """
+        The key that seals TOTP secrets in the store: beside the host key,
+        so that a copy of the store alone does not reveal them.
+        """
+        return os.path.join(os.path.dirname(self.sftp.host_key), "sftp_totp_key")
 
     @property
     def api_token_path(self) -> str:
@@ -350,6 +361,7 @@ _SCHEMA = {
         "macs": _names(SUPPORTED_MACS),
         "max_startups": _integer(1, 65536),
         "max_startups_per_ip": _integer(1, 65536),
+        "allowed_ips": _networks,
         "defender": _object(
             DefenderConfig,
             {

@@ -1,6 +1,6 @@
 """
-Who may log in, and what they get: the bcrypt password checker, the realm and
-the per-container avatar.
+Who may log in, and what they get: the bcrypt password checker, the public-key
+checker, the realm and the per-container avatar.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import secrets
 
 import bcrypt
 from twisted.conch.avatar import ConchUser
+from twisted.conch.error import ValidPublicKey
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import ISSHPrivateKey, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet.threads import deferToThreadPool
@@ -22,6 +23,7 @@ from .policy import Policy
 from .quota import QuotaMeasurer
 from .sftp import HandleBudget
 from .ssh import SessionChannel
+from .userkeys import acceptsAlgorithm, fingerprint as keyFingerprint, verifySignature
 from .volume import Volume
 
 BCRYPT_MAX_PASSWORD = 72
@@ -37,13 +39,31 @@ class ContainerId(str):
 
     credential = None
     policy = None
+    # The fingerprint of the key that logged in; None for a password.
+    fingerprint = None
+    # Whether the login still needs a TOTP code (keyboard-interactive).
+    needsCode = False
 
     @classmethod
-    def of(cls, credential, policy=None) -> "ContainerId":
+    def of(cls, credential, policy=None, fingerprint=None, needsCode=False) -> "ContainerId":
         containerId = cls(credential.container_id)
         containerId.credential = credential
         containerId.policy = policy
+        containerId.fingerprint = fingerprint
+        containerId.needsCode = needsCode
         return containerId
+
+
+class ForeignKey(UnauthorizedLogin):
+    """
+    A public key that is not one of the container's, or a signature that
+    does not verify.  Not a failed login: clients offer every key they hold.
+    """
+
+
+# No container id starts with ".": reading this finds nothing, at the cost
+# of reading a container's keys.
+_NO_CONTAINER = ".unknown"
 
 
 @implementer(ICredentialsChecker)
@@ -88,7 +108,69 @@ class PasswordChecker:
             raise UnauthorizedLogin()
         # Read with the record, off the reactor: what the login gate and the
         # session's volume obey from the first request on.
-        return ContainerId.of(record, self._store.get_policy(record.container_id))
+        return ContainerId.of(
+            record,
+            self._store.get_policy(record.container_id),
+            needsCode=self._store.get_totp(record.container_id) is not None,
+        )
+
+
+@implementer(ICredentialsChecker)
+class PublicKeyChecker:
+    """
+    Checks a public key, and the signature made with it, against the keys
+    of the user's container (L{lightd_conch.userkeys}).
+
+    Like L{PasswordChecker}, the work runs in the given thread pool, and an
+    unknown user costs what a known one does: the same store reads, the
+    signature verified either way, and the same answer (a failure, never
+    PK_OK) as a known user offering a key that is not the container's.
+    A key offered without a signature that is the container's raises
+    C{ValidPublicKey}, which Conch answers with PK_OK.
+    """
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(self, store, reactor, threadPool) -> None:
+        self._store = store
+        self._reactor = reactor
+        self._threadPool = threadPool
+
+    def requestAvatarId(self, credentials):
+        return deferToThreadPool(
+            self._reactor,
+            self._threadPool,
+            self._check,
+            credentials.username,
+            credentials.algName,
+            credentials.blob,
+            credentials.sigData,
+            credentials.signature,
+        )
+
+    def _check(self, username, algName, blob, sigData, signature):
+        try:
+            record = self._store.by_username(username.decode("utf-8"))
+        except UnicodeDecodeError:
+            record = None
+        containerId = _NO_CONTAINER if record is None else record.container_id
+        offered = keyFingerprint(blob)
+        held = any(key.fingerprint == offered for key in self._store.keys(containerId))
+        if signature is None:
+            # Only the container's keys are worth a signature; an unknown
+            # user's answer is a known user's answer to a foreign key.
+            if held and acceptsAlgorithm(blob, algName):
+                raise ValidPublicKey()
+            raise ForeignKey()
+        valid = verifySignature(blob, algName, signature, sigData)
+        if not (held and valid and record is not None):
+            raise ForeignKey()
+        return ContainerId.of(
+            record,
+            self._store.get_policy(record.container_id),
+            fingerprint=offered,
+            needsCode=self._store.get_totp(record.container_id) is not None,
+        )
 
 
 class ContainerAvatar(ConchUser):
@@ -98,6 +180,9 @@ class ContainerAvatar(ConchUser):
 
     @ivar credential: the credential record the login was checked against,
         or None if unknown.
+    @ivar keyFingerprint: the fingerprint of the public key the login used,
+        or None for a password.
+    @ivar needsCode: whether the login needs a TOTP code before it is done.
     @ivar handles: the L{HandleBudget} shared by all the sessions of all
         containers, or None for no limit across sessions.
     @ivar state: the container's L{ContainerState} (its live policy and
@@ -118,6 +203,8 @@ class ContainerAvatar(ConchUser):
         self.volumePath = volumePath
         self.settings = settings
         self.credential = credential
+        self.keyFingerprint = None
+        self.needsCode = False
         self.handles = handles
         self.state = ContainerState(self.containerId) if state is None else state
 
@@ -187,6 +274,8 @@ class ContainerRealm:
             self._handles,
             state,
         )
+        avatar.keyFingerprint = getattr(avatarId, "fingerprint", None)
+        avatar.needsCode = getattr(avatarId, "needsCode", False)
         result = (interfaces[0], avatar, lambda: None)
         if self._quotas is None or not state.policy.quota_bytes or state.quota.used is not None:
             return result

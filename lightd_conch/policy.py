@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 
 import pathspec
 
+from ._address import addressIn
+
 MAX_LIST = 100
 """Entries of C{allowed_ips} or C{denylist} a policy may hold."""
 MAX_PATTERN = 1024
@@ -116,13 +118,7 @@ class Policy:
         """
         if not self.allowed_ips:
             return True
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return addressIn(host, self.networks)
 
     def refusal(self, host: str, method: str) -> Optional[str]:
         """

@@ -34,6 +34,36 @@ CHECK_INTERVAL = 1.0
 ABORT_AFTER = 3.0
 
 
+def loginOf(avatar) -> "tuple[str, bytes, str | None] | None":
+    """
+    What a session logged in with: (username, bcrypt hash of the record it
+    logged in under, the fingerprint of its key or None for a password), or
+    None where unknown.
+    """
+    credential = getattr(avatar, "credential", None)
+    if credential is None:
+        return None
+    return (
+        credential.username,
+        credential.password_hash,
+        getattr(avatar, "keyFingerprint", None),
+    )
+
+
+def _why(login, record, fingerprints) -> "str | None":
+    """
+    Why the store no longer admits C{login} (see L{loginOf}), or None: a
+    reset (new hash or username) ends key logins too, as it ends every
+    session of the container; a key login also ends once its key is removed.
+    """
+    username, passwordHash, fingerprint = login
+    if username != record.username or passwordHash != record.password_hash:
+        return "credentials changed"
+    if fingerprint is not None and fingerprint not in fingerprints:
+        return "key removed"
+    return None
+
+
 class SessionRegistry:
     """
     The logged-in SSH transports, by container id.
@@ -41,22 +71,16 @@ class SessionRegistry:
     A transport is added by L{loggedIn} once user authentication succeeds and
     removed by L{loggedOut} when its connection ends (or when the watcher
     ends it).  Its avatar says which container it belongs to and which
-    credential record (username, bcrypt hash) its password was checked
-    against.
+    credential record (username, bcrypt hash) it logged in under, and the
+    key it used, if any.
     """
 
     def __init__(self) -> None:
-        self._live: dict[str, dict[object, "tuple[str, bytes] | None"]] = {}
+        self._live: dict[str, dict[object, "tuple | None"]] = {}
 
     def loggedIn(self, transport) -> None:
         avatar = transport.avatar
-        credential = getattr(avatar, "credential", None)
-        login = (
-            None
-            if credential is None
-            else (credential.username, credential.password_hash)
-        )
-        self._live.setdefault(avatar.containerId, {})[transport] = login
+        self._live.setdefault(avatar.containerId, {})[transport] = loginOf(avatar)
 
     def loggedOut(self, transport) -> None:
         containerId = transport.avatar.containerId
@@ -73,10 +97,10 @@ class SessionRegistry:
         """
         return list(self._live)
 
-    def sessions(self, containerId: str) -> "list[tuple[object, tuple[str, bytes] | None]]":
+    def sessions(self, containerId: str) -> "list[tuple[object, tuple | None]]":
         """
-        The live transports of C{containerId}, each with the (username,
-        password hash) it logged in with, or None where that is unknown.
+        The live transports of C{containerId}, each with what it logged in
+        with (L{loginOf}), or None where that is unknown.
         """
         return list(self._live.get(containerId, {}).items())
 
@@ -88,7 +112,8 @@ class CredentialWatcher(Service):
     Every L{CHECK_INTERVAL} seconds on C{clock}, it re-reads the records of
     the containers that have live sessions (a few LMDB reads, cheap enough
     for the reactor thread) and disconnects each session whose record is
-    gone or no longer has the username and hash it logged in with.  Sessions
+    gone or no longer has the username and hash it logged in with, or
+    whose key is no longer one of the container's.  Sessions
     whose login is unknown end only when the record is gone.
     """
 
@@ -135,6 +160,13 @@ class CredentialWatcher(Service):
             try:
                 record = self._store.get(containerId)
                 policy = self._store.get_policy(containerId)
+                sessions = self._registry.sessions(containerId)
+                # Keys are read only for containers with a key login.
+                fingerprints = (
+                    {key.fingerprint for key in self._store.keys(containerId)}
+                    if any(login and login[2] for _, login in sessions)
+                    else set()
+                )
             except Exception:
                 # Keep the loop alive; the next tick tries again.
                 log.failure("cannot read the credentials of {container}", container=containerId)
@@ -143,10 +175,11 @@ class CredentialWatcher(Service):
                 state = self._states.update(containerId, policy)
                 if policy.quota_bytes and self._quotas is not None:
                     self._quotas.refresh(state, self._volumePath(containerId))
-            current = None if record is None else (record.username, record.password_hash)
-            for transport, login in self._registry.sessions(containerId):
-                if record is None or (login is not None and login != current):
-                    why = "credentials " + ("revoked" if record is None else "changed")
+            for transport, login in sessions:
+                if record is None:
+                    why = "credentials revoked"
+                elif login is not None and _why(login, record, fingerprints):
+                    why = _why(login, record, fingerprints)
                 else:
                     why = policy.refusal(
                         transport.transport.getPeer().host,

@@ -15,9 +15,13 @@ from typing import Deque, Optional
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.conch import error as conchError
+from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import common, connection, factory, keys, userauth
 from twisted.conch.ssh.channel import SSHChannel
+from twisted.cred.credentials import SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
 from twisted.conch.ssh.transport import (
     DISCONNECT_BY_APPLICATION,
     DISCONNECT_MAC_ERROR,
@@ -40,11 +44,12 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
-from ._address import formatAddress
+from ._address import addressIn, formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
 from .commands import execProtocol, subsystemProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
 from .sftp import SFTPServer
+from .userkeys import SERVER_SIG_ALGS
 
 log = Logger()
 
@@ -66,16 +71,14 @@ KEY_EXCHANGES = [
     b"curve25519-sha256",
     b"curve25519-sha256@libssh.org",
 ]
-# What server-sig-algs announces: the signature algorithms Conch verifies for
-# user keys (RFC 8308 3.1), not the host key's.
-USER_KEY_ALGORITHMS = [
-    b"ssh-ed25519",
-    b"ecdsa-sha2-nistp256",
-    b"ecdsa-sha2-nistp384",
-    b"ecdsa-sha2-nistp521",
-    b"rsa-sha2-512",
-    b"rsa-sha2-256",
-]
+# What server-sig-algs announces: the signature algorithms user keys may
+# sign with (RFC 8308 3.1), not the host key's; see lightd_conch.userkeys.
+USER_KEY_ALGORITHMS = SERVER_SIG_ALGS
+# The prompt of the TOTP step (keyboard-interactive).
+CODE_PROMPT = b"Verification code: "
+# An address refused by sftp.allowed_ips is logged at most once this often.
+REFUSAL_LOG_INTERVAL = 60.0
+_REFUSAL_LOG_MAX = 4096
 _STRICT_KEX_SERVER = b"kex-strict-s-v00@openssh.com"
 _STRICT_KEX_CLIENT = b"kex-strict-c-v00@openssh.com"
 _KEX_MESSAGES = frozenset([MSG_KEXINIT, MSG_NEWKEYS, *range(30, 50)])
@@ -664,10 +667,23 @@ class _ReadPauser:
         pass
 
 
+class WrongCode(UnauthorizedLogin):
+    """
+    A TOTP code that is wrong, or was used before.
+    """
+
+
 class UserAuthServer(userauth.SSHUserAuthServer):
     """
-    Password authentication with the configured attempt limit; each failure
-    is logged with the username and the source address, never the password.
+    Public-key and password authentication with the configured attempt
+    limit, and a TOTP code (keyboard-interactive) after either where the
+    container has TOTP on.
+
+    A wrong password or code is a failed login: logged with the username and
+    the source address (never the secret) and scored by the defender.  A key
+    that is not the container's is not: clients offer every key they hold.
+    A connection that tried to log in and ends without success is scored
+    once, unless something it sent was scored already.
     """
 
     _log = _conchLog
@@ -681,7 +697,27 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         # MaxAuthTries counts the disconnecting one.
         self.attemptsBeforeDisconnect = settings.max_auth_tries - 1
         self._pending = 0
+        self._tried = False
+        self._settled = False
+        # (portal result, first method) once a password or key was right
+        # and the container wants a code too.
+        self._firstFactor = None
+        self._codeAnswer = None
         super().serviceStarted()
+        self._methods = list(self.supportedAuthentications)
+
+    def serviceStopped(self) -> None:
+        super().serviceStopped()
+        if self._tried and not self._settled:
+            self._settled = True
+            log.info(
+                "failed login: user {username} from {peer}: disconnected before logging in",
+                username=_printable((self.user or b"")[:128]),
+                peer=_peer(self.transport),
+            )
+            self.transport.factory.defender.failedLogin(
+                self.transport.transport.getPeer().host, knownUser=True
+            )
 
     def ssh_USERAUTH_REQUEST(self, packet: bytes):
         # A client could send many attempts without waiting for answers; count
@@ -691,6 +727,17 @@ class UserAuthServer(userauth.SSHUserAuthServer):
                 DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many authentication failures"
             )
             return None
+        try:
+            user, nextService, method, _ = common.getNS(packet, 3)
+        except (ValueError, struct.error, IndexError):
+            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"bad USERAUTH_REQUEST")
+            return None
+        if method != b"none":
+            self._tried = True
+        if self._firstFactor is not None and (user != self.user or nextService != self.nextService):
+            # A code is asked for the login whose first factor was right.
+            self._firstFactor = None
+            self.supportedAuthentications = list(self._methods)
         self._pending += 1
         d = super().ssh_USERAUTH_REQUEST(packet)
         if d is None:
@@ -703,35 +750,130 @@ class UserAuthServer(userauth.SSHUserAuthServer):
 
         return d.addBoth(done)
 
+    def auth_publickey(self, packet: bytes):
+        """
+        Like Conch's, with the signed data built here and the security-key
+        wrapping left to the checker (L{lightd_conch.userkeys}), and a
+        malformed request or a key type Conch cannot read taken as a key
+        that is not the container's.
+        """
+        try:
+            hasSignature = packet[0]
+            algorithm, blob, rest = common.getNS(packet[1:], 2)
+            signature = common.getNS(rest)[0] if hasSignature else None
+        except (ValueError, struct.error, IndexError):
+            return defer.fail(UnauthorizedLogin("malformed publickey request"))
+        if signature is None:
+            credentials = SSHPrivateKey(self.user, algorithm, blob, None, None)
+            return self.portal.login(credentials, None, IConchUser).addErrback(
+                self._ebCheckKey, packet[1:]
+            )
+        signed = (
+            common.NS(self.transport.sessionID)
+            + bytes((userauth.MSG_USERAUTH_REQUEST,))
+            + common.NS(self.user)
+            + common.NS(self.nextService)
+            + common.NS(b"publickey")
+            + bytes((hasSignature,))
+            + common.NS(algorithm)
+            + common.NS(blob)
+        )
+        credentials = SSHPrivateKey(self.user, algorithm, blob, signed, signature)
+        return self.portal.login(credentials, None, IConchUser)
+
+    def auth_keyboard_interactive(self, packet: bytes):
+        """
+        The TOTP step: only offered once a password or key was right for a
+        container with TOTP on; asks L{CODE_PROMPT}, unechoed.
+        """
+        if self._firstFactor is None or self._codeAnswer is not None:
+            return defer.fail(conchError.ConchError("keyboard-interactive is not expected"))
+        self._codeAnswer = defer.Deferred()
+        self.transport.sendPacket(
+            userauth.MSG_USERAUTH_INFO_REQUEST,
+            common.NS(b"") + common.NS(b"") + common.NS(b"")
+            + struct.pack(">L", 1) + common.NS(CODE_PROMPT) + b"\x00",
+        )
+        return self._codeAnswer
+
+    def ssh_USERAUTH_INFO_RESPONSE(self, packet: bytes) -> None:
+        answer, self._codeAnswer = self._codeAnswer, None
+        if answer is None or self._firstFactor is None:
+            self.transport.sendDisconnect(
+                DISCONNECT_PROTOCOL_ERROR, b"unexpected USERAUTH_INFO_RESPONSE"
+            )
+            return
+        try:
+            (count,) = struct.unpack(">L", packet[:4])
+            responses = []
+            rest = packet[4:]
+            for _ in range(min(count, 2)):
+                response, rest = common.getNS(rest)
+                responses.append(response)
+        except (ValueError, struct.error, IndexError):
+            answer.errback(WrongCode("malformed answer"))
+            return
+        result, _ = self._firstFactor
+        verifier = self.transport.factory.totp
+        if count != 1 or verifier is None:
+            answer.errback(WrongCode("no single answer"))
+            return
+
+        def checked(ok):
+            if not ok:
+                raise WrongCode("wrong verification code")
+            return result
+
+        verifier.check(result[1].containerId, responses[0]).addCallback(checked).chainDeferred(
+            answer
+        )
+
     def _cbFinishedAuth(self, result) -> None:
         interface, avatar, logout = result
         username = self.user.decode("utf-8", "replace")
-        why = avatar.policy.refusal(
-            self.transport.transport.getPeer().host, self.method.decode("ascii", "replace")
-        )
-        if why is not None:
-            # The password was right: no failed login, no defender score.
-            log.info(
-                "login refused: user {username} (container {container}) from {peer}: {why}",
-                username=_printable(self.user[:128]),
-                container=avatar.containerId,
-                peer=_peer(self.transport),
-                why=why,
-            )
-            self.transport.sendDisconnect(
-                DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, why.encode("utf-8")
-            )
-            return
-        avatar.method = self.method.decode("ascii", "replace")
+        if self._firstFactor is not None and self.method == b"keyboard-interactive":
+            method = self._firstFactor[1]
+        else:
+            method = self.method.decode("ascii", "replace")
+            why = avatar.policy.refusal(self.transport.transport.getPeer().host, method)
+            if why is not None:
+                # The password or key was right: no failed login, no score.
+                self._settled = True
+                log.info(
+                    "login refused: user {username} (container {container}) from {peer}: {why}",
+                    username=_printable(self.user[:128]),
+                    container=avatar.containerId,
+                    peer=_peer(self.transport),
+                    why=why,
+                )
+                self.transport.sendDisconnect(
+                    DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, why.encode("utf-8")
+                )
+                return
+            if getattr(avatar, "needsCode", False):
+                # A partial success: the client answers the code next.
+                self._firstFactor = (result, method)
+                self.supportedAuthentications = [b"keyboard-interactive"]
+                self.transport.sendPacket(
+                    userauth.MSG_USERAUTH_FAILURE, common.NS(b"keyboard-interactive") + b"\xff"
+                )
+                return
+        self._settled = True
+        self._firstFactor = None
+        avatar.method = method
         super()._cbFinishedAuth(result)
         self.transport.authenticated(username, avatar.containerId)
 
     def _ebBadAuth(self, reason) -> None:
-        if self.method != b"none" and reason.check(UnauthorizedLogin):
+        if self.method in (b"password", b"keyboard-interactive") and reason.check(
+            UnauthorizedLogin
+        ):
+            self._settled = True
             log.info(
-                "failed login: user {username} from {peer}",
+                "failed login: user {username} from {peer}{why}",
                 username=_printable(self.user[:128]),
                 peer=_peer(self.transport),
+                why=": wrong verification code" if reason.check(WrongCode) else "",
             )
             host = self.transport.transport.getPeer().host
             defender = self.transport.factory.defender
@@ -1128,6 +1270,8 @@ class SSHFactory(factory.SSHFactory):
     noisy = False
     _log = _conchLog
     sessions = None
+    # The TOTP verifier (lightd_conch.totp.TOTPVerifier), or None.
+    totp = None
     services = {
         b"ssh-userauth": UserAuthServer,
         b"ssh-connection": SSHConnection,
@@ -1148,17 +1292,22 @@ class SSHFactory(factory.SSHFactory):
         self.startups = StartupLimiter(
             settings.max_startups, settings.max_startups_per_ip
         )
+        self._refusalsLogged: dict = {}
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None
 
     def buildProtocol(self, addr):
         """
-        Refuse a banned address, or one over the unauthenticated-connection
-        limits, before anything is sent: returning None closes the socket.
+        Refuse an address outside C{sftp.allowed_ips}, a banned address, or
+        one over the unauthenticated-connection limits, before anything is
+        sent: returning None closes the socket.
         """
         host = getattr(addr, "host", None)
         if host is not None:
+            if self.settings.allowed_ips and not addressIn(host, self.settings.allowed_ips):
+                self._logRefusal(host)
+                return None
             if self.defender.isBanned(host) or self.startups.acquire(host):
                 return None
         transport = super().buildProtocol(addr)
@@ -1166,3 +1315,20 @@ class SSHFactory(factory.SSHFactory):
         transport.supportedCiphers = [c.encode("ascii") for c in self.settings.ciphers]
         transport.supportedMACs = [m.encode("ascii") for m in self.settings.macs]
         return transport
+
+    def _logRefusal(self, host: str) -> None:
+        # One line per address per interval: a scan cannot flood the log.
+        now = self.clock.seconds()
+        last = self._refusalsLogged.get(host)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL:
+            return
+        if len(self._refusalsLogged) >= _REFUSAL_LOG_MAX:
+            self._refusalsLogged = {
+                h: t for h, t in self._refusalsLogged.items() if now - t < REFUSAL_LOG_INTERVAL
+            }
+        self._refusalsLogged[host] = now
+        log.info(
+            "refused a connection from {host}: not in sftp.allowed_ips"
+            " (logged once a minute per address)",
+            host=host,
+        )

@@ -1,7 +1,11 @@
 """
 The credential store: one record per container and a username index, and
 each container's policy (L{lightd_conch.policy.Policy}), kept apart from its
-credentials so that a reset or a revoke leaves it as it is.
+credentials so that a reset or a revoke leaves it as it is; and the second
+ways in of a container's login, its public keys
+(L{lightd_conch.userkeys.AuthorizedKey}) and its TOTP secret (encrypted, see
+L{lightd_conch.totp}), which a reset keeps and a revoke removes with the
+record.
 
 L{ICredentialStore} is what the rest of the service uses;
 L{LMDBCredentialStore} keeps it in an LMDB environment, and this is the only
@@ -13,12 +17,13 @@ The records hold bcrypt hashes only, never a password.
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lmdb
 from zope.interface import Interface, implementer
 
 from .policy import Policy
+from .userkeys import AuthorizedKey
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,50 @@ class UsernameTaken(Exception):
         super().__init__(username, container_id)
         self.username = username
         self.container_id = container_id
+
+
+class KeyExists(Exception):
+    """
+    The container already holds this key.
+    """
+
+
+class TooManyKeys(Exception):
+    """
+    The container holds as many keys as it may.
+    """
+
+
+class NoCredential(Exception):
+    """
+    The container has no credential record to add a key or a secret to.
+    """
+
+
+@dataclass(frozen=True)
+class TOTPRecord:
+    """
+    A container's TOTP secret, encrypted (see L{lightd_conch.totp}), and the
+    last time step a code was accepted for, so that no code is used twice.
+    """
+
+    sealed: bytes
+    created_at: int
+    last_step: int = -1
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "sealed": self.sealed.hex(),
+                "created_at": self.created_at,
+                "last_step": self.last_step,
+            }
+        ).encode("utf-8")
+
+    @classmethod
+    def decode(cls, data: bytes) -> "TOTPRecord":
+        record = json.loads(data)
+        return cls(bytes.fromhex(record["sealed"]), record["created_at"], record["last_step"])
 
 
 class StoreError(Exception):
@@ -101,6 +150,50 @@ class ICredentialStore(Interface):
         @raise lightd_conch.policy.PolicyError: nothing is written.
         """
 
+    def keys(container_id: str) -> "list[AuthorizedKey]":
+        """
+        The public keys of C{container_id}, in the order they were added.
+        """
+
+    def add_key(container_id: str, key: AuthorizedKey, limit: int) -> None:
+        """
+        Add C{key} to the keys of C{container_id}, in one transaction.
+
+        @raise NoCredential: the container has no credential record.
+        @raise KeyExists: it holds a key with this fingerprint.
+        @raise TooManyKeys: it holds C{limit} keys.
+        """
+
+    def remove_key(container_id: str, fingerprint: str) -> "AuthorizedKey | None":
+        """
+        Remove the key of C{container_id} with C{fingerprint}; return it, or
+        None if there was none.
+        """
+
+    def get_totp(container_id: str) -> "TOTPRecord | None":
+        """
+        The TOTP record of C{container_id}, or None if TOTP is off.
+        """
+
+    def set_totp(container_id: str, record: TOTPRecord) -> None:
+        """
+        Turn TOTP on (or renew its secret) for C{container_id}.
+
+        @raise NoCredential: the container has no credential record.
+        """
+
+    def delete_totp(container_id: str) -> bool:
+        """
+        Turn TOTP off for C{container_id}; whether it was on.
+        """
+
+    def use_totp_step(container_id: str, step: int) -> bool:
+        """
+        Record that a code of time step C{step} was accepted, in one
+        transaction; False (nothing written) if TOTP is off or a code of
+        this step or a later one was accepted before.
+        """
+
     def close() -> None:
         """
         Release the store.  No other method may be called afterwards.
@@ -153,6 +246,8 @@ class LMDBCredentialStore:
             self._credentials = self._env.open_db(b"credentials")
             self._usernames = self._env.open_db(b"usernames")
             self._policies = self._env.open_db(b"policies")
+            self._keys = self._env.open_db(b"keys")
+            self._totp = self._env.open_db(b"totp")
         except (OSError, lmdb.Error) as e:
             raise StoreError(f"cannot open the credential store {path}: {e}") from e
 
@@ -203,6 +298,10 @@ class LMDBCredentialStore:
                 return None
             removed = _decode(data)
             txn.delete(removed.username.encode(), db=self._usernames)
+            # A revoked login keeps no way in: a later generate starts
+            # without the old keys and TOTP secret.
+            txn.delete(key, db=self._keys)
+            txn.delete(key, db=self._totp)
         return removed
 
     def list(self) -> "list[Credential]":
@@ -228,5 +327,92 @@ class LMDBCredentialStore:
                 txn.put(key, policy.encode(), db=self._policies)
         return policy
 
+    def keys(self, container_id: str) -> "list[AuthorizedKey]":
+        key = self._lookupKey(container_id)
+        if key is None:
+            return []
+        with self._env.begin() as txn:
+            return _decodeKeys(txn.get(key, db=self._keys))
+
+    def add_key(self, container_id: str, key: AuthorizedKey, limit: int) -> None:
+        name = container_id.encode()
+        with self._env.begin(write=True) as txn:
+            if txn.get(name, db=self._credentials) is None:
+                raise NoCredential(container_id)
+            held = _decodeKeys(txn.get(name, db=self._keys))
+            _checkAddable(held, key, limit)
+            txn.put(name, _encodeKeys(held + [key]), db=self._keys)
+
+    def remove_key(self, container_id: str, fingerprint: str) -> "AuthorizedKey | None":
+        name = self._lookupKey(container_id)
+        if name is None:
+            return None
+        with self._env.begin(write=True) as txn:
+            held = _decodeKeys(txn.get(name, db=self._keys))
+            kept = [k for k in held if k.fingerprint != fingerprint]
+            if len(kept) == len(held):
+                return None
+            if kept:
+                txn.put(name, _encodeKeys(kept), db=self._keys)
+            else:
+                txn.delete(name, db=self._keys)
+        return next(k for k in held if k.fingerprint == fingerprint)
+
+    def get_totp(self, container_id: str) -> "TOTPRecord | None":
+        name = self._lookupKey(container_id)
+        if name is None:
+            return None
+        with self._env.begin() as txn:
+            data = txn.get(name, db=self._totp)
+        return None if data is None else TOTPRecord.decode(data)
+
+    def set_totp(self, container_id: str, record: TOTPRecord) -> None:
+        name = container_id.encode()
+        with self._env.begin(write=True) as txn:
+            if txn.get(name, db=self._credentials) is None:
+                raise NoCredential(container_id)
+            txn.put(name, record.encode(), db=self._totp)
+
+    def delete_totp(self, container_id: str) -> bool:
+        name = self._lookupKey(container_id)
+        if name is None:
+            return False
+        with self._env.begin(write=True) as txn:
+            return txn.delete(name, db=self._totp)
+
+    def use_totp_step(self, container_id: str, step: int) -> bool:
+        name = self._lookupKey(container_id)
+        if name is None:
+            return False
+        with self._env.begin(write=True) as txn:
+            data = txn.get(name, db=self._totp)
+            if data is None:
+                return False
+            record = TOTPRecord.decode(data)
+            if step <= record.last_step:
+                return False
+            txn.put(name, replace(record, last_step=step).encode(), db=self._totp)
+        return True
+
     def close(self) -> None:
         self._env.close()
+
+
+def _decodeKeys(data: "bytes | None") -> "list[AuthorizedKey]":
+    if data is None:
+        return []
+    return [AuthorizedKey.decode(record) for record in json.loads(data)]
+
+
+def _encodeKeys(keys: "list[AuthorizedKey]") -> bytes:
+    return json.dumps([key.encode() for key in keys]).encode("utf-8")
+
+
+def _checkAddable(held: "list[AuthorizedKey]", key: AuthorizedKey, limit: int) -> None:
+    """
+    The rules of L{ICredentialStore.add_key}, shared with the memory fake.
+    """
+    if any(k.fingerprint == key.fingerprint for k in held):
+        raise KeyExists(key.fingerprint)
+    if len(held) >= limit:
+        raise TooManyKeys(limit)

@@ -31,10 +31,11 @@ from .api import (
     warnAuthorizationDisabled,
 )
 from .containers import MemoryContainerStates
-from .cred import ContainerRealm, PasswordChecker
+from .cred import ContainerRealm, PasswordChecker, PublicKeyChecker
 from .quota import QuotaMeasurer
 from .sessions import CredentialWatcher, SessionRegistry
 from .ssh import SSHFactory, loadOrCreateHostKey
+from .totp import SecretBox, TOTPVerifier
 from .store import LMDBCredentialStore
 
 log = Logger()
@@ -261,10 +262,14 @@ def makeService(options, reactor=None) -> MultiService:
         _ThreadPoolService(pool).setServiceParent(top)
         portal = Portal(
             ContainerRealm(cfg, states=states, quotas=quotas),
-            [PasswordChecker(store, reactor, pool, cfg.sftp.bcrypt_cost)],
+            [
+                PublicKeyChecker(store, reactor, pool),
+                PasswordChecker(store, reactor, pool, cfg.sftp.bcrypt_cost),
+            ],
         )
         factory = SSHFactory(portal, hostKey, cfg.sftp, reactor)
         factory.sessions = sessions
+        factory.totp = TOTPVerifier(store, SecretBox(cfg.totp_key_path), reactor, pool)
         listener = _Listener(reactor, "SFTP", cfg.sftp.host, cfg.sftp.port, factory)
         listener.setServiceParent(top)
         # With sftp.port 0 only the listener knows the port clients dial.
@@ -275,7 +280,7 @@ def makeService(options, reactor=None) -> MultiService:
     apiPool = ThreadPool(minthreads=1, maxthreads=1, name="lightd-sftp-api")
     _ThreadPoolService(apiPool).setServiceParent(top)
     api = AdminAPI(
-        Accounts(cfg, store),
+        Accounts(cfg, store, totpBox=SecretBox(cfg.totp_key_path)),
         token,
         run=lambda f, *args: deferToThreadPool(reactor, apiPool, f, *args),
         changed=lambda containerId: watcher.check([containerId]),

@@ -8,13 +8,23 @@ from zope.interface import implementer
 
 from lightd_conch.commands import ISessionChannel
 from lightd_conch.policy import Policy
-from lightd_conch.store import Credential, ICredentialStore, UsernameTaken
+from dataclasses import replace
+
+from lightd_conch.store import (
+    Credential,
+    ICredentialStore,
+    NoCredential,
+    TOTPRecord,
+    UsernameTaken,
+    _checkAddable,
+)
+from lightd_conch.userkeys import AuthorizedKey
 
 
 @implementer(ICredentialStore)
 class MemoryCredentialStore:
     """
-    An L{ICredentialStore} in two dicts, with the LMDB store's behaviour.
+    An L{ICredentialStore} in dicts, with the LMDB store's behaviour.
     The lock keeps it as safe to call from threads as the real one.
 
     @ivar closed: whether L{close} was called, for tests of who closes it.
@@ -26,6 +36,8 @@ class MemoryCredentialStore:
         self._credentials: dict[str, Credential] = {}
         self._owners: dict[str, str] = {}
         self._policies: dict[str, Policy] = {}
+        self._keys: dict[str, list] = {}
+        self._totp: dict[str, TOTPRecord] = {}
 
     def get(self, container_id: str) -> "Credential | None":
         with self._lock:
@@ -52,6 +64,8 @@ class MemoryCredentialStore:
             removed = self._credentials.pop(container_id, None)
             if removed is not None:
                 del self._owners[removed.username]
+                self._keys.pop(container_id, None)
+                self._totp.pop(container_id, None)
             return removed
 
     def list(self) -> "list[Credential]":
@@ -69,6 +83,53 @@ class MemoryCredentialStore:
             policy = self._policies.get(container_id, Policy()).patched(changes)
             self._policies[container_id] = policy
             return policy
+
+    def keys(self, container_id: str) -> "list[AuthorizedKey]":
+        with self._lock:
+            return list(self._keys.get(container_id, ()))
+
+    def add_key(self, container_id: str, key: AuthorizedKey, limit: int) -> None:
+        with self._lock:
+            if container_id not in self._credentials:
+                raise NoCredential(container_id)
+            held = self._keys.get(container_id, [])
+            _checkAddable(held, key, limit)
+            self._keys[container_id] = held + [key]
+
+    def remove_key(self, container_id: str, fingerprint: str) -> "AuthorizedKey | None":
+        with self._lock:
+            held = self._keys.get(container_id, [])
+            for key in held:
+                if key.fingerprint == fingerprint:
+                    kept = [k for k in held if k is not key]
+                    if kept:
+                        self._keys[container_id] = kept
+                    else:
+                        del self._keys[container_id]
+                    return key
+            return None
+
+    def get_totp(self, container_id: str) -> "TOTPRecord | None":
+        with self._lock:
+            return self._totp.get(container_id)
+
+    def set_totp(self, container_id: str, record: TOTPRecord) -> None:
+        with self._lock:
+            if container_id not in self._credentials:
+                raise NoCredential(container_id)
+            self._totp[container_id] = record
+
+    def delete_totp(self, container_id: str) -> bool:
+        with self._lock:
+            return self._totp.pop(container_id, None) is not None
+
+    def use_totp_step(self, container_id: str, step: int) -> bool:
+        with self._lock:
+            record = self._totp.get(container_id)
+            if record is None or step <= record.last_step:
+                return False
+            self._totp[container_id] = replace(record, last_step=step)
+            return True
 
     def close(self) -> None:
         self.closed = True

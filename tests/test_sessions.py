@@ -154,7 +154,7 @@ class WatcherTests(TestCase):
         self.clock.advance(1)
         self.assertTrue(old.ended)
         self.assertFalse(new.ended)
-        login = (new.avatar.credential.username, new.avatar.credential.password_hash)
+        login = (new.avatar.credential.username, new.avatar.credential.password_hash, None)
         self.assertEqual(self.registry.sessions("a"), [(new, login)])
 
     def test_checkNow(self):
