@@ -19,7 +19,7 @@ setup(
         "pathspec>=0.12",
     ],
     extras_require={
-        "test": ["paramiko>=3.4", "asyncssh>=2.14", "hypothesis>=6.100"],
+        "test": ["paramiko>=3.4", "asyncssh>=2.14", "hypothesis>=6.100", "ssh-audit>=3.0"],
     },
     entry_points={"console_scripts": ["lightd-sftp = lightd_conch.cli:main"]},
 )

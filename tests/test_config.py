@@ -304,6 +304,28 @@ class RefusalTests(LoadTestsMixin, TestCase):
             ["10.0.0.0/8", "::1/128"],
         )
 
+    def test_allowedIPs(self):
+        """
+        C{sftp.allowed_ips} is checked as C{safe_list} is: strings that are addresses or
+        networks, IPv6 too; the default is empty (any address).
+        """
+        self.assertEqual(load(self.writeConfig({})).sftp.allowed_ips, ())
+        for item, shown in [(5, "5"), ("10.0.0.0/33", '"10.0.0.0/33"'), ("x", '"x"')]:
+            self.assertRefused(
+                {"sftp": {"allowed_ips": [item]}},
+                "sftp.allowed_ips: must be a list of addresses or networks"
+                f" like 10.0.0.0/8, got {shown}",
+            )
+        self.assertRefused(
+            {"sftp": {"allowed_ips": "10.0.0.0/8"}},
+            'sftp.allowed_ips: must be a list of networks, got "10.0.0.0/8"',
+        )
+        config = load(self.writeConfig({"sftp": {"allowed_ips": ["192.0.2.0/24", "2001:db8::/32"]}}))
+        self.assertEqual(
+            [str(network) for network in config.sftp.allowed_ips],
+            ["192.0.2.0/24", "2001:db8::/32"],
+        )
+
     def test_nestedTooDeeply(self):
         """
         JSON nested deeper than the parser goes is refused in one line, not

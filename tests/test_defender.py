@@ -3,10 +3,14 @@ Tests for L{lightd_conch.defender}: scoring, bans and their growth, the safe
 list and the unauthenticated-connection limits, with a Clock.
 """
 
-from twisted.internet.address import IPv4Address
+import ipaddress
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from lightd_conch._address import addressIn
 from lightd_conch.defender import Defender, StartupLimiter
 from lightd_conch.ssh import SSHFactory
 
@@ -122,3 +126,55 @@ class FactoryAdmissionTests(TestCase):
         # A login frees the slot.
         first._releaseStartup()
         self.assertIsNotNone(factory.buildProtocol(address))
+
+
+def networks(*texts):
+    return tuple(ipaddress.ip_network(t) for t in texts)
+
+
+class AllowListTests(TestCase):
+    """
+    C{sftp.allowed_ips}: other addresses are closed before anything is sent, and logged once a
+    minute per address at most.
+    """
+
+    def test_addressIn(self):
+        allowed = networks("192.0.2.0/24", "2001:db8::/32")
+        for host in ("192.0.2.7", "::ffff:192.0.2.7", "2001:db8::5", "2001:db8::5%eth0"):
+            self.assertTrue(addressIn(host, allowed), host)
+        for host in ("192.0.3.1", "::ffff:192.0.3.1", "2001:db9::1", "::1", "x", ""):
+            self.assertFalse(addressIn(host, allowed), host)
+        # An IPv4 client seen through a dual-stack listener, or a mapped network.
+        self.assertTrue(addressIn("::ffff:127.0.0.1", networks("127.0.0.0/8")))
+        self.assertTrue(addressIn("127.0.0.1", networks("::ffff:127.0.0.0/104")))
+        self.assertFalse(addressIn("127.0.0.1", networks("::1/128")))
+
+    def test_refusedAndLoggedOnceAMinute(self):
+        clock = Clock()
+        factory = SSHFactory(
+            None, hostKey(), settings(allowed_ips=networks("127.0.0.1/32", "::1/128")), clock
+        )
+        factory.startFactory()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5)))
+        self.assertIsNotNone(factory.buildProtocol(IPv6Address("TCP", "::1", 5)))
+        self.assertIsNotNone(factory.buildProtocol(IPv6Address("TCP", "::ffff:127.0.0.1", 5)))
+        for _ in range(5):
+            self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "192.0.2.9", 5)))
+        self.assertIsNone(factory.buildProtocol(IPv6Address("TCP", "2001:db8::1", 5)))
+
+        def refusals():
+            return [formatEvent(e) for e in events if "not in sftp.allowed_ips" in formatEvent(e)]
+
+        self.assertEqual(len(refusals()), 2)
+        self.assertIn("192.0.2.9", refusals()[0])
+        clock.advance(59)
+        factory.buildProtocol(IPv4Address("TCP", "192.0.2.9", 5))
+        self.assertEqual(len(refusals()), 2)
+        clock.advance(1)
+        factory.buildProtocol(IPv4Address("TCP", "192.0.2.9", 5))
+        self.assertEqual(len(refusals()), 3)
+        # A refused address does not count as an unauthenticated connection.
+        self.assertEqual(factory.startups._perSource.get("192.0.2.9"), None)

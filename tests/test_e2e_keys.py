@@ -434,3 +434,25 @@ class KeyAPITests(APITestCase):
         while transport.is_active() and time.monotonic() < deadline:
             time.sleep(0.1)
         self.assertFalse(transport.is_active())
+
+
+class SSHAuditTests(unittest.TestCase):
+    """
+    ssh-audit finds nothing to fail in what the service offers, keys and all.
+    """
+
+    timeout = 180
+
+    def test_no_fail(self):
+        ssh_audit = require_binary("ssh-audit")
+        service = start_service(self)
+        make_credentials(service)
+        result = subprocess.run(
+            [ssh_audit, "-n", "-p", str(service.port), HOST],
+            capture_output=True, text=True, timeout=150,
+        )
+        self.assertIn("(key) ssh-ed25519", result.stdout, result.stdout + result.stderr)
+        self.assertIn("(kex) mlkem768x25519-sha256", result.stdout)
+        self.assertNotIn("[fail]", result.stdout)
+        # Scanning is not logging in: no failed login, no ban.
+        self.assertEqual(service.log_lines("failed login"), [])

@@ -16,10 +16,15 @@ from zope.interface.verify import verifyObject
 from lightd_conch.store import (
     Credential,
     ICredentialStore,
+    KeyExists,
     LMDBCredentialStore,
+    NoCredential,
     StoreError,
+    TOTPRecord,
+    TooManyKeys,
     UsernameTaken,
 )
+from lightd_conch.userkeys import AuthorizedKey
 from lightd_conch.testing import MemoryCredentialStore
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +158,66 @@ class CredentialStoreTestsMixin:
         )
 
 
-class MemoryCredentialStoreTests(CredentialStoreTestsMixin, TestCase):
+def authorized(n):
+    return AuthorizedKey(f"SHA256:key{n}", "ssh-ed25519", f"key {n}", 100 + n, b"blob%d" % n)
+
+
+class KeysAndTOTPTestsMixin:
+    """
+    Keys and TOTP records of L{ICredentialStore}, for both stores.
+    """
+
+    def test_keys(self):
+        self.assertEqual(self.store.keys("a"), [])
+        with self.assertRaises(NoCredential):
+            self.store.add_key("a", authorized(1), 10)
+        self.store.put(credential("a"))
+        self.store.add_key("a", authorized(1), 10)
+        self.store.add_key("a", authorized(2), 10)
+        self.assertEqual(self.store.keys("a"), [authorized(1), authorized(2)])
+        with self.assertRaises(KeyExists):
+            self.store.add_key("a", authorized(1), 10)
+        with self.assertRaises(TooManyKeys):
+            self.store.add_key("a", authorized(3), 2)
+        self.assertEqual(self.store.remove_key("a", "SHA256:key1"), authorized(1))
+        self.assertIsNone(self.store.remove_key("a", "SHA256:key1"))
+        self.assertIsNone(self.store.remove_key("", "SHA256:key1"))
+        self.assertEqual(self.store.keys("a"), [authorized(2)])
+        self.assertEqual(self.store.remove_key("a", "SHA256:key2"), authorized(2))
+        self.assertEqual(self.store.keys("a"), [])
+
+    def test_reset_keeps_revoke_removes(self):
+        """
+        A reset (put) keeps the keys and the TOTP secret; a revoke (delete) removes both.
+        """
+        self.store.put(credential("a"))
+        self.store.add_key("a", authorized(1), 10)
+        self.store.set_totp("a", TOTPRecord(b"sealed", 5))
+        self.store.put(credential("a", password_hash=b"$2b$04$other"))
+        self.assertEqual(self.store.keys("a"), [authorized(1)])
+        self.assertEqual(self.store.get_totp("a"), TOTPRecord(b"sealed", 5))
+        self.store.delete("a")
+        self.store.put(credential("a"))
+        self.assertEqual(self.store.keys("a"), [])
+        self.assertIsNone(self.store.get_totp("a"))
+
+    def test_totp_steps(self):
+        with self.assertRaises(NoCredential):
+            self.store.set_totp("a", TOTPRecord(b"s", 1))
+        self.assertFalse(self.store.use_totp_step("a", 10))
+        self.store.put(credential("a"))
+        self.store.set_totp("a", TOTPRecord(b"s", 1))
+        self.assertTrue(self.store.use_totp_step("a", 10))
+        self.assertFalse(self.store.use_totp_step("a", 10))
+        self.assertFalse(self.store.use_totp_step("a", 9))
+        self.assertTrue(self.store.use_totp_step("a", 11))
+        self.assertEqual(self.store.get_totp("a").last_step, 11)
+        self.assertTrue(self.store.delete_totp("a"))
+        self.assertFalse(self.store.delete_totp("a"))
+        self.assertIsNone(self.store.get_totp("a"))
+
+
+class MemoryCredentialStoreTests(CredentialStoreTestsMixin, KeysAndTOTPTestsMixin, TestCase):
     def makeStore(self):
         return MemoryCredentialStore()
 
@@ -181,7 +245,7 @@ def runChild(source, *args):
     ).stdout
 
 
-class LMDBCredentialStoreTests(CredentialStoreTestsMixin, TestCase):
+class LMDBCredentialStoreTests(CredentialStoreTestsMixin, KeysAndTOTPTestsMixin, TestCase):
     def makeStore(self):
         self.path = os.path.join(os.path.abspath(self.mktemp()), "sftp_credentials")
         return LMDBCredentialStore(self.path)
