@@ -12,6 +12,8 @@ import sys
 import bcrypt
 from twisted.trial.unittest import TestCase
 
+from twisted.conch.ssh.keys import FingerprintFormats
+
 from lightd_conch.cli import main
 from lightd_conch.store import LMDBCredentialStore
 
@@ -437,4 +439,92 @@ class ConfigAndUsageTests(CLITestsMixin, TestCase):
         self.assertEqual(
             (refused.returncode, refused.stdout, refused.stderr),
             (1, b"", b"lightd-sftp: error: password must be valid UTF-8\n"),
+        )
+
+
+def _publicLine(comment="me@laptop"):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from twisted.conch.ssh import keys
+
+    key = keys.Key(Ed25519PrivateKey.generate())
+    return key.public().toString("openssh").decode() + f" {comment}\n", key
+
+
+class KeysAndTOTPTests(CLITestsMixin, TestCase):
+    def test_keys(self):
+        """
+        keys add reads a file or stdin, list shows the fingerprint, type, date and comment,
+        remove takes the fingerprint and says what it removed.
+        """
+        self.generate("c1")
+        line, key = _publicLine()
+        path = os.path.join(self.folder, "id.pub")
+        with open(path, "w") as f:
+            f.write(line)
+        status, stdout, stderr = self.runScript("keys", "add", "c1", path, "--json")
+        self.assertEqual((status, stderr), (0, ""))
+        added = json.loads(stdout)
+        self.assertEqual(
+            added["fingerprint"],
+            "SHA256:" + key.fingerprint(FingerprintFormats.SHA256_BASE64).rstrip("="),
+        )
+        self.assertEqual(added["type"], "ssh-ed25519")
+        other, _ = _publicLine("from stdin")
+        status, stdout, stderr = self.runScript("keys", "add", "c1", "-", stdin=other)
+        self.assertEqual((status, stderr), (0, ""))
+        self.assertIn("comment: from stdin\n", stdout)
+        status, stdout, stderr = self.runScript("keys", "list", "c1")
+        self.assertEqual(status, 0)
+        rows = stdout.splitlines()
+        self.assertEqual(len(rows), 2)
+        self.assertTrue(rows[0].startswith(added["fingerprint"] + "  ssh-ed25519  "))
+        self.assertTrue(rows[0].endswith("me@laptop"))
+        self.assertEqual(
+            self.runScript("keys", "remove", "c1", added["fingerprint"]),
+            (0, f"removed {added['fingerprint']} from c1\n", ""),
+        )
+        status, stdout, _ = self.runScript("keys", "list", "c1", "--json")
+        self.assertEqual([k["comment"] for k in json.loads(stdout)], ["from stdin"])
+
+    def test_keysRefused(self):
+        self.generate("c1")
+        line, _ = _publicLine()
+        status, stdout, stderr = self.runScript("keys", "add", "c2", "-", stdin=line)
+        self.assertEqual((status, stdout, stderr), (1, "", f"lightd-sftp: error: {NOT_FOUND}\n"))
+        status, stdout, stderr = self.runScript("keys", "add", "c1", "-", stdin="no-pty " + line)
+        self.assertEqual(status, 1)
+        self.assertIn("options (command=, from=, ...) are not accepted", stderr)
+        status, stdout, stderr = self.runScript("keys", "add", "c1", "-", stdin=line)
+        self.assertEqual(status, 0)
+        status, stdout, stderr = self.runScript("keys", "add", "c1", "-", stdin=line)
+        self.assertEqual(status, 1)
+        self.assertIn("already one of this container's keys", stderr)
+        self.assertEqual(
+            self.runScript("keys", "remove", "c1", "SHA256:nothing"),
+            (1, "", "lightd-sftp: error: no key with this fingerprint for this container\n"),
+        )
+        status, _, stderr = self.runScript("keys", "add", "c1", os.path.join(self.folder, "none"))
+        self.assertEqual(status, 1)
+        self.assertIn("No such file", stderr)
+
+    def test_totp(self):
+        """
+        totp enable prints the secret and the otpauth URI once, and says so; disable turns it
+        off, and says when it was not on.
+        """
+        self.generate("c1")
+        status, stdout, stderr = self.runScript("totp", "enable", "c1")
+        self.assertEqual(status, 0)
+        self.assertRegex(stdout, r"^secret: [A-Z2-7]{32}\notpauth_uri: otpauth://totp/lightd-sftp:c1\?")
+        self.assertIn("it will not be shown again", stderr)
+        key = os.path.join(self.folder, "storage", "sftp_totp_key")
+        self.assertEqual(os.stat(key).st_mode & 0o777, 0o600)
+        self.assertEqual(self.runScript("totp", "disable", "c1"), (0, "TOTP turned off for c1\n", ""))
+        self.assertEqual(
+            self.runScript("totp", "disable", "c1"),
+            (1, "", "lightd-sftp: error: TOTP is not enabled for this container\n"),
+        )
+        self.assertEqual(
+            self.runScript("totp", "enable", "c2"),
+            (1, "", f"lightd-sftp: error: {NOT_FOUND}\n"),
         )
