@@ -619,11 +619,16 @@ class SSHTransport(SSHServerTransport):
         self._graceCall = None
         self._releaseStartup()
         self.loginUsername = username
+        avatar = getattr(self, "avatar", None)
+        fingerprint = getattr(avatar, "keyFingerprint", None)
         log.info(
-            "login: user {username} (container {container}) from {peer}",
+            "login: user {username} (container {container}) from {peer} by {method}",
             username=username,
             container=containerId,
             peer=_peer(self),
+            method=getattr(avatar, "method", "password")
+            + ("" if fingerprint is None else " " + fingerprint)
+            + (" and code" if getattr(avatar, "needsCode", False) else ""),
         )
         if self.factory.sessions is not None:
             self.factory.sessions.loggedIn(self)
@@ -734,6 +739,10 @@ class UserAuthServer(userauth.SSHUserAuthServer):
             return None
         if method != b"none":
             self._tried = True
+        if self._codeAnswer is not None:
+            # A new request abandons the code asked for (RFC 4256 3.2).
+            answer, self._codeAnswer = self._codeAnswer, None
+            answer.errback(conchError.IgnoreAuthentication())
         if self._firstFactor is not None and (user != self.user or nextService != self.nextService):
             # A code is asked for the login whose first factor was right.
             self._firstFactor = None

@@ -141,6 +141,11 @@ class KeyLoginTests(unittest.TestCase):
                 )
                 self.assertEqual(code, 0, err)
                 self.assertEqual((self.service.volume() / f"{name}.txt").read_text(), name)
+                # The log says which key logged in.
+                self.assertEqual(
+                    len(self.service.log_lines("login: user demo", f"by publickey {added['fingerprint']}")),
+                    1,
+                )
         self.assertEqual(self.service.log_lines("failed login"), [])
         self.assertEqual(len(self.service.log_lines("login: user demo")), 5)
 

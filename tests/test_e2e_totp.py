@@ -130,7 +130,7 @@ class TOTPLoginTests(unittest.TestCase):
         self.assertEqual(len(asked), 2, asked)
         self.assertIn("password", asked[0].lower())
         self.assertTrue(asked[1].endswith(PROMPT), asked)
-        self.assertTrue(self.service.log_lines("login: user demo"))
+        self.assertEqual(len(self.service.log_lines("login: user demo", "by password and code")), 1)
 
         # Without keyboard-interactive, the password alone does not log in.
         env, _ = askpass_env(self.service, self.creds["password"], self.secret, offset=1)
