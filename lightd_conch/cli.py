@@ -100,7 +100,9 @@ def _keysAdd(accounts, args, stdin, stdout, stderr) -> None:
         with open(args.file, "rb") as f:
             raw = f.read(_MAX_KEY_FILE + 1)
     if len(raw) > _MAX_KEY_FILE:
-        raise AccountError("invalid", f"{args.file}: more than {_MAX_KEY_FILE} bytes, not a public key")
+        raise AccountError(
+            "invalid", f"{args.file}: more than {_MAX_KEY_FILE} bytes, not a public key"
+        )
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     result = accounts.add_key(args.container, text)
     if args.json:
@@ -115,7 +117,8 @@ def _keysList(accounts, args, stdin, stdout, stderr) -> None:
         _print_json(results, stdout)
         return
     for key in results:
-        stdout.write(f"{key['fingerprint']}  {key['type']}  {_when(key['added_at'])}  {key['comment']}".rstrip() + "\n")
+        row = (key["fingerprint"], key["type"], _when(key["added_at"]), key["comment"])
+        stdout.write("  ".join(row).rstrip() + "\n")
 
 
 def _keysRemove(accounts, args, stdin, stdout, stderr) -> None:

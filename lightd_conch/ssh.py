@@ -732,11 +732,9 @@ class UserAuthServer(userauth.SSHUserAuthServer):
                 DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many authentication failures"
             )
             return None
-        try:
-            user, nextService, method, _ = common.getNS(packet, 3)
-        except (ValueError, struct.error, IndexError):
-            self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"bad USERAUTH_REQUEST")
-            return None
+        # A request too short to parse raises: the transport logs it and
+        # disconnects, as for any malformed message.
+        user, nextService, method, _ = common.getNS(packet, 3)
         if method != b"none":
             self._tried = True
         if self._codeAnswer is not None:

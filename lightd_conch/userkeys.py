@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from twisted.conch.ssh import keys as _conchKeys
 
 MAX_KEYS = 100
 """The most keys one container may hold."""
@@ -210,7 +209,7 @@ def checkBlob(blob: bytes, keyType: "bytes | None" = None) -> bytes:
         )
     try:
         key = _publicKey(blob, inner)
-    except (ValueError, _conchKeys.BadKeyError, struct.error, IndexError):
+    except (ValueError, struct.error, IndexError):
         raise KeyRefused(f"malformed {name} key: the key body is not a valid key") from None
     if inner == b"ssh-rsa" and key.key_size < MIN_RSA_BITS:
         raise KeyRefused(
@@ -230,13 +229,14 @@ _CURVE_HASHES = {
     b"nistp384": hashes.SHA384,
     b"nistp521": hashes.SHA512,
 }
+_RSA_HASHES = {b"rsa-sha2-256": hashes.SHA256, b"rsa-sha2-512": hashes.SHA512}
 
 
 def _publicKey(blob: bytes, keyType: bytes):
     """
     The cryptography public key of C{blob}, whose type is C{keyType}; the
-    blob must hold exactly its fields.  A security key's application is
-    returned beside it as C{key.application} by L{_skParts}.
+    blob must hold exactly its fields (RFC 4253 6.6, RFC 5656 3.1, RFC 8709,
+    PROTOCOL.u2f).
     """
     if keyType in (b"ssh-ed25519", SK_ED25519):
         count = 2 if keyType == b"ssh-ed25519" else 3
@@ -255,8 +255,8 @@ def _publicKey(blob: bytes, keyType: bytes):
         fields, rest = _strings(blob, 3)
         if rest:
             raise ValueError("bad rsa key")
-        key = _conchKeys.Key.fromString(blob)
-        return key._keyObject
+        exponent, modulus = _mpint(fields[1]), _mpint(fields[2])
+        return rsa.RSAPublicNumbers(exponent, modulus).public_key()
     raise ValueError("unknown key type")
 
 
@@ -286,8 +286,7 @@ def verifySignature(blob: bytes, algorithm: bytes, signature: bytes, data: bytes
     """
     try:
         return _verify(blob, algorithm, signature, data)
-    except (ValueError, InvalidSignature, KeyRefused, struct.error, IndexError,
-            _conchKeys.BadKeyError):
+    except (ValueError, InvalidSignature, KeyRefused, struct.error, IndexError):
         return False
 
 
@@ -322,8 +321,8 @@ def _verify(blob: bytes, algorithm: bytes, signature: bytes, data: bytes) -> boo
         key.verify(sig, data)
         return True
     if keyType == b"ssh-rsa":
-        # Twisted checks an RSA signature's padding and hash by its name.
-        return _conchKeys.Key(key).verify(signature, data)
+        key.verify(sig, data, padding.PKCS1v15(), _RSA_HASHES[algorithm]())
+        return True
     (r, s), extra = _strings(sig, 2)
     if extra:
         return False

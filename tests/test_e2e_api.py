@@ -396,7 +396,7 @@ class BadRequestTests(APITestCase):
         self.assertError(self.request("GET", "/containers/demo/sftp/info"), 404)
 
     def test_unknown_route_and_wrong_method(self):
-        for path in ("/", "/containers/demo", "/containers/demo/sftp/keys", "/v1/x/y/z"):
+        for path in ("/", "/containers/demo", "/containers/demo/sftp/nothing", "/v1/x/y/z"):
             self.assertError(self.request("GET", path), 404, "no such endpoint")
         response = self.request("PUT", "/containers/demo/sftp/credentials", "{}")
         self.assertError(response, 405)

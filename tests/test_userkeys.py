@@ -187,7 +187,8 @@ class SignatureTests(TestCase):
     def test_algorithm_must_match_signature(self):
         key = keys.Key(rsa.generate_private_key(65537, 2048))
         signature = key.sign(self.data, signatureType=b"rsa-sha2-256")
-        self.assertFalse(verifySignature(key.public().blob(), b"rsa-sha2-512", signature, self.data))
+        blob = key.public().blob()
+        self.assertFalse(verifySignature(blob, b"rsa-sha2-512", signature, self.data))
 
     def test_security_keys(self):
         """
@@ -201,14 +202,17 @@ class SignatureTests(TestCase):
                 good = sk.sign(self.data)
                 self.assertTrue(verifySignature(sk.blob, kind, good, self.data))
                 self.assertFalse(verifySignature(sk.blob, kind, good, self.data + b"x"))
+                def valid(signature):
+                    return verifySignature(sk.blob, kind, signature, self.data)
+
                 # Signed without the user present (flags 0): refused, as sshd refuses it.
-                self.assertFalse(verifySignature(sk.blob, kind, sk.sign(self.data, flags=0), self.data))
+                self.assertFalse(valid(sk.sign(self.data, flags=0)))
                 # User verified but not present is still not present.
-                self.assertFalse(verifySignature(sk.blob, kind, sk.sign(self.data, flags=4), self.data))
-                self.assertTrue(verifySignature(sk.blob, kind, sk.sign(self.data, flags=5), self.data))
+                self.assertFalse(valid(sk.sign(self.data, flags=4)))
+                self.assertTrue(valid(sk.sign(self.data, flags=5)))
                 # Flags or counter changed on the wire after signing.
-                self.assertFalse(verifySignature(sk.blob, kind, good[:-5] + b"\x05" + good[-4:], self.data))
-                self.assertFalse(verifySignature(sk.blob, kind, good[:-1] + b"\x08", self.data))
+                self.assertFalse(valid(good[:-5] + b"\x05" + good[-4:]))
+                self.assertFalse(valid(good[:-1] + b"\x08"))
                 # Signed for another application.
                 other = sk.sign(self.data, application=b"ssh:other")
                 self.assertFalse(verifySignature(sk.blob, kind, other, self.data))
