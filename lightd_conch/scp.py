@@ -344,9 +344,12 @@ class ScpSink(_Exchange):
         self._file: Optional[OpenFile] = None
 
     def _cleanup(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass  # closed already: its session was superseded
         self.volume.close()
 
     def _isDirectory(self, path: bytes) -> bool:
