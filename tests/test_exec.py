@@ -258,7 +258,7 @@ class ScpProtocolTests(ScpDriver, TestCase):
         def broken(*args, **kwargs):
             raise RuntimeError("something nobody foresaw")
 
-        self.patch(ConfinedFilesystem, "openFile", broken)
+        self.patch(Volume, "openFile", broken)
         protocol, channel = self.start(b"scp -t /")
         channel.output()
         protocol.dataReceived(b"C0644 2 f\nhi\0")
