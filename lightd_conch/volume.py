@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 from .containers import ContainerState
 from .fs import ConfinedFilesystem, Parts, namesAFolder, normalize, virtualPath
 from .policy import Policy
-from .quota import QuotaExceeded, allocated
+from .quota import allocated
 
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
