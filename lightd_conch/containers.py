@@ -37,9 +37,11 @@ class ContainerState:
     @ivar quota: its L{QuotaUsage}.
     @ivar up: the L{TokenBucket} of what its sessions receive (uploads).
     @ivar down: the L{TokenBucket} of what its sessions send (downloads).
+    @ivar writers: its files open for writing through the service, by
+        (st_dev, st_ino): the open file that holds each one's write lock.
     """
 
-    __slots__ = ("containerId", "policy", "quota", "up", "down")
+    __slots__ = ("containerId", "policy", "quota", "up", "down", "writers")
 
     def __init__(self, containerId: str, policy: Policy = Policy(), clock=None) -> None:
         clock = _MonotonicClock() if clock is None else clock
@@ -48,6 +50,7 @@ class ContainerState:
         self.quota = QuotaUsage()
         self.up = TokenBucket(clock)
         self.down = TokenBucket(clock)
+        self.writers: Dict[tuple, object] = {}
 
 
 class IContainerStates(Interface):

@@ -633,6 +633,28 @@ class SSHTransport(SSHServerTransport):
         if self.factory.sessions is not None:
             self.factory.sessions.loggedIn(self)
 
+    @property
+    def lastActivity(self) -> float:
+        """
+        When this connection last received anything, on the factory's clock.
+        """
+        return self._lastActivity
+
+    def endStale(self, path: bytes) -> None:
+        """
+        End this session at once: the client left it without a word and a
+        new session of the same login resumes its upload of C{path}.
+        """
+        log.info(
+            "ending the silent session of user {username} from {peer}:"
+            " a new session resumes its upload of {path}",
+            username=getattr(self, "loginUsername", "?"),
+            peer=_peer(self),
+            path=_printable(path[:256]),
+        )
+        self.sendDisconnect(DISCONNECT_BY_APPLICATION, b"superseded by a new session")
+        self.transport.abortConnection()
+
     def connectionLost(self, reason=None) -> None:
         for call in (self._graceCall, self._idleCall):
             if call is not None and call.active():
@@ -868,6 +890,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         self._settled = True
         self._firstFactor = None
         avatar.method = method
+        avatar.transport = self.transport
         super()._cbFinishedAuth(result)
         self.transport.authenticated(username, avatar.containerId)
 
