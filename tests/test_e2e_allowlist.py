@@ -10,7 +10,6 @@ import unittest
 from tests.harness import (
     default_config,
     make_credentials,
-    paramiko_sftp,
     require_paramiko,
     run_sftp,
     start_service,

@@ -7,6 +7,7 @@ offering keys that are not the container's without being counted as failed login
 
 import asyncio
 import json
+import shutil
 import subprocess
 import time
 import unittest
@@ -449,7 +450,9 @@ class SSHAuditTests(unittest.TestCase):
     timeout = 180
 
     def test_no_fail(self):
-        ssh_audit = require_binary("ssh-audit")
+        ssh_audit = shutil.which("ssh-audit")
+        if ssh_audit is None:
+            raise unittest.SkipTest("'ssh-audit' is not on PATH (pip install '.[test]')")
         service = start_service(self)
         make_credentials(service)
         result = subprocess.run(

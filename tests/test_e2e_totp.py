@@ -9,7 +9,7 @@ import asyncio
 import base64
 import json
 import os
-import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +31,14 @@ from tests.test_e2e_api import APITestCase
 from tests.test_e2e_keys import add_key, keygen, options
 
 PROMPT = "Verification code: "
+
+
+def require_tool(name, source):
+    """The path of a client that is not part of openssh-client, or skip saying where it comes from."""
+    path = shutil.which(name)
+    if path is None:
+        raise unittest.SkipTest(f"{name!r} is not on PATH ({source})")
+    return path
 
 
 def secret_bytes(secret):
@@ -210,8 +218,8 @@ class TOTPLoginTests(unittest.TestCase):
         PuTTY's psftp logs in by key (a .ppk made by puttygen) and, with no terminal, reads the
         code from its input.
         """
-        psftp = require_binary("psftp")
-        puttygen = require_binary("puttygen")
+        psftp = require_tool("psftp", "Debian package putty-tools")
+        puttygen = require_tool("puttygen", "Debian package putty-tools")
         path = keygen(self.service, "putty", "ed25519")
         add_key(self, self.service, "demo", path)
         ppk = self.service.client_dir / "putty.ppk"
