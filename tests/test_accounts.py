@@ -380,3 +380,42 @@ class AccountsTests(TestCase):
                 "updated_at",
             ],
         )
+
+
+class KeyAccountsTests(TestCase):
+    def setUp(self):
+        self.config = writeConfig(self)
+        self.store = MemoryCredentialStore()
+        self.accounts = Accounts(self.config, self.store, clock=lambda: 1700000000.5)
+        self.accounts.generate("c1", create_volume=True)
+
+    def line(self):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from twisted.conch.ssh import keys
+
+        return keys.Key(Ed25519PrivateKey.generate()).public().toString("openssh").decode()
+
+    def test_at_most_100_keys(self):
+        for _ in range(100):
+            self.accounts.add_key("c1", self.line())
+        with self.assertRaises(AccountError) as caught:
+            self.accounts.add_key("c1", self.line())
+        self.assertEqual(caught.exception.kind, "invalid")
+        self.assertEqual(
+            caught.exception.message,
+            "the container holds 100 keys, the most it may: remove one first",
+        )
+        self.assertEqual(len(self.accounts.keys("c1")), 100)
+
+    def test_added_at_and_remove_forms(self):
+        added = self.accounts.add_key("c1", self.line() + " laptop")
+        self.assertEqual(added["added_at"], 1700000000)
+        self.assertEqual(added["comment"], "laptop")
+        bare = added["fingerprint"][len("SHA256:"):].replace("+", "-").replace("/", "_")
+        self.assertEqual(self.accounts.remove_key("c1", bare), added)
+        with self.assertRaises(AccountError) as caught:
+            self.accounts.remove_key("c1", added["fingerprint"])
+        self.assertEqual(caught.exception.kind, "not_found")
+        with self.assertRaises(AccountError) as caught:
+            self.accounts.keys("nobody")
+        self.assertEqual(caught.exception.kind, "not_found")
