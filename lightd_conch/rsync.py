@@ -602,8 +602,8 @@ class RsyncServer(Protocol):
                 path="/",
                 childFDs={0: "w", 1: "r", 2: "r", 3: volumeFD, _INFO_FD: "r"},
             )
-        except OSError as e:
-            _log.warn("cannot start rsync: {error}", error=e)
+        except Exception as e:
+            _log.warn("cannot start rsync: {kind}: {error}", kind=type(e).__name__, error=e)
             self._refuse("lightd-sftp: rsync could not be started\n", 127)
             return
         finally:

@@ -225,6 +225,16 @@ class ScpProtocolTests(ScpDriver, TestCase):
         protocol.dataReceived(b"\0")
         self.assertEqual(channel.exitCode, 0)
 
+    def test_sourceTimeBefore1970(self):
+        """Sent as 0, as OpenSSH does: its sink refuses a negative time."""
+        path = os.path.join(self.volume, "old")
+        with open(path, "wb") as f:
+            f.write(b"x")
+        os.utime(path, (-86400, -86400))
+        protocol, channel = self.start(b"scp -p -f old")
+        protocol.dataReceived(b"\0")
+        self.assertEqual(channel.output(), b"T0 0 0 0\n")
+
     def test_sourceMissing(self):
         protocol, channel = self.start(b"scp -f /nope")
         protocol.dataReceived(b"\0")
