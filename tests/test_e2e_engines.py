@@ -1,0 +1,391 @@
+"""
+The SSH engines under the clients users name first, each driven as its client drives it, against
+the real service: PuTTY's psftp and pscp (the SSH code of WinSCP and FileZilla), FileZilla's own
+``fzsftp`` through its stdin protocol, Node.js's ``ssh2`` with ``ssh2-sftp-client`` (VS Code's SFTP
+extensions), curl's ``sftp://`` (libssh2), libssh (KDE's kio-sftp) and GNOME's gio/gvfs.
+
+For each: a password login with the host key checked (the right key is accepted, a wrong one
+refused where the client can be told the key), a listing with attributes, 20 MiB up and down with
+the bytes compared, resuming both ways where the client can, mkdir/rename/delete/chmod/mtime,
+names with spaces and non-ASCII letters, a folder of 1,000 entries listed whole, symlinks where the
+client makes them, and no way out of the volume (``..``, absolute paths, a planted link to the
+outside; a sentinel file outside stays untouched).
+
+A missing client skips its tests with the reason; CI (.ci/run) installs them all and fails on a skip.
+"""
+
+import base64
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import mmap
+import os
+import select
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+import unittest as pyunittest
+import urllib.parse
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from twisted.trial import unittest
+
+from tests.harness import CLIENT_TIMEOUT, HOST, REPO_ROOT, make_credentials, require_binary, start_service
+
+BIG = 20 * 1024 * 1024
+OLD_MTIME = 1_000_000_000  # 2001-09-09T01:46:40Z
+FOLDER_ENTRIES = 1000
+# Names a user types: spaces and letters outside ASCII, in a folder and in a file.
+SPACED_DIR = "dossier été"
+SPACED_FILE = "naïve file ü.txt"
+WRONG_FINGERPRINT = "SHA256:" + base64.b64encode(b"\x00" * 32).decode().rstrip("=")
+# Where .ci/run installs the npm packages (ssh2, ssh2-sftp-client); LIGHTD_NODE_MODULES overrides.
+NODE_MODULES = Path(os.environ.get("LIGHTD_NODE_MODULES", REPO_ROOT / "tests" / "node" / "node_modules"))
+
+
+def run(argv, env=None, cwd=None, stdin=None, timeout=CLIENT_TIMEOUT):
+    try:
+        result = subprocess.run(
+            argv, env=env, cwd=cwd, input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=timeout, start_new_session=True,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{argv[0]} did not finish within {timeout}s\n{e.stdout}\n{e.stderr}")
+    return result.returncode, result.stdout, result.stderr
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class EngineTestCase(unittest.TestCase):
+    """
+    A fresh service and container per test, a local folder for the client's side, a home folder
+    for the client's own state (so nothing of the machine's user leaks in), and a sentinel file
+    outside the volume.
+    """
+
+    timeout = 600
+
+    def setUp(self):
+        self.service = start_service(self)
+        self.creds = make_credentials(self.service, "demo")
+        self.user, self.password = self.creds["username"], self.creds["password"]
+        self.port = self.service.port
+        self.volume = self.service.volume("demo")
+        self.local = self.service.root / "local"
+        self.local.mkdir()
+        self.home = self.service.root / "home"
+        self.home.mkdir()
+        self.env = dict(os.environ, HOME=str(self.home))
+        self.outside = Path(tempfile.mkdtemp(prefix="lightd-outside-"))
+        self.addCleanup(shutil.rmtree, self.outside, ignore_errors=True)
+        self.sentinel = self.outside / "secret"
+        self.sentinel.write_bytes(b"host secret")
+        # Cleanups run last-in first-out: this check runs before the folder goes.
+        self.addCleanup(self.assertSentinelUntouched)
+        # A link planted in the volume (by the container, say) that names the outside folder.
+        os.symlink(self.outside, self.volume / "out")
+        key = serialization.load_ssh_private_key(self.service.host_key_path.read_bytes(), None)
+        self.host_key_line = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        blob = base64.b64decode(self.host_key_line.split()[1])
+        self.fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+        self.pwfile = self.service.client_dir / "password"
+        self.pwfile.write_text(self.password + "\n")
+        self.pwfile.chmod(0o600)
+
+    # --- what the tests plant and check ---
+
+    def assertSentinelUntouched(self):
+        self.assertEqual(self.sentinel.read_bytes(), b"host secret")
+        self.assertEqual(sorted(p.name for p in self.outside.iterdir()), ["secret"])
+
+    def big_local(self, name="big.bin"):
+        path = self.local / name
+        path.write_bytes(os.urandom(BIG))
+        return path
+
+    def big_volume(self, name="big.bin"):
+        path = self.volume / name
+        path.write_bytes(os.urandom(BIG))
+        return path
+
+    def partial_copy(self, source, target, size):
+        with open(source, "rb") as f:
+            Path(target).write_bytes(f.read(size))
+        return Path(target)
+
+    def assertSameBytes(self, a, b):
+        self.assertEqual(os.path.getsize(a), os.path.getsize(b), f"{a} and {b} differ in size")
+        self.assertEqual(sha256(a), sha256(b), f"{a} and {b} differ")
+
+    def listed_file(self, name="listed.txt", size=1234, mode=0o640, mtime=OLD_MTIME):
+        """A file whose attributes a listing must show: its size, its mode and a 2001 mtime."""
+        path = self.volume / name
+        path.write_bytes(b"x" * size)
+        path.chmod(mode)
+        os.utime(path, (mtime, mtime))
+        return path
+
+    def big_folder(self, name="many"):
+        folder = self.volume / name
+        folder.mkdir()
+        names = [f"entry-{i:04d}" for i in range(FOLDER_ENTRIES)]
+        for entry in names:
+            (folder / entry).write_bytes(b"")
+        return names
+
+    def tree_fixture(self):
+        """What the tree operations start from: a file to delete and an empty folder to remove."""
+        (self.volume / "doomed.txt").write_bytes(b"bye")
+        (self.volume / "empty").mkdir()
+        small = self.local / SPACED_FILE
+        small.write_bytes(b"small file\n")
+        return small
+
+    def assertTreeResult(self, chmod=True, mtime=True):
+        """After: SPACED_DIR/renamed ü.txt (0640, 2001 mtime) exists, the originals are gone."""
+        renamed = self.volume / SPACED_DIR / "renamed ü.txt"
+        self.assertEqual(renamed.read_bytes(), b"small file\n")
+        self.assertFalse((self.volume / SPACED_DIR / SPACED_FILE).exists())
+        self.assertFalse((self.volume / "doomed.txt").exists())
+        self.assertFalse((self.volume / "empty").exists())
+        st = renamed.stat()
+        if chmod:
+            self.assertEqual(stat.S_IMODE(st.st_mode), 0o640)
+        if mtime:
+            self.assertEqual(int(st.st_mtime), OLD_MTIME)
+
+    def assertLongnameShows(self, text, name="listed.txt"):
+        """An ``ls -l`` line of listed_file: its mode, size, date and name."""
+        lines = [line for line in text.splitlines() if line.rstrip().endswith(name)]
+        self.assertEqual(len(lines), 1, text)
+        self.assertTrue(lines[0].startswith("-rw-r-----"), lines[0])
+        self.assertIn(" 1234 ", lines[0])
+        self.assertIn("Sep  9  2001", lines[0])
+
+    def assertConfinedResult(self):
+        """After the escape attempts: nothing read, and an upload to ``../..`` landed in the volume."""
+        self.assertSentinelUntouched()
+        self.assertFalse((self.local / "stolen").exists())
+        self.assertFalse((self.local / "passwd").exists())
+        self.assertEqual((self.volume / "escaped.txt").read_bytes(), b"stay inside\n")
+
+
+# --- PuTTY: psftp and pscp ----------------------------------------------------------------------
+
+
+class PuTTYTests(EngineTestCase):
+    """
+    PuTTY 0.78's psftp and pscp: the SSH and SFTP code that WinSCP (with its own SFTP layer on
+    top) and FileZilla (fzsftp) are built on. Neither has a command that makes links.
+    """
+
+    def setUp(self):
+        self.psftp_path = require_binary("psftp")
+        self.pscp_path = require_binary("pscp")
+        super().setUp()
+
+    def putty_options(self, fingerprint=None):
+        # -hostkey pins the key (anything else is fatal under -batch); HOME keeps PuTTY's own
+        # host key cache out of it.
+        return ["-batch", "-P", str(self.port), "-l", self.user, "-pwfile", str(self.pwfile),
+                "-hostkey", fingerprint or self.fingerprint]
+
+    def psftp(self, *lines, fingerprint=None, keep_going=False):
+        batch = self.service.client_dir / f"psftp-{time.monotonic_ns()}"
+        batch.write_text("".join(line + "\n" for line in lines))
+        argv = [self.psftp_path, *self.putty_options(fingerprint), "-b", str(batch)]
+        if keep_going:
+            argv.append("-be")
+        return run([*argv, HOST], env=self.env, cwd=self.local)
+
+    def assertPsftp(self, *lines):
+        rc, out, err = self.psftp(*lines)
+        self.assertEqual(rc, 0, f"psftp failed\nstdout:\n{out}\nstderr:\n{err}")
+        return out
+
+    def pscp(self, *args, fingerprint=None):
+        return run([self.pscp_path, *self.putty_options(fingerprint), *args], env=self.env, cwd=self.local)
+
+    def assertPscp(self, *args):
+        rc, out, err = self.pscp(*args)
+        self.assertEqual(rc, 0, f"pscp failed\nstdout:\n{out}\nstderr:\n{err}")
+        return out
+
+    def test_host_key_and_listing(self):
+        self.listed_file()
+        rc, out, err = self.psftp("dir", fingerprint=WRONG_FINGERPRINT)
+        self.assertNotEqual(rc, 0)
+        self.assertIn("Host key not in manually configured list", out + err)
+        self.assertNotIn("listed.txt", out)
+        out = self.assertPsftp("dir")
+        self.assertLongnameShows(out)
+        out = self.assertPscp("-ls", f"{HOST}:/")
+        self.assertLongnameShows(out)
+
+    def test_psftp_transfers_and_resume(self):
+        big = self.big_local()
+        self.assertPsftp("put big.bin big.bin", "get big.bin back.bin")
+        self.assertSameBytes(big, self.volume / "big.bin")
+        self.assertSameBytes(big, self.local / "back.bin")
+        # Resume both ways from a cut that is not on a request boundary.
+        self.partial_copy(big, self.volume / "half.bin", 7 * 1024 * 1024 + 123)
+        self.partial_copy(big, self.local / "half-back.bin", 5 * 1024 * 1024 + 45)
+        out = self.assertPsftp("reput big.bin half.bin", "reget half.bin half-back.bin")
+        self.assertIn("restarting at file position 7340155", out)
+        self.assertSameBytes(big, self.volume / "half.bin")
+        self.assertSameBytes(big, self.local / "half-back.bin")
+
+    def test_pscp_both_protocols_keep_times(self):
+        big = self.big_local()
+        os.utime(big, (OLD_MTIME, OLD_MTIME))
+        self.assertPscp("-sftp", "-p", str(big), f"{HOST}:/sftp.bin")
+        self.assertPscp("-scp", "-p", str(big), f"{HOST}:/scp.bin")
+        for name in ("sftp.bin", "scp.bin"):
+            self.assertSameBytes(big, self.volume / name)
+            self.assertEqual(int((self.volume / name).stat().st_mtime), OLD_MTIME, name)
+        self.listed_file(SPACED_FILE)
+        for mode in ("-sftp", "-scp"):
+            target = self.local / mode
+            target.mkdir()
+            self.assertPscp(mode, "-p", f"{HOST}:/{SPACED_FILE}", str(target))
+            self.assertPscp(mode, f"{HOST}:/sftp.bin", str(target))
+            self.assertSameBytes(big, target / "sftp.bin")
+            self.assertEqual((target / SPACED_FILE).read_bytes(), b"x" * 1234)
+            self.assertEqual(int((target / SPACED_FILE).stat().st_mtime), OLD_MTIME, mode)
+
+    def test_tree_operations_and_names(self):
+        self.tree_fixture()
+        names = self.big_folder()
+        out = self.assertPsftp(
+            f'mkdir "{SPACED_DIR}"',
+            f'put "{SPACED_FILE}" "{SPACED_DIR}/{SPACED_FILE}"',
+            f'mv "{SPACED_DIR}/{SPACED_FILE}" "{SPACED_DIR}/renamed ü.txt"',
+            f'chmod 640 "{SPACED_DIR}/renamed ü.txt"',
+            "rm doomed.txt",
+            "rmdir empty",
+            f'ls "{SPACED_DIR}"',
+            "ls many",
+        )
+        self.assertIn("renamed ü.txt", out)
+        self.assertEqual(sorted(n for n in names if n in out), names)
+        # psftp cannot set a time; pscp -p does (SETSTAT after the upload).
+        self.assertTreeResult(mtime=False)
+        os.utime(self.local / SPACED_FILE, (OLD_MTIME, OLD_MTIME))
+        self.assertPscp("-p", str(self.local / SPACED_FILE), f"{HOST}:/{SPACED_DIR}/renamed ü.txt")
+        self.assertEqual(int((self.volume / SPACED_DIR / "renamed ü.txt").stat().st_mtime), OLD_MTIME)
+
+    def test_no_way_out(self):
+        (self.local / "escape.txt").write_bytes(b"stay inside\n")
+        rc, out, err = self.psftp(
+            "cd ../../..", "pwd",
+            "get ../../etc/passwd passwd",
+            "get /../../../etc/passwd passwd",
+            "get out/secret stolen",
+            "put escape.txt ../../../escaped.txt",
+            f"get {self.sentinel} stolen",
+            keep_going=True,
+        )
+        self.assertIn('Remote directory is /', out)
+        rc, out, err = self.pscp(f"{HOST}:/../../out/secret", str(self.local / "stolen"))
+        self.assertNotEqual(rc, 0)
+        self.assertConfinedResult()
+
+
+# --- curl (libssh2) -----------------------------------------------------------------------------
+
+
+class CurlTests(EngineTestCase):
+    """
+    Debian 12's curl on libssh2 1.10, with the service's default algorithms: libssh2 1.10 has no
+    AEAD cipher and no -etm MAC, so this is the client that needs the plain HMACs.
+    """
+
+    def setUp(self):
+        self.curl_path = require_binary("curl")
+        super().setUp()
+
+    def url(self, path):
+        return f"sftp://{HOST}:{self.port}" + urllib.parse.quote(path)
+
+    def curl(self, *args, fingerprint=None):
+        argv = [self.curl_path, "--silent", "--show-error", "--path-as-is",
+                "--hostpubsha256", (fingerprint or self.fingerprint).removeprefix("SHA256:"),
+                "--user", f"{self.user}:{self.password}", *args]
+        return run(argv, env=self.env, cwd=self.local)
+
+    def assertCurl(self, *args):
+        rc, out, err = self.curl(*args)
+        self.assertEqual(rc, 0, f"curl failed ({rc})\nstdout:\n{out}\nstderr:\n{err}")
+        return out
+
+    def test_host_key_and_listing(self):
+        self.listed_file()
+        rc, out, err = self.curl(self.url("/"), fingerprint=WRONG_FINGERPRINT)
+        self.assertNotEqual(rc, 0)
+        self.assertNotIn("listed.txt", out)
+        self.assertLongnameShows(self.assertCurl(self.url("/")))
+        self.assertEqual(sorted(self.assertCurl("--list-only", self.url("/")).split()),
+                         [".", "..", "listed.txt", "out"])
+
+    def test_transfers_and_resume(self):
+        big = self.big_local()
+        self.assertCurl("--upload-file", str(big), self.url("/big.bin"))
+        self.assertCurl("--output", str(self.local / "back.bin"), self.url("/big.bin"))
+        self.assertSameBytes(big, self.volume / "big.bin")
+        self.assertSameBytes(big, self.local / "back.bin")
+        self.partial_copy(big, self.volume / "half.bin", 7 * 1024 * 1024 + 123)
+        self.partial_copy(big, self.local / "half-back.bin", 5 * 1024 * 1024 + 45)
+        self.assertCurl("--continue-at", "-", "--upload-file", str(big), self.url("/half.bin"))
+        self.assertCurl("--continue-at", "-", "--output", str(self.local / "half-back.bin"),
+                        self.url("/half.bin"))
+        self.assertSameBytes(big, self.volume / "half.bin")
+        self.assertSameBytes(big, self.local / "half-back.bin")
+
+    def test_tree_operations_names_and_links(self):
+        small = self.tree_fixture()
+        names = self.big_folder()
+        (self.volume / "target.txt").write_bytes(b"pointed at\n")
+        self.assertCurl(
+            "--quote", f'mkdir "/{SPACED_DIR}"',
+            "--upload-file", str(small), self.url(f"/{SPACED_DIR}/{SPACED_FILE}"),
+        )
+        self.assertCurl(
+            "--quote", f'rename "/{SPACED_DIR}/{SPACED_FILE}" "/{SPACED_DIR}/renamed ü.txt"',
+            "--quote", f'chmod 640 "/{SPACED_DIR}/renamed ü.txt"',
+            "--quote", f'mtime "Sun, 09 Sep 2001 01:46:40 GMT" "/{SPACED_DIR}/renamed ü.txt"',
+            "--quote", "rm /doomed.txt",
+            "--quote", "rmdir /empty",
+            # curl's symlink: the target, then the link (libssh2 sends them in that order).
+            "--quote", f'symlink target.txt "/{SPACED_DIR}/link to target"',
+            "--list-only", self.url(f"/{SPACED_DIR}/"),
+        )
+        self.assertTreeResult()
+        link = self.volume / SPACED_DIR / "link to target"
+        self.assertEqual(os.readlink(link), "target.txt")
+        self.assertFalse((self.volume / "target.txt").is_symlink())
+        listed = self.assertCurl("--list-only", self.url("/many/")).split()
+        self.assertEqual(sorted(n for n in listed if n.startswith("entry-")), names)
+
+    def test_no_way_out(self):
+        (self.local / "escape.txt").write_bytes(b"stay inside\n")
+        for path in ("/../../etc/passwd", "/out/secret", str(self.sentinel), "/out/../out/secret"):
+            rc, out, err = self.curl("--output", str(self.local / "stolen"), self.url(path))
+            self.assertNotEqual(rc, 0, path)
+        rc, out, err = self.curl("--quote", "symlink /out/secret /peek", self.url("/"))
+        self.assertEqual(rc, 0, err)
+        rc, out, err = self.curl("--output", str(self.local / "stolen"), self.url("/peek"))
+        self.assertNotEqual(rc, 0)
+        self.assertCurl("--upload-file", str(self.local / "escape.txt"), self.url("/../../../escaped.txt"))
+        self.assertConfinedResult()
