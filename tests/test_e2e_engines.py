@@ -498,3 +498,229 @@ class Ssh2Tests(EngineTestCase):
                                                           "../../../escaped.txt"))
         self.assertEqual(results[0], "/")
         self.assertConfinedResult()
+
+
+# --- FileZilla: fzsftp --------------------------------------------------------------------------
+
+
+class FzSftp:
+    """
+    FileZilla's ``fzsftp`` (PuTTY's SSH code with FileZilla's command loop), driven over stdin
+    and stdout the way FileZilla's engine drives it (src/engine/sftp and src/putty/psftp.c,
+    fzprintf.h and unix/uxsftp.c of FileZilla 3.63, protocol version 11):
+
+    - each output line starts with one character, ``'0'`` + the event number, then its text;
+    - commands are lines (``open "user@host" port``, ``ls``, ``put``, ``mkdir``...), arguments in
+      double quotes; each command ends with a Reply event (success) or a Done event (whose text
+      is 1 on success);
+    - answers to prompts (host key, password) are plain lines; answers to file-data requests are
+      lines starting with ``-``;
+    - file data never touches a path: fzsftp asks for a buffer (io_open), and the engine hands it
+      a shared-memory descriptor and its size, then fills or drains it on each io_nextbuf.
+    """
+
+    EVENTS = ("Reply Done Error Verbose Info Status Recv Send Listentry AskHostkey "
+              "AskHostkeyChanged AskHostkeyBetteralg AskPassword Transfer RequestPreamble "
+              "RequestInstruction UsedQuotaRecv UsedQuotaSend KexAlgorithm KexHash KexCurve "
+              "CipherClientToServer CipherServerToClient MacClientToServer MacServerToClient "
+              "Hostkey io_size io_open io_nextbuf io_finalize").split()
+    BUFFER = 256 * 1024
+    TIMEOUT = 60
+
+    def __init__(self, testcase, path, env, cwd):
+        self.testcase = testcase
+        self.memfd = os.memfd_create("fzsftp-buffer")
+        os.ftruncate(self.memfd, self.BUFFER)
+        self.memory = mmap.mmap(self.memfd, self.BUFFER)
+        self.stderr = open(cwd / "fzsftp.stderr", "wb")
+        self.process = subprocess.Popen(
+            [path, "-v"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+            pass_fds=[self.memfd], env=env, cwd=cwd, start_new_session=True)
+        testcase.addCleanup(self.close)
+        self.pending = b""
+        self.host_key = None
+        event, text = self.event()
+        testcase.assertEqual((event, text), ("Reply", "fzSftp started, protocol_version=11"))
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.process.stdin.close()
+        self.process.stdout.close()
+        self.stderr.close()
+        self.memory.close()
+        os.close(self.memfd)
+
+    def line(self):
+        deadline = time.monotonic() + self.TIMEOUT
+        while True:
+            # Asking for a transfer quota (UsedQuotaRecv "@", UsedQuotaSend "A") is one
+            # character without a newline, and fzsftp waits for the answer: "-0-" / "-1-" is
+            # "no limit" for receiving / sending.
+            while self.pending[:1] in (b"@", b"A"):
+                self.send(f"-{self.pending[0] - ord('@')}-")
+                self.pending = self.pending[1:]
+            if b"\n" in self.pending:
+                break
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.process.stdout], [], [], max(left, 0))
+            if not ready:
+                raise AssertionError(f"fzsftp said nothing for {self.TIMEOUT}s")
+            data = os.read(self.process.stdout.fileno(), 65536)
+            if not data:
+                raise AssertionError(f"fzsftp exited ({self.process.poll()}) mid-command")
+            self.pending += data
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode("utf-8", "replace")
+
+    def event(self):
+        line = self.line()
+        return self.EVENTS[ord(line[0]) - ord("0")], line[1:]
+
+    def send(self, line):
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def command(self, line, password=None, fingerprint=None, source=None, target=None):
+        """
+        Run one command; returns (ok, events). ``source`` is the local file an upload reads,
+        ``target`` the local file a download writes.
+        """
+        self.send(line)
+        events, listing = [], []
+        local = None
+        while True:
+            event, text = self.event()
+            # A command ends with a Reply (success, with its text) or, when it has none, a Done.
+            if event in ("Done", "Reply"):
+                if local is not None:
+                    local.close()
+                if event == "Reply":
+                    events.append((event, text))
+                return event == "Reply" or text == "1", events, listing
+            if event == "Listentry":
+                listing.append((text, int(self.line()), self.line()))
+                continue
+            events.append((event, text))
+            if event == "Hostkey":
+                self.host_key = text
+            elif event in ("AskHostkey", "AskHostkeyChanged"):
+                self.line()  # the port, on a line of its own
+                # FileZilla shows the fingerprint and asks; "n" trusts it this once, "" refuses.
+                self.send("n" if self.host_key.endswith(" " + fingerprint) else "")
+            elif event == "AskPassword":
+                self.send(password)
+            elif event == "io_open" and source is not None:
+                local = open(source, "rb")
+                local.seek(int(text))
+                self.send(f"-{self.memfd} {self.BUFFER}")
+            elif event == "io_open":
+                existing = text != "0"
+                local = open(target, "r+b" if existing else "wb")
+                local.seek(0, os.SEEK_END)
+                self.send(f"-{self.memfd} {self.BUFFER}" + (f" {local.tell()}" if existing else ""))
+            elif event == "io_nextbuf" and source is not None:
+                chunk = local.read(self.BUFFER)
+                self.memory[:len(chunk)] = chunk
+                self.send(f"-0 {len(chunk)}" if chunk else "-")
+            elif event == "io_nextbuf":
+                local.write(self.memory[:int(text)])
+                self.send(f"-0 {self.BUFFER}")
+            elif event == "io_finalize":
+                local.write(self.memory[:int(text)])
+                self.send("-1")
+
+
+def fz_quote(path):
+    return '"' + path.replace('"', '""') + '"'
+
+
+class FileZillaTests(EngineTestCase):
+    """FileZilla 3.63's fzsftp, through its own protocol. FileZilla has no command that makes links."""
+
+    def setUp(self):
+        self.fzsftp_path = require_binary("fzsftp")
+        super().setUp()
+
+    def connect(self, fingerprint=None):
+        fz = FzSftp(self, self.fzsftp_path, self.env, self.local)
+        ok, events, _ = fz.command(f'open {fz_quote(f"{self.user}@{HOST}")} {self.port}',
+                                   password=self.password, fingerprint=fingerprint or self.fingerprint)
+        return fz, ok, events
+
+    def fz(self):
+        fz, ok, events = self.connect()
+        self.assertTrue(ok, events)
+        self.assertEqual(fz.host_key, f"ssh-ed25519 255 {self.fingerprint}")
+        return fz
+
+    def assertCommand(self, fz, line, **kwargs):
+        ok, events, listing = fz.command(line, **kwargs)
+        self.assertTrue(ok, f"{line}: {events}")
+        return events, listing
+
+    def test_host_key_and_listing(self):
+        self.listed_file()
+        fz, ok, events = self.connect(fingerprint=WRONG_FINGERPRINT)
+        self.assertFalse(ok)
+        self.assertNotIn("AskPassword", [e for e, _ in events])
+        fz = self.fz()
+        _, listing = self.assertCommand(fz, 'ls "/"')
+        entries = {name: (longname, mtime) for longname, mtime, name in listing}
+        self.assertEqual(sorted(entries), [".", "..", "listed.txt", "out"])
+        self.assertLongnameShows(entries["listed.txt"][0])
+        self.assertEqual(entries["listed.txt"][1], OLD_MTIME)
+
+    def test_transfers_and_resume(self):
+        big = self.big_local()
+        fz = self.fz()
+        self.assertCommand(fz, f'put {fz_quote(str(big))} "/big.bin"', source=big)
+        self.assertCommand(fz, f'get "/big.bin" {fz_quote(str(self.local / "back.bin"))}',
+                           target=self.local / "back.bin")
+        self.assertSameBytes(big, self.volume / "big.bin")
+        self.assertSameBytes(big, self.local / "back.bin")
+        self.partial_copy(big, self.volume / "half.bin", 7 * 1024 * 1024 + 123)
+        self.partial_copy(big, self.local / "half-back.bin", 5 * 1024 * 1024 + 45)
+        events, _ = self.assertCommand(fz, f'reput {fz_quote(str(big))} "/half.bin"', source=big)
+        self.assertIn(("Info", "reput: restarting at file position 7340155"), events)
+        self.assertCommand(fz, f'reget "/half.bin" {fz_quote(str(self.local / "half-back.bin"))}',
+                           target=self.local / "half-back.bin")
+        self.assertSameBytes(big, self.volume / "half.bin")
+        self.assertSameBytes(big, self.local / "half-back.bin")
+
+    def test_tree_operations_and_names(self):
+        small = self.tree_fixture()
+        names = self.big_folder()
+        fz = self.fz()
+        renamed = fz_quote(f"/{SPACED_DIR}/renamed ü.txt")
+        for line in (f"mkdir {fz_quote('/' + SPACED_DIR)}",
+                     f"cd {fz_quote('/' + SPACED_DIR)}",
+                     f"put {fz_quote(str(small))} {fz_quote(SPACED_FILE)}",
+                     f"mv {fz_quote(SPACED_FILE)} {renamed}",
+                     f"chmtime {OLD_MTIME} {renamed}",
+                     'rm "/doomed.txt"',
+                     'rmdir "/empty"'):
+            self.assertCommand(fz, line, source=small)
+        # fzsftp's chmod ends with Done 0 whatever happened (FileZilla reads the Status line).
+        ok, events, _ = fz.command(f"chmod 640 {renamed}")
+        self.assertNotIn("Error", [event for event, _ in events], events)
+        self.assertIn(("Status", f"/{SPACED_DIR}/renamed ü.txt: 0644 -> 0640"), events)
+        events, _ = self.assertCommand(fz, f"mtime {renamed}")
+        self.assertIn(("Reply", str(OLD_MTIME)), events)
+        self.assertTreeResult()
+        _, listing = self.assertCommand(fz, 'ls "/many"')
+        self.assertEqual(sorted(name for _, _, name in listing), [".", ".."] + names)
+
+    def test_no_way_out(self):
+        escape = self.local / "escape.txt"
+        escape.write_bytes(b"stay inside\n")
+        fz = self.fz()
+        events, _ = self.assertCommand(fz, 'cd "../../.."')
+        self.assertIn(("Reply", 'New directory is: "/"'), events)
+        for line in ('get "/../../etc/passwd" passwd', 'get "/out/secret" stolen',
+                     f"get {fz_quote(str(self.sentinel))} stolen"):
+            ok, events, _ = fz.command(line, target=self.local / "stolen")
+            self.assertFalse(ok, line)
+        self.assertCommand(fz, f'put {fz_quote(str(escape))} "../../../escaped.txt"', source=escape)
+        self.assertConfinedResult()
