@@ -724,3 +724,293 @@ class FileZillaTests(EngineTestCase):
             self.assertFalse(ok, line)
         self.assertCommand(fz, f'put {fz_quote(str(escape))} "../../../escaped.txt"', source=escape)
         self.assertConfinedResult()
+
+
+# --- libssh ---------------------------------------------------------------------------------------
+
+
+def find_libssh():
+    """
+    The libssh that ansible-pylibssh (PyPI) ships inside its wheel: libssh 0.12, the library
+    KDE's kio-sftp is built on. Called through ctypes, as its C API is.
+    """
+    try:
+        import pylibsshext
+    except ImportError:
+        raise pyunittest.SkipTest("ansible-pylibssh is not installed (.ci/run installs it with pip)")
+    libs = Path(pylibsshext.__file__).resolve().parent.parent / "ansible_pylibssh.libs"
+    found = sorted(libs.glob("libssh-*.so*")) or [ctypes.util.find_library("ssh")]
+    if not found or found[0] is None:
+        raise pyunittest.SkipTest(f"no libssh in {libs}")
+    return str(found[0])
+
+
+class SftpAttributes(ctypes.Structure):
+    # struct sftp_attributes_struct (include/libssh/sftp.h, libssh 0.10 to 0.12).
+    _fields_ = [
+        ("name", ctypes.c_char_p), ("longname", ctypes.c_char_p), ("flags", ctypes.c_uint32),
+        ("type", ctypes.c_uint8), ("size", ctypes.c_uint64), ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32), ("owner", ctypes.c_char_p), ("group", ctypes.c_char_p),
+        ("permissions", ctypes.c_uint32), ("atime64", ctypes.c_uint64), ("atime", ctypes.c_uint32),
+        ("atime_nseconds", ctypes.c_uint32), ("createtime", ctypes.c_uint64),
+        ("createtime_nseconds", ctypes.c_uint32), ("mtime64", ctypes.c_uint64),
+        ("mtime", ctypes.c_uint32), ("mtime_nseconds", ctypes.c_uint32), ("acl", ctypes.c_void_p),
+        ("extended_count", ctypes.c_uint32), ("extended_type", ctypes.c_void_p),
+        ("extended_data", ctypes.c_void_p),
+    ]
+
+
+class Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class LibSSH:
+    """
+    A libssh client session and its SFTP session, as kio-sftp opens them: options, connect,
+    ``ssh_session_is_known_server`` against a known_hosts file, password, ``sftp_init``. Every
+    call blocks; libssh's SFTP calls wait for each reply (``sftp_write`` of 32 KiB, then the next).
+    """
+
+    OPTIONS_HOST, OPTIONS_PORT, OPTIONS_USER, OPTIONS_KNOWNHOSTS, OPTIONS_TIMEOUT = 0, 1, 4, 8, 9
+    OPTIONS_GLOBAL_KNOWNHOSTS, OPTIONS_PROCESS_CONFIG = 35, 38
+    KNOWN_HOSTS_OK = 1
+    CHUNK = 32 * 1024
+
+    _lib = None
+
+    @classmethod
+    def library(cls):
+        if cls._lib is None:
+            lib = ctypes.CDLL(find_libssh())
+            p, i, s = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
+            for name, restype, argtypes in [
+                ("ssh_new", p, []), ("ssh_free", None, [p]), ("ssh_options_set", i, [p, i, p]),
+                ("ssh_connect", i, [p]), ("ssh_disconnect", None, [p]),
+                ("ssh_get_error", s, [p]), ("ssh_session_is_known_server", i, [p]),
+                ("ssh_userauth_password", i, [p, s, s]), ("ssh_get_issue_banner", s, [p]),
+                ("sftp_new", p, [p]), ("sftp_init", i, [p]), ("sftp_free", None, [p]),
+                ("sftp_get_error", i, [p]),
+                ("sftp_open", p, [p, s, i, ctypes.c_uint32]), ("sftp_close", i, [p]),
+                ("sftp_read", ctypes.c_ssize_t, [p, p, ctypes.c_size_t]),
+                ("sftp_write", ctypes.c_ssize_t, [p, p, ctypes.c_size_t]),
+                ("sftp_seek64", i, [p, ctypes.c_uint64]),
+                ("sftp_mkdir", i, [p, s, ctypes.c_uint32]), ("sftp_rmdir", i, [p, s]),
+                ("sftp_unlink", i, [p, s]), ("sftp_rename", i, [p, s, s]),
+                ("sftp_chmod", i, [p, s, ctypes.c_uint32]),
+                ("sftp_utimes", i, [p, s, ctypes.POINTER(Timeval)]),
+                ("sftp_symlink", i, [p, s, s]), ("sftp_readlink", p, [p, s]),
+                ("sftp_canonicalize_path", p, [p, s]), ("ssh_string_free_char", None, [p]),
+                ("sftp_opendir", p, [p, s]), ("sftp_readdir", ctypes.POINTER(SftpAttributes), [p, p]),
+                ("sftp_dir_eof", i, [p]), ("sftp_closedir", i, [p]),
+                ("sftp_stat", ctypes.POINTER(SftpAttributes), [p, s]),
+                ("sftp_lstat", ctypes.POINTER(SftpAttributes), [p, s]),
+                ("sftp_attributes_free", None, [p]),
+            ]:
+                function = getattr(lib, name)
+                function.restype, function.argtypes = restype, argtypes
+            cls._lib = lib
+        return cls._lib
+
+    def __init__(self, testcase, port, user, known_hosts):
+        self.testcase = testcase
+        self.lib = lib = self.library()
+        self.session = lib.ssh_new()
+        testcase.addCleanup(self.close)
+        self.sftp = None
+        self.option(self.OPTIONS_HOST, HOST.encode())
+        self.option(self.OPTIONS_PORT, ctypes.c_uint(port))
+        self.option(self.OPTIONS_USER, user.encode())
+        self.option(self.OPTIONS_KNOWNHOSTS, str(known_hosts).encode())
+        self.option(self.OPTIONS_GLOBAL_KNOWNHOSTS, b"/dev/null")
+        self.option(self.OPTIONS_TIMEOUT, ctypes.c_long(30))
+        self.option(self.OPTIONS_PROCESS_CONFIG, ctypes.c_bool(False))
+
+    def option(self, which, value):
+        pointer = ctypes.c_char_p(value) if isinstance(value, bytes) else ctypes.byref(value)
+        self.testcase.assertEqual(self.lib.ssh_options_set(self.session, which, pointer), 0, which)
+
+    def error(self):
+        return self.lib.ssh_get_error(self.session).decode(errors="replace")
+
+    def connect(self):
+        """Connects and checks the host key; returns ssh_session_is_known_server's answer."""
+        self.testcase.assertEqual(self.lib.ssh_connect(self.session), 0, self.error())
+        return self.lib.ssh_session_is_known_server(self.session)
+
+    def login(self, password):
+        self.testcase.assertEqual(
+            self.lib.ssh_userauth_password(self.session, None, password.encode()), 0, self.error())
+        self.sftp = self.lib.sftp_new(self.session)
+        self.testcase.assertTrue(self.sftp, self.error())
+        self.testcase.assertEqual(self.lib.sftp_init(self.sftp), 0, self.error())
+        return self
+
+    def close(self):
+        if self.sftp:
+            self.lib.sftp_free(self.sftp)
+            self.sftp = None
+        if self.session:
+            self.lib.ssh_disconnect(self.session)
+            self.lib.ssh_free(self.session)
+            self.session = None
+
+    def put(self, local, remote, offset=0):
+        flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if offset == 0 else 0)
+        handle = self.lib.sftp_open(self.sftp, remote.encode(), flags, 0o644)
+        self.testcase.assertTrue(handle, f"open {remote}: {self.error()}")
+        try:
+            self.testcase.assertEqual(self.lib.sftp_seek64(handle, offset), 0)
+            with open(local, "rb") as f:
+                f.seek(offset)
+                for chunk in iter(lambda: f.read(self.CHUNK), b""):
+                    written = self.lib.sftp_write(handle, chunk, len(chunk))
+                    self.testcase.assertEqual(written, len(chunk), self.error())
+        finally:
+            self.testcase.assertEqual(self.lib.sftp_close(handle), 0, self.error())
+
+    def get(self, remote, local, offset=0):
+        """Returns False if the server refused to open ``remote`` (nothing is written then)."""
+        handle = self.lib.sftp_open(self.sftp, remote.encode(), os.O_RDONLY, 0)
+        if not handle:
+            return False
+        buffer = ctypes.create_string_buffer(self.CHUNK)
+        try:
+            self.testcase.assertEqual(self.lib.sftp_seek64(handle, offset), 0)
+            with open(local, "r+b" if offset else "wb") as f:
+                f.seek(offset)
+                while True:
+                    n = self.lib.sftp_read(handle, buffer, self.CHUNK)
+                    self.testcase.assertGreaterEqual(n, 0, self.error())
+                    if n == 0:
+                        return True
+                    f.write(buffer.raw[:n])
+        finally:
+            self.lib.sftp_close(handle)
+
+    def listdir(self, path):
+        handle = self.lib.sftp_opendir(self.sftp, path.encode())
+        self.testcase.assertTrue(handle, f"opendir {path}: {self.error()}")
+        entries = {}
+        try:
+            while True:
+                attributes = self.lib.sftp_readdir(self.sftp, handle)
+                if not attributes:
+                    self.testcase.assertTrue(self.lib.sftp_dir_eof(handle), self.error())
+                    return entries
+                a = attributes.contents
+                entries[a.name.decode()] = {"longname": a.longname.decode(), "size": a.size,
+                                            "permissions": a.permissions, "mtime": a.mtime}
+                self.lib.sftp_attributes_free(attributes)
+        finally:
+            self.lib.sftp_closedir(handle)
+
+    def stat(self, path, follow=True):
+        attributes = (self.lib.sftp_stat if follow else self.lib.sftp_lstat)(self.sftp, path.encode())
+        if not attributes:
+            return None
+        a = attributes.contents
+        result = {"size": a.size, "permissions": a.permissions, "mtime": a.mtime}
+        self.lib.sftp_attributes_free(attributes)
+        return result
+
+    def text(self, pointer):
+        if not pointer:
+            return None
+        value = ctypes.string_at(pointer).decode()
+        self.lib.ssh_string_free_char(pointer)
+        return value
+
+    def readlink(self, path):
+        return self.text(self.lib.sftp_readlink(self.sftp, path.encode()))
+
+    def realpath(self, path):
+        return self.text(self.lib.sftp_canonicalize_path(self.sftp, path.encode()))
+
+    def call(self, name, *args):
+        """One of sftp_mkdir/rmdir/unlink/rename/chmod/symlink, paths as str; True on success."""
+        encoded = [a.encode() if isinstance(a, str) else a for a in args]
+        return getattr(self.lib, name)(self.sftp, *encoded) == 0
+
+    def utimes(self, path, atime, mtime):
+        times = (Timeval * 2)(Timeval(atime, 0), Timeval(mtime, 0))
+        return self.lib.sftp_utimes(self.sftp, path.encode(), times) == 0
+
+
+class LibSSHTests(EngineTestCase):
+    """libssh 0.12 (KDE's kio-sftp is built on libssh), which sends SYMLINK in the drafts' order here."""
+
+    def setUp(self):
+        find_libssh()
+        super().setUp()
+        self.known_hosts = self.home / "known_hosts"
+        self.known_hosts.write_text(f"[{HOST}]:{self.port} {self.host_key_line}\n")
+
+    def libssh(self):
+        client = LibSSH(self, self.port, self.user, self.known_hosts)
+        self.assertEqual(client.connect(), LibSSH.KNOWN_HOSTS_OK)
+        return client.login(self.password)
+
+    def test_host_key_and_listing(self):
+        self.listed_file()
+        # Another key recorded for this host: libssh says it changed, and kio-sftp stops there.
+        other = Path(self.home / "other_known_hosts")
+        other.write_text(f"[{HOST}]:{self.port} ssh-ed25519 "
+                         "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+        client = LibSSH(self, self.port, self.user, other)
+        self.assertNotEqual(client.connect(), LibSSH.KNOWN_HOSTS_OK)
+        client.close()
+        entries = self.libssh().listdir("/")
+        self.assertEqual(sorted(entries), [".", "..", "listed.txt", "out"])
+        listed = entries["listed.txt"]
+        self.assertEqual((listed["size"], listed["permissions"], listed["mtime"]),
+                         (1234, stat.S_IFREG | 0o640, OLD_MTIME))
+        self.assertLongnameShows(listed["longname"])
+
+    def test_transfers_and_resume(self):
+        big = self.big_local()
+        client = self.libssh()
+        client.put(big, "/big.bin")
+        self.assertTrue(client.get("/big.bin", self.local / "back.bin"))
+        self.assertSameBytes(big, self.volume / "big.bin")
+        self.assertSameBytes(big, self.local / "back.bin")
+        up, down = 7 * 1024 * 1024 + 123, 5 * 1024 * 1024 + 45
+        self.partial_copy(big, self.volume / "half.bin", up)
+        self.partial_copy(big, self.local / "half-back.bin", down)
+        client.put(big, "/half.bin", offset=up)
+        self.assertTrue(client.get("/half.bin", self.local / "half-back.bin", offset=down))
+        self.assertSameBytes(big, self.volume / "half.bin")
+        self.assertSameBytes(big, self.local / "half-back.bin")
+
+    def test_tree_operations_names_and_links(self):
+        small = self.tree_fixture()
+        names = self.big_folder()
+        (self.volume / "target.txt").write_bytes(b"pointed at\n")
+        client = self.libssh()
+        renamed = f"/{SPACED_DIR}/renamed ü.txt"
+        self.assertTrue(client.call("sftp_mkdir", f"/{SPACED_DIR}", 0o755))
+        client.put(small, f"/{SPACED_DIR}/{SPACED_FILE}")
+        self.assertTrue(client.call("sftp_rename", f"/{SPACED_DIR}/{SPACED_FILE}", renamed))
+        self.assertTrue(client.call("sftp_chmod", renamed, 0o640))
+        self.assertTrue(client.utimes(renamed, OLD_MTIME, OLD_MTIME))
+        self.assertTrue(client.call("sftp_unlink", "/doomed.txt"))
+        self.assertTrue(client.call("sftp_rmdir", "/empty"))
+        # sftp_symlink(target, dest): what to point at, then the link to make.
+        self.assertTrue(client.call("sftp_symlink", "../target.txt", f"/{SPACED_DIR}/link to target"))
+        self.assertTreeResult()
+        self.assertEqual(os.readlink(self.volume / SPACED_DIR / "link to target"), "../target.txt")
+        self.assertEqual(client.readlink(f"/{SPACED_DIR}/link to target"), "../target.txt")
+        self.assertEqual(client.stat(f"/{SPACED_DIR}/link to target")["size"], len(b"pointed at\n"))
+        self.assertEqual(sorted(n for n in client.listdir("/many") if n.startswith("entry-")), names)
+
+    def test_no_way_out(self):
+        escape = self.local / "escape.txt"
+        escape.write_bytes(b"stay inside\n")
+        client = self.libssh()
+        self.assertEqual(client.realpath("/../../.."), "/")
+        for path in ("/../../etc/passwd", "/out/secret", str(self.sentinel)):
+            self.assertFalse(client.get(path, self.local / "stolen"), path)
+        self.assertTrue(client.call("sftp_symlink", str(self.sentinel), "/peek"))
+        self.assertFalse(client.get("/peek", self.local / "stolen"))
+        self.assertIsNone(client.stat("/out/secret"))
+        client.put(escape, "../../../escaped.txt")
+        self.assertConfinedResult()
