@@ -1128,3 +1128,26 @@ class GioTests(EngineTestCase):
             self.assertNotEqual(rc, 0, path)
         self.assertGio("copy", str(escape), self.root_uri + "/../../../escaped.txt")
         self.assertConfinedResult()
+
+
+# --- the algorithms on offer --------------------------------------------------------------------
+
+
+class AuditTests(EngineTestCase):
+    """
+    ssh-audit (PyPI) against the default configuration: it may warn (the plain HMACs that
+    libssh2 1.10 needs are encrypt-and-MAC; curve25519 is not post-quantum) but fails nothing.
+    """
+
+    def test_no_fail(self):
+        audit = require_binary("ssh-audit")
+        rc, out, err = run([audit, "--json", "-p", str(self.port), HOST], env=self.env)
+        report = json.loads(out)
+        notes = {(kind, entry["algorithm"]): entry.get("notes", {})
+                 for kind in ("kex", "key", "enc", "mac") for entry in report[kind]}
+        self.assertIn(("mac", "hmac-sha2-256"), notes)
+        self.assertEqual({name: note["fail"] for name, note in notes.items() if note.get("fail")}, {})
+        self.assertEqual(report["cves"], [])
+        warned = {name for name, note in notes.items() if note.get("warn")}
+        self.assertEqual(warned, {("kex", "curve25519-sha256"), ("kex", "curve25519-sha256@libssh.org"),
+                                  ("mac", "hmac-sha2-256"), ("mac", "hmac-sha2-512")})
