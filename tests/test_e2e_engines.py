@@ -34,7 +34,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from twisted.trial import unittest
 
-from tests.harness import CLIENT_TIMEOUT, HOST, REPO_ROOT, make_credentials, require_binary, start_service
+from tests.harness import (CLIENT_TIMEOUT, HOST, REPO_ROOT, make_credentials, require_binary,
+                           start_service, write_config)
 
 BIG = 20 * 1024 * 1024
 OLD_MTIME = 1_000_000_000  # 2001-09-09T01:46:40Z
@@ -331,6 +332,18 @@ class CurlTests(EngineTestCase):
         rc, out, err = self.curl(*args)
         self.assertEqual(rc, 0, f"curl failed ({rc})\nstdout:\n{out}\nstderr:\n{err}")
         return out
+
+    def test_needs_the_plain_macs(self):
+        # The offer before the plain HMACs were added: libssh2 1.10 finds no MAC it knows.
+        self.service.stop()
+        self.service.config["sftp"]["macs"] = ["hmac-sha2-256-etm@openssh.com",
+                                               "hmac-sha2-512-etm@openssh.com"]
+        write_config(self.service.root, self.service.config)
+        self.service.start()
+        self.port = self.service.port
+        rc, out, err = self.curl(self.url("/"))
+        self.assertNotEqual(rc, 0)
+        self.assertIn("Unable to exchange encryption keys", err)
 
     def test_host_key_and_listing(self):
         self.listed_file()
