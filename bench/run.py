@@ -77,22 +77,28 @@ class Sizes:
     clients: int  # concurrent clients ...
     client_bytes: int  # ... each uploading this many bytes
     logins: int  # sequential connect + login + exit per run
+    rr_bytes: int  # bytes of the upload in 32 KiB writes, one request at a time
+    stats: int  # sequential STAT requests, one at a time
 
 
-FULL = Sizes(1024 * MiB, 2000, 10000, 20, 50 * MiB, 10)
-QUICK = Sizes(128 * MiB, 200, 1000, 20, 5 * MiB, 3)
+FULL = Sizes(1024 * MiB, 2000, 10000, 20, 50 * MiB, 10, 64 * MiB, 2000)
+QUICK = Sizes(128 * MiB, 200, 1000, 20, 5 * MiB, 3, 8 * MiB, 2000)
 
-WORKLOADS = ["upload", "download", "small", "listing", "concurrent", "connect"]
+WORKLOADS = ["upload", "download", "small", "listing", "concurrent", "connect", "rr-write",
+             "rr-stat"]
 EXTRA_WORKLOADS = ["concurrent-download"]
 """Run only when named with --only."""
-IN_SESSION = {"upload", "download", "small", "listing"}
+IN_SESSION = {"upload", "download", "small", "listing", "rr-write"}
 """Workloads timed inside the session (see MARK): their time leaves out connect and login."""
 RUNS = 7
 """Measured runs per server of each workload, unless --runs says otherwise."""
 SHORT_RUNS = 15
-SHORT = {"small", "listing"}
+SHORT = {"small", "listing", "rr-stat"}
 """Workloads that take under a second a run: the machine's jitter is a larger share of each run,
 so they get more runs (seconds in all) for a median as steady as the long workloads'."""
+REQUEST_REPLY = ["-R", "1", "-B", "32768"]
+"""sftp options for rr-write: one request in flight, 32 KiB each, so every write waits for its
+reply, as libssh's sftp_write and ssh2's stream put do: the time is the servers' turnaround."""
 MARK = "!date +%s.%N"
 """A local command sftp runs from the batch; its output is the wall clock at that point."""
 
@@ -115,6 +121,8 @@ def describe(workload: str, sizes: Sizes) -> str:
         "concurrent-download":
             f"{sizes.clients} clients each downloading {human(sizes.client_bytes)}",
         "connect": f"{sizes.logins} x connect + login + exit",
+        "rr-write": f"upload {human(sizes.rr_bytes)} in 32 KiB writes, each waiting for its reply",
+        "rr-stat": f"{sizes.stats:,} STATs, each waiting for its reply (paramiko)",
     }[workload]
 
 
@@ -376,6 +384,9 @@ class Lightd(Server):
     def destination(self) -> str:
         return f"{self.username}@{HOST}"
 
+    def paramiko_login(self, transport) -> None:
+        transport.auth_password(self.username, (self.root / "password").read_text().strip())
+
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
 
@@ -481,6 +492,11 @@ class OpenSSH(Server):
     def destination(self) -> str:
         return f"root@{HOST}"
 
+    def paramiko_login(self, transport) -> None:
+        import paramiko
+
+        transport.auth_publickey("root", paramiko.Ed25519Key.from_private_key_file(str(self.client_key)))
+
     def cpu(self) -> float:
         # sshd forks per connection (and again per session); the listener reaps
         # them, so its children's times hold the sessions' CPU.
@@ -495,15 +511,17 @@ class OpenSSH(Server):
 # --- the client -------------------------------------------------------------------------------
 
 
-def sftp_argv(server: Server, variant: str, batch: Path, verbose: bool = False) -> List[str]:
+def sftp_argv(server: Server, variant: str, batch: Path, verbose: bool = False,
+              extra: Tuple[str, ...] = ()) -> List[str]:
     return ["sftp", *server.client_options(), *VARIANTS[variant], *(["-v"] if verbose else []),
-            "-b", str(batch), server.destination()]
+            *extra, "-b", str(batch), server.destination()]
 
 
-def start_sftp(server: Server, variant: str, batch: Path, verbose: bool = False):
+def start_sftp(server: Server, variant: str, batch: Path, verbose: bool = False,
+               extra: Tuple[str, ...] = ()):
     # A new session: no controlling terminal, so OpenSSH asks SSH_ASKPASS.
     return subprocess.Popen(
-        sftp_argv(server, variant, batch, verbose),
+        sftp_argv(server, variant, batch, verbose, extra),
         env=server.client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, start_new_session=True,
     )
@@ -624,6 +642,11 @@ class Workloads:
             block = os.urandom(4096)
             for i in range(s.small_files):
                 (tree / f"f{i:05d}").write_bytes(block)
+        if "rr-write" in selected:
+            write_random(self.data / "rr.bin", s.rr_bytes)
+        if "rr-stat" in selected:
+            for server in self.servers:
+                (server.volume / "data" / "stat.txt").write_bytes(b"stat me\n")
         if "listing" in selected:
             for server in self.servers:
                 many = server.volume / "data" / "many"
@@ -634,6 +657,7 @@ class Workloads:
         self.batch("download", [MARK, f"get /data/big.bin {self.data / 'down.bin'}", MARK])
         self.batch("small", [MARK, f"put -r {self.data / 'small'} /data/small", MARK])
         self.batch("listing", [MARK, "ls -l /data/many", MARK])
+        self.batch("rr-write", [MARK, f"put {self.data / 'rr.bin'} /data/rr-up.bin", MARK])
         for i in range(s.clients):
             self.batch(f"concurrent{i}", [f"put {self.data / 'client.bin'} /data/c{i}.bin"])
             self.batch(f"concurrent-download{i}",
@@ -648,8 +672,12 @@ class Workloads:
     def run(self, workload: str, server: Server, variant: str) -> float:
         """Run ``workload`` once against ``server``; the seconds it took."""
         what = f"{workload} on {server.name} ({variant})"
+        if workload == "rr-stat":
+            return self.stat_run(server, variant)
         if workload in IN_SESSION:
-            out, _ = finish_sftp(start_sftp(server, variant, self.batches / workload), what)
+            extra = tuple(REQUEST_REPLY) if workload == "rr-write" else ()
+            out, _ = finish_sftp(start_sftp(server, variant, self.batches / workload,
+                                            extra=extra), what)
             marks = [float(line) for line in out.splitlines() if re.fullmatch(r"\d+\.\d+", line)]
             if len(marks) != 2:
                 raise BenchError(f"{what}: expected two time marks in sftp's output")
@@ -665,11 +693,42 @@ class Workloads:
                 finish_sftp(start_sftp(server, variant, self.batches / "connect"), what)
         return time.perf_counter() - started
 
+    def stat_run(self, server: Server, variant: str) -> float:
+        """
+        ``stats`` STATs one after the other with paramiko (each waits for its reply), timed
+        from the first to the last reply, after login; the same client for both servers.
+        """
+        import paramiko
+
+        sock = socket.create_connection((HOST, server.port), timeout=30)
+        transport = paramiko.Transport(sock)
+        try:
+            if variant == "same":
+                options = transport.get_security_options()
+                options.ciphers = ("aes128-ctr",)
+                options.digests = ("hmac-sha2-256",)
+            transport.start_client(timeout=30)
+            server.paramiko_login(transport)
+            sftp = paramiko.SFTPClient.from_transport(transport)
+            sftp.stat("/data/stat.txt")  # the session's first request, not timed
+            started = time.perf_counter()
+            for _ in range(self.sizes.stats):
+                sftp.stat("/data/stat.txt")
+            seconds = time.perf_counter() - started
+            sftp.close()
+            return seconds
+        except (OSError, paramiko.SSHException) as e:
+            raise BenchError(f"rr-stat on {server.name} ({variant}): {e}")
+        finally:
+            transport.close()
+
     def clean(self, workload: str, server: Server) -> None:
         """Remove what a run made, so every run starts from the same state."""
         data = server.volume / "data"
         if workload == "upload":
             (data / "up.bin").unlink(missing_ok=True)
+        elif workload == "rr-write":
+            (data / "rr-up.bin").unlink(missing_ok=True)
         elif workload == "download":
             (self.data / "down.bin").unlink(missing_ok=True)
         elif workload == "small":
