@@ -2,7 +2,7 @@
 """
 lightd-sftp against OpenSSH's sshd (internal-sftp + ChrootDirectory), side by side.
 
-    python3 bench/run.py                  # the full run (about 8 minutes on 2 cores)
+    python3 bench/run.py                  # the full run (about 9 minutes on 2 cores)
     python3 bench/run.py --quick          # smaller sizes, 3 runs: a smoke check
     python3 bench/run.py --only upload,download --variant same --runs 7
     python3 bench/run.py --rev main       # measure a commit (git archive), not the working tree
@@ -10,9 +10,10 @@ lightd-sftp against OpenSSH's sshd (internal-sftp + ChrootDirectory), side by si
     python3 bench/run.py --also PATH|REV  # a second lightd-sftp in the same rounds (A B C)
 
 Both servers listen on 127.0.0.1 only and are driven by the same OpenSSH client
-(``sftp -b``), interleaved, one run of each per round, the order turned around
+(``sftp -b``; the two request-reply workloads by libssh and by paramiko, which wait for each
+reply: rr-write uploads in 32 KiB writes, rr-stat sends 2,000 STATs), interleaved, one run of each per round, the order turned around
 every other round (A B, B A, A B ...), 7 runs of each
-(15 of the two sub-second workloads, small files and the listing), for every
+(15 of the three sub-second workloads: small files, the listing, the STATs), for every
 workload and for two algorithm choices: the same on both sides (aes128-ctr +
 hmac-sha2-256) and each side's default.  It prints the medians, their ratio
 lightd/OpenSSH (and the median of the rounds' ratios, which a drift of the
@@ -81,14 +82,14 @@ class Sizes:
     stats: int  # sequential STAT requests, one at a time
 
 
-FULL = Sizes(1024 * MiB, 2000, 10000, 20, 50 * MiB, 10, 64 * MiB, 2000)
+FULL = Sizes(1024 * MiB, 2000, 10000, 20, 50 * MiB, 10, 16 * MiB, 2000)
 QUICK = Sizes(128 * MiB, 200, 1000, 20, 5 * MiB, 3, 8 * MiB, 2000)
 
 WORKLOADS = ["upload", "download", "small", "listing", "concurrent", "connect", "rr-write",
              "rr-stat"]
 EXTRA_WORKLOADS = ["concurrent-download"]
 """Run only when named with --only."""
-IN_SESSION = {"upload", "download", "small", "listing", "rr-write"}
+IN_SESSION = {"upload", "download", "small", "listing"}
 """Workloads timed inside the session (see MARK): their time leaves out connect and login."""
 RUNS = 7
 """Measured runs per server of each workload, unless --runs says otherwise."""
@@ -96,9 +97,6 @@ SHORT_RUNS = 15
 SHORT = {"small", "listing", "rr-stat"}
 """Workloads that take under a second a run: the machine's jitter is a larger share of each run,
 so they get more runs (seconds in all) for a median as steady as the long workloads'."""
-REQUEST_REPLY = ["-R", "1", "-B", "32768"]
-"""sftp options for rr-write: one request in flight, 32 KiB each, so every write waits for its
-reply, as libssh's sftp_write and ssh2's stream put do: the time is the servers' turnaround."""
 MARK = "!date +%s.%N"
 """A local command sftp runs from the batch; its output is the wall clock at that point."""
 
@@ -121,7 +119,8 @@ def describe(workload: str, sizes: Sizes) -> str:
         "concurrent-download":
             f"{sizes.clients} clients each downloading {human(sizes.client_bytes)}",
         "connect": f"{sizes.logins} x connect + login + exit",
-        "rr-write": f"upload {human(sizes.rr_bytes)} in 32 KiB writes, each waiting for its reply",
+        "rr-write": f"upload {human(sizes.rr_bytes)} in 32 KiB writes, each waiting for its reply "
+                    "(libssh)",
         "rr-stat": f"{sizes.stats:,} STATs, each waiting for its reply (paramiko)",
     }[workload]
 
@@ -385,7 +384,13 @@ class Lightd(Server):
         return f"{self.username}@{HOST}"
 
     def paramiko_login(self, transport) -> None:
-        transport.auth_password(self.username, (self.root / "password").read_text().strip())
+        transport.auth_password(self.username, self.password())
+
+    def password(self) -> str:
+        return (self.root / "password").read_text().strip()
+
+    def libssh_login(self, client) -> None:
+        client.login(password=self.password())
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
@@ -497,6 +502,9 @@ class OpenSSH(Server):
 
         transport.auth_publickey("root", paramiko.Ed25519Key.from_private_key_file(str(self.client_key)))
 
+    def libssh_login(self, client) -> None:
+        client.login(key_file=self.client_key)
+
     def cpu(self) -> float:
         # sshd forks per connection (and again per session); the listener reaps
         # them, so its children's times hold the sessions' CPU.
@@ -511,17 +519,15 @@ class OpenSSH(Server):
 # --- the client -------------------------------------------------------------------------------
 
 
-def sftp_argv(server: Server, variant: str, batch: Path, verbose: bool = False,
-              extra: Tuple[str, ...] = ()) -> List[str]:
+def sftp_argv(server: Server, variant: str, batch: Path, verbose: bool = False) -> List[str]:
     return ["sftp", *server.client_options(), *VARIANTS[variant], *(["-v"] if verbose else []),
-            *extra, "-b", str(batch), server.destination()]
+            "-b", str(batch), server.destination()]
 
 
-def start_sftp(server: Server, variant: str, batch: Path, verbose: bool = False,
-               extra: Tuple[str, ...] = ()):
+def start_sftp(server: Server, variant: str, batch: Path, verbose: bool = False):
     # A new session: no controlling terminal, so OpenSSH asks SSH_ASKPASS.
     return subprocess.Popen(
-        sftp_argv(server, variant, batch, verbose, extra),
+        sftp_argv(server, variant, batch, verbose),
         env=server.client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, start_new_session=True,
     )
@@ -657,7 +663,6 @@ class Workloads:
         self.batch("download", [MARK, f"get /data/big.bin {self.data / 'down.bin'}", MARK])
         self.batch("small", [MARK, f"put -r {self.data / 'small'} /data/small", MARK])
         self.batch("listing", [MARK, "ls -l /data/many", MARK])
-        self.batch("rr-write", [MARK, f"put {self.data / 'rr.bin'} /data/rr-up.bin", MARK])
         for i in range(s.clients):
             self.batch(f"concurrent{i}", [f"put {self.data / 'client.bin'} /data/c{i}.bin"])
             self.batch(f"concurrent-download{i}",
@@ -674,10 +679,10 @@ class Workloads:
         what = f"{workload} on {server.name} ({variant})"
         if workload == "rr-stat":
             return self.stat_run(server, variant)
+        if workload == "rr-write":
+            return self.libssh_write_run(server, variant)
         if workload in IN_SESSION:
-            extra = tuple(REQUEST_REPLY) if workload == "rr-write" else ()
-            out, _ = finish_sftp(start_sftp(server, variant, self.batches / workload,
-                                            extra=extra), what)
+            out, _ = finish_sftp(start_sftp(server, variant, self.batches / workload), what)
             marks = [float(line) for line in out.splitlines() if re.fullmatch(r"\d+\.\d+", line)]
             if len(marks) != 2:
                 raise BenchError(f"{what}: expected two time marks in sftp's output")
@@ -692,6 +697,37 @@ class Workloads:
             for _ in range(self.sizes.logins):
                 finish_sftp(start_sftp(server, variant, self.batches / "connect"), what)
         return time.perf_counter() - started
+
+    def libssh_write_run(self, server: Server, variant: str) -> float:
+        """
+        The upload with libssh (the libssh that ansible-pylibssh ships, through the test suite's
+        ctypes binding): ``sftp_write`` of 32 KiB, each waiting for its reply, as KDE's kio-sftp
+        writes; libssh leaves TCP_NODELAY off, as by default. Timed from open to close.
+        """
+        import unittest
+
+        sys.path.insert(0, str(REPO_ROOT))
+        from tests.test_e2e_engines import LibSSH
+
+        case = unittest.TestCase()
+        known_hosts = self.work / "libssh_known_hosts"
+        known_hosts.write_text("")
+        try:
+            client = LibSSH(case, server.port, server.destination().split("@")[0], known_hosts)
+            if variant == "same":
+                for option in (LibSSH.OPTIONS_CIPHERS_C_S, LibSSH.OPTIONS_CIPHERS_S_C):
+                    client.option(option, b"aes128-ctr")
+                for option in (LibSSH.OPTIONS_HMAC_C_S, LibSSH.OPTIONS_HMAC_S_C):
+                    client.option(option, b"hmac-sha2-256")
+            client.connect()
+            server.libssh_login(client)
+            started = time.perf_counter()
+            client.put(self.data / "rr.bin", "/data/rr-up.bin")
+            return time.perf_counter() - started
+        except AssertionError as e:
+            raise BenchError(f"rr-write on {server.name} ({variant}): {e}")
+        finally:
+            case.doCleanups()
 
     def stat_run(self, server: Server, variant: str) -> float:
         """

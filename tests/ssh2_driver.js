@@ -1,6 +1,7 @@
 // Drives ssh2-sftp-client (on Node.js's ssh2) for tests/test_e2e_engines.py, as VS Code's SFTP
 // extensions use it. Reads one JSON object on stdin:
-//   {"host", "port", "username", "password", "fingerprint": "SHA256:...", "ops": [[name, ...args]]}
+//   {"host", "port", "username", "password" (or "privateKey": a key file), "fingerprint": "SHA256:...",
+//    "ops": [[name, ...args]]}
 // runs the operations in order, and prints one JSON line per operation:
 //   {"ok": true, "result": ...} or {"ok": false, "error": "..."}; it stops at the first error.
 // The login itself prints {"login": true} or {"login": false, "error": ...} first.
@@ -57,6 +58,12 @@ const ops = {
   readlink: async (c, path) => raw(c, "readlink", path),
   realpath: async (c, path) => c.realPath(path),
   exists: async (c, path) => c.exists(path),
+  // Seconds that another operation took, for measurements (bench/).
+  timed: async (c, name, ...args) => {
+    const started = process.hrtime.bigint();
+    await ops[name](c, ...args);
+    return Number(process.hrtime.bigint() - started) / 1e9;
+  },
 };
 
 async function main() {
@@ -68,6 +75,7 @@ async function main() {
       port: request.port,
       username: request.username,
       password: request.password,
+      privateKey: request.privateKey ? fs.readFileSync(request.privateKey) : undefined,
       readyTimeout: 30000,
       hostVerifier: (key) =>
         "SHA256:" + crypto.createHash("sha256").update(key).digest("base64").replace(/=+$/, "") ===

@@ -785,6 +785,7 @@ class LibSSH:
     """
 
     OPTIONS_HOST, OPTIONS_PORT, OPTIONS_USER, OPTIONS_KNOWNHOSTS, OPTIONS_TIMEOUT = 0, 1, 4, 8, 9
+    OPTIONS_CIPHERS_C_S, OPTIONS_CIPHERS_S_C, OPTIONS_HMAC_C_S, OPTIONS_HMAC_S_C = 15, 16, 29, 30
     OPTIONS_GLOBAL_KNOWNHOSTS, OPTIONS_PROCESS_CONFIG = 35, 38
     KNOWN_HOSTS_OK = 1
     CHUNK = 32 * 1024
@@ -818,6 +819,8 @@ class LibSSH:
                 ("sftp_stat", ctypes.POINTER(SftpAttributes), [p, s]),
                 ("sftp_lstat", ctypes.POINTER(SftpAttributes), [p, s]),
                 ("sftp_attributes_free", None, [p]),
+                ("ssh_pki_import_privkey_file", i, [s, s, p, p, ctypes.POINTER(p)]),
+                ("ssh_userauth_publickey", i, [p, s, p]), ("ssh_key_free", None, [p]),
             ]:
                 function = getattr(lib, name)
                 function.restype, function.argtypes = restype, argtypes
@@ -850,9 +853,17 @@ class LibSSH:
         self.testcase.assertEqual(self.lib.ssh_connect(self.session), 0, self.error())
         return self.lib.ssh_session_is_known_server(self.session)
 
-    def login(self, password):
-        self.testcase.assertEqual(
-            self.lib.ssh_userauth_password(self.session, None, password.encode()), 0, self.error())
+    def login(self, password=None, key_file=None):
+        """Password or key login, then the SFTP session."""
+        if key_file is None:
+            result = self.lib.ssh_userauth_password(self.session, None, password.encode())
+        else:
+            key = ctypes.c_void_p()
+            self.testcase.assertEqual(self.lib.ssh_pki_import_privkey_file(
+                str(key_file).encode(), None, None, None, ctypes.byref(key)), 0)
+            result = self.lib.ssh_userauth_publickey(self.session, None, key)
+            self.lib.ssh_key_free(key)
+        self.testcase.assertEqual(result, 0, self.error())
         self.sftp = self.lib.sftp_new(self.session)
         self.testcase.assertTrue(self.sftp, self.error())
         self.testcase.assertEqual(self.lib.sftp_init(self.sftp), 0, self.error())
