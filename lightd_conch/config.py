@@ -72,8 +72,11 @@ class StorageConfig:
 
 
 # The packet protections the transport implements (lightd_conch.ciphers), and
-# the ones offered by default: AEAD and encrypt-then-MAC only, so nothing is
-# encrypt-and-MAC.  The plain HMACs stay available for old clients.
+# the ones offered by default: every one, in OpenSSH's order (AEAD, then the
+# -etm MACs, then the plain HMACs).  The plain HMACs come after the -etm forms,
+# so a client that has both picks -etm; they are offered because libssh2 up to
+# 1.10 (Debian 12's curl, PHP's ssh2 and most tools built on it) has no AEAD
+# cipher and no -etm MAC and could not connect at all without them.
 SUPPORTED_CIPHERS = (
     "chacha20-poly1305@openssh.com",
     "aes128-gcm@openssh.com",
@@ -89,7 +92,7 @@ SUPPORTED_MACS = (
     "hmac-sha2-512",
 )
 DEFAULT_CIPHERS = SUPPORTED_CIPHERS
-DEFAULT_MACS = SUPPORTED_MACS[:2]
+DEFAULT_MACS = SUPPORTED_MACS
 
 
 @dataclass(frozen=True, kw_only=True)

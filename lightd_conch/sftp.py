@@ -303,13 +303,40 @@ def encodeAttrs(st: os.stat_result) -> bytes:
 _OK_TAIL = struct.pack(">I", FX_OK) + _string(_STATUS_MESSAGES[FX_OK].encode()) + _string(b"")
 _OK_HEAD = struct.pack(">IB", 5 + len(_OK_TAIL), FXP_STATUS)
 
-# SSH version strings of the clients that send SYMLINK in the drafts' order
-# (the link, then its target) to a server whose version string does not name
-# OpenSSH, and in OpenSSH's order to OpenSSH: asyncssh, WinSCP and Node.js's
-# ssh2 (under VS Code's SFTP extensions).  This server reads OpenSSH's order
-# (as OpenSSH's sftp, paramiko, sshfs, rclone and JSch send it) and turns
-# theirs around, as they would themselves if they recognised it.
-_LINK_FIRST_CLIENTS = (b"SSH-2.0-AsyncSSH_", b"SSH-2.0-WinSCP_", b"SSH-2.0-ssh2js")
+# SYMLINK's two paths come in two orders: the drafts' (the link, then its
+# target) and OpenSSH's (the target, then the link; its PROTOCOL file, 4.1).
+# This server reads OpenSSH's order and turns the drafts' around for the
+# clients below, found by their SSH version string.  What each client family
+# sends to a server whose version string does not name OpenSSH (this one's is
+# "SSH-2.0-lightd_sftp_...", on purpose: clients apply OpenSSH-specific
+# workarounds to any server that claims to be OpenSSH), read from its source:
+#
+#   client (version string)        order sent here   switches on the server's banner
+#   OpenSSH sftp (OpenSSH_)        target, link      no: always OpenSSH's order
+#   paramiko (paramiko_)           target, link      no
+#   Go x/crypto + pkg/sftp (Go),   target, link      no (pkg/sftp marshals the target first)
+#     rclone, restic
+#   libssh2 (libssh2_), curl       target, link      no (libssh2_sftp_symlink(orig, linkpath))
+#   sshj (SSHJ_)                   link, target      no: always the drafts' order
+#   Cyberduck (its own name,       target, link      no: it calls sshj's symlink with the
+#     on sshj)                                       two arguments swapped
+#   libssh (libssh_), KDE          link, target      yes: OpenSSH's order if "OpenSSH" is
+#                                                    anywhere in the banner
+#   asyncssh (AsyncSSH_)           link, target      yes: "OpenSSH" or "paramiko" in it
+#   ssh2 for Node.js (ssh2js)      link, target      yes: banner starts "SSH-2.0-OpenSSH"
+#     VS Code's SFTP extensions                      or "SSH-2.0-dropbear"
+#   WinSCP (WinSCP_)               link, target      yes: software version starts "OpenSSH"
+#   PuTTY psftp/pscp, FileZilla    (none)            they have no command that makes links
+#     (fzsftp, built on PuTTY)
+#
+# libssh's prefix ends in "_" so that libssh2 ("libssh2_") is not taken for it.
+_LINK_FIRST_CLIENTS = (
+    b"SSH-2.0-AsyncSSH_",
+    b"SSH-2.0-WinSCP_",
+    b"SSH-2.0-ssh2js",
+    b"SSH-2.0-libssh_",
+    b"SSH-2.0-SSHJ_",
+)
 
 _SIX_MONTHS = 182 * 24 * 3600
 # os.fsencode, without its call: scandir decodes names this way.
