@@ -16,6 +16,7 @@ setup(
         "bcrypt>=4.1",
         "pyasn1",
         "lmdb>=1.4",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": ["paramiko>=3.4", "asyncssh>=2.14", "hypothesis>=6.100"],

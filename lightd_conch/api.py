@@ -4,6 +4,9 @@ The admin HTTP API, Lightd-compatible JSON on twisted.web:
     POST   /containers/{id}/sftp/credentials   create or reset (200, shows the password)
     GET    /containers/{id}/sftp/info          show, without the password (200)
     DELETE /containers/{id}/sftp/credentials   revoke (204)
+    GET    /sftp/sessions                      the live sessions (200)
+    DELETE /sftp/sessions/{id}                 end one (204)
+    GET    /metrics                            Prometheus text format (200)
 
 This module translates HTTP to L{lightd_conch.accounts.Accounts}, the same
 rules the CLI uses, and owns the bearer token.  The blocking work of
@@ -19,13 +22,16 @@ import json
 import os
 import secrets
 
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from ._address import formatAddress
 from .accounts import AccountError
+from .audit import NullAudit
 from .config import warnIfExposed
+from .metrics import CONTENT_TYPE
 
 log = Logger()
 
@@ -38,6 +44,22 @@ _ROUTES = {
     (b"sftp", b"credentials"): {b"POST": "_generate", b"DELETE": "_revoke"},
     (b"sftp", b"info"): {b"GET": "_info"},
 }
+# Paths without a container id: the whole path -> {method: handler name}.
+_SERVICE_ROUTES = {
+    (b"sftp", b"sessions"): {b"GET": "_getSessions"},
+    (b"metrics",): {b"GET": "_getMetrics"},
+}
+_SESSION_ROUTE = {b"DELETE": "_deleteSession"}
+
+
+class _Text:
+    """
+    A response body that is not JSON.
+    """
+
+    def __init__(self, data: bytes, contentType: bytes) -> None:
+        self.data = data
+        self.contentType = contentType
 
 
 class TokenError(Exception):
@@ -139,6 +161,10 @@ def _isJSON(contentType: bytes) -> bool:
     )
 
 
+def _host(request) -> "str | None":
+    return getattr(request.getClientAddress(), "host", None)
+
+
 class _Refused(Exception):
     """
     A request refused before it reached L{Accounts}.
@@ -170,14 +196,33 @@ class AdminAPI(Resource):
     @param sftpPort: returns the C{port} to hand out: the SFTP port the
         daemon is bound to, which with C{sftp.port} 0 only the listener
         knows.  None hands out what L{Accounts} reports, C{sftp.port}.
+    @param sessions: the L{lightd_conch.sessions.SessionRegistry} of the
+        live sessions, or None if SFTP is off.
+    @param endSession: C{endSession(id)} disconnects that live session and
+        returns whether there was one.
+    @param metrics: the L{lightd_conch.metrics.Metrics} to show.
+    @param audit: where changes are recorded, with the API client's address.
     """
 
     isLeaf = True
 
     def __init__(
-        self, accounts, token, run, changed=lambda containerId: None, sftpPort=None
+        self,
+        accounts,
+        token,
+        run,
+        changed=lambda containerId: None,
+        sftpPort=None,
+        sessions=None,
+        endSession=None,
+        metrics=None,
+        audit=None,
     ) -> None:
         super().__init__()
+        self._sessions = sessions
+        self._endSession = endSession
+        self._metrics = metrics
+        self._audit = NullAudit() if audit is None else audit
         self._accounts = accounts
         self._token = None if token is None else token.encode("utf-8")
         self._run = run
@@ -200,7 +245,11 @@ class AdminAPI(Resource):
                 return  # the client went away; the change is made all the same
             code, body = result
             request.setResponseCode(code)
-            if body is not None:
+            if isinstance(body, _Text):
+                request.setHeader(b"Content-Type", body.contentType)
+                request.setHeader(b"Content-Length", b"%d" % len(body.data))
+                request.write(body.data)
+            elif body is not None:
                 request.write(self._json(request, body))
             request.finish()
 
@@ -255,8 +304,12 @@ class AdminAPI(Resource):
 
     def _route(self, request) -> "tuple[str, str]":
         segments = request.postpath
-        methods = None
-        if len(segments) >= 4 and segments[0] == b"containers":
+        methods = _SERVICE_ROUTES.get(tuple(segments))
+        if methods is not None:
+            pass
+        elif len(segments) == 3 and segments[:2] == [b"sftp", b"sessions"]:
+            methods = _SESSION_ROUTE
+        elif len(segments) >= 4 and segments[0] == b"containers":
             methods = _ROUTES.get((segments[-2], segments[-1]))
         if methods is None:
             raise _Refused(404, "no such endpoint")
@@ -269,6 +322,9 @@ class AdminAPI(Resource):
                 f" use {allowed.decode()}",
                 [(b"Allow", allowed)],
             )
+        if segments[0] != b"containers":
+            # The session id, or nothing.
+            return b"/".join(segments[2:]).decode("utf-8", "replace"), handler
         # Ids are checked by Accounts, like the CLI's: an id of several
         # segments (/containers/a/b/sftp/info) is the invalid id "a/b", and
         # bytes that are not UTF-8 become U+FFFD, which no valid id contains.
@@ -312,6 +368,14 @@ class AdminAPI(Resource):
                 container=containerId,
                 username=result["username"],
             )
+            self._audit.event(
+                "credentials_set",
+                container=containerId,
+                username=result["username"],
+                ip=_host(request),
+                via="api",
+                generated=fields["password"] is None,
+            )
             self._notifyChanged(containerId)
             return 200, self._bound(result)
 
@@ -325,10 +389,35 @@ class AdminAPI(Resource):
     def _revoke(self, request, containerId: str):
         def done(result):
             log.info("admin API: credentials of container {container} revoked", container=containerId)
+            self._audit.event(
+                "credentials_revoked",
+                container=containerId,
+                ip=_host(request),
+                via="api",
+            )
             self._notifyChanged(containerId)
             return 204, None
 
         return self._run(self._accounts.revoke, containerId).addCallback(done)
+
+    def _getSessions(self, request, ignored: str):
+        sessions = [] if self._sessions is None else self._sessions.describe()
+        return succeed((200, sessions))
+
+    def _deleteSession(self, request, sessionId: str):
+        if self._endSession is None or not self._endSession(sessionId):
+            raise _Refused(404, "no such session")
+        log.info(
+            "admin API: session {session} ended by {peer}",
+            session=sessionId,
+            peer=formatAddress(request.getClientAddress()),
+        )
+        return succeed((204, None))
+
+    def _getMetrics(self, request, ignored: str):
+        if self._metrics is None:
+            raise _Refused(404, "no metrics: SFTP is not enabled")
+        return succeed((200, _Text(self._metrics.exposition(), CONTENT_TYPE)))
 
     def _bound(self, result: dict) -> dict:
         if self._sftpPort is not None:
