@@ -7,12 +7,17 @@ loopback, real clients (paramiko, OpenSSH sftp).
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
+import unittest
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
@@ -359,3 +364,161 @@ class ShutdownGraceTests(TestCase):
         # twistd ends by the signal it stopped for, once its services stopped.
         self.assertEqual(self.service.process.returncode, -signal.SIGTERM)
         self.assertTrue(self.service.log_lines("shutdown grace over: ending session"))
+
+
+CONTRIB = harness.REPO_ROOT / "contrib"
+UNIT = CONTRIB / "lightd-sftp.service"
+
+
+def unit_values(key):
+    """
+    The values of C{key}= in the unit file, in order.
+    """
+    return [
+        line.split("=", 1)[1]
+        for line in UNIT.read_text().splitlines()
+        if line.startswith(key + "=")
+    ]
+
+
+class ServiceFileTests(TestCase):
+    def test_systemd_analyze_verify(self):
+        """
+        systemd-analyze verify accepts the unit without a word, on a root
+        where the venv's twistd it names exists.
+        """
+        analyze = harness.require_binary("systemd-analyze")
+        units = next(
+            (p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()),
+            None,
+        )
+        if units is None:
+            raise unittest.SkipTest("systemd's own units are not installed (apt-get install systemd)")
+        root = harness.make_temp_root(self)
+        shutil.copytree(units, root / "usr/lib/systemd/system", symlinks=True)
+        (root / "etc/systemd/system").mkdir(parents=True)
+        shutil.copy(UNIT, root / "etc/systemd/system")
+        binary = Path(unit_values("ExecStart")[0].split()[0])
+        self.assertEqual(binary, Path("/opt/lightd-sftp/bin/twistd"))
+        stand_in = root / binary.relative_to("/")
+        stand_in.parent.mkdir(parents=True)
+        stand_in.write_text("#!/bin/sh\nexec twistd \"$@\"\n")
+        stand_in.chmod(0o755)
+        result = subprocess.run(
+            [analyze, "verify", f"--root={root}", str(root / "etc/systemd/system" / UNIT.name)],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+        # A mistake in the file is not silently ignored by the same check.
+        broken = root / "etc/systemd/system/broken.service"
+        broken.write_text(UNIT.read_text().replace("KillMode=mixed", "KillMode=sometimes"))
+        result = subprocess.run(
+            [analyze, "verify", f"--root={root}", str(broken)], capture_output=True, text=True, timeout=60
+        )
+        self.assertIn("Failed to parse kill mode", result.stderr)
+
+    def test_exec_start_runs_the_service(self):
+        """
+        The unit's twistd arguments start the service, logging to standard
+        output (the journal).
+        """
+        argv = unit_values("ExecStart")[0].split()
+        self.assertEqual(argv[-2:], ["--config", "/etc/lightd/config.json"])
+        root = harness.make_temp_root(self)
+        config = harness.write_config(root, harness.default_config())
+        command = harness.twistd_command(config, "unused")[:3] + argv[1:-1] + [str(config)]
+        process = subprocess.Popen(
+            command, cwd=root, env=harness.service_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(process.kill)
+        output = b""
+        deadline = time.monotonic() + harness.START_TIMEOUT
+        while b"SFTP listening on" not in output and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output += line
+        self.assertIn(b"SFTP listening on 127.0.0.1 port", output)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), -signal.SIGTERM)
+        self.assertIn(["SIGTERM"], [v.split() for v in unit_values("SuccessExitStatus")])
+
+    def test_sandbox_within_the_units_capabilities(self):
+        """
+        Under the unit's CapabilityBoundingSet and NoNewPrivileges (applied
+        with setpriv, as systemd would), SFTP uploads still become the
+        volume owner's and rsync still runs in its sandbox.
+        """
+        from .test_e2e_rsync_sandbox import require_root, require_sandbox
+        from .test_e2e_clients import run, ssh_command
+
+        require_root("the unit runs the service as root")
+        require_sandbox()
+        setpriv = harness.require_binary("setpriv")
+        (caps,) = unit_values("CapabilityBoundingSet")
+        self.assertEqual(unit_values("NoNewPrivileges"), ["yes"])
+        bounding = "-all," + ",".join("+" + c[len("CAP_"):].lower() for c in caps.split())
+        plain = harness.twistd_command
+        self.patch(
+            harness, "twistd_command",
+            lambda *args: [setpriv, "--bounding-set", bounding, "--no-new-privs", "--"] + plain(*args),
+        )
+        service = harness.start_service(self)
+        status = Path(f"/proc/{service.process.pid}/status").read_text()
+        bounded = int(re.search(r"CapBnd:\s*([0-9a-f]+)", status).group(1), 16)
+        self.assertLess(bounded, (1 << 41) - 1)
+        self.assertIn("NoNewPrivs:\t1", status)
+        creds = harness.make_credentials(service, "web")
+        volume = service.volume("web")
+        os.chown(volume, 1000, 1000)
+        sftp = harness.paramiko_sftp(self, service, creds)
+        with sftp.open("by-sftp.txt", "wb") as f:
+            f.write(b"sftp")
+        self.assertEqual(((volume / "by-sftp.txt").stat().st_uid), 1000)
+        local = service.root / "local"
+        local.mkdir()
+        (local / "by-rsync.txt").write_bytes(b"rsync")
+        rc, out, err = run(
+            ["rsync", "-e", ssh_command(service), "-a", str(local) + "/",
+             f"{creds['username']}@{harness.HOST}:/up/"],
+            env=harness._askpass_env(service, creds["password"]),
+        )
+        self.assertEqual(rc, 0, f"{out}\n{err}")
+        self.assertEqual((volume / "up" / "by-rsync.txt").read_bytes(), b"rsync")
+        self.assertEqual((volume / "up" / "by-rsync.txt").stat().st_uid, 1000)
+
+    def test_logrotate_file(self):
+        """
+        logrotate, run with the contrib file on a running service's audit
+        log, renames it with a date and sends SIGHUP; the service writes on
+        into the new file.
+        """
+        logrotate = harness.require_binary("logrotate")
+        service = harness.start_service(self, operations_config())
+        harness.make_credentials(service, "web")
+        path = service.storage / "sftp_audit.log"
+        text = (CONTRIB / "lightd-sftp.logrotate").read_text()
+        self.assertIn("/var/lib/lightd/sftp_audit.log {", text)
+        command = "systemctl kill --kill-whom=main --signal=HUP lightd-sftp.service"
+        self.assertIn(command, text)
+        # Here the service is not under systemd: the same signal, by pid.
+        config = service.root / "logrotate.conf"
+        config.write_text(
+            text.replace("/var/lib/lightd/sftp_audit.log", str(path))
+            .replace(command, f"kill -HUP {service.process.pid}")
+            .replace("create 0600 root root", "create 0600")
+        )
+        result = subprocess.run(
+            [logrotate, "--force", "--state", str(service.root / "logrotate.state"), str(config)],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rotated = list(service.storage.glob("sftp_audit.log-*"))
+        self.assertEqual(len(rotated), 1)
+        self.assertEqual([json.loads(l)["event"] for l in rotated[0].read_text().splitlines()], ["credentials_set"])
+        wait_for(lambda: service.log_lines("SIGHUP: reopening the audit log"), what="the SIGHUP")
+        self.assertEqual(api(service, "DELETE", "/containers/web/sftp/credentials")[0], 204)
+        wait_for(lambda: audit_entries(service), what="the revoke event")
+        self.assertEqual([e["event"] for e in audit_entries(service)], ["credentials_revoked"])
