@@ -405,8 +405,18 @@ class AdminAPI(Resource):
         return succeed((200, sessions))
 
     def _deleteSession(self, request, sessionId: str):
-        if self._endSession is None or not self._endSession(sessionId):
+        live = [] if self._sessions is None else self._sessions.describe()
+        session = next((s for s in live if s["id"] == sessionId), None)
+        if session is None or self._endSession is None or not self._endSession(sessionId):
             raise _Refused(404, "no such session")
+        self._audit.event(
+            "session_ended",
+            sessionId,
+            container=session["container"],
+            username=session["username"],
+            ip=_host(request),
+            via="api",
+        )
         log.info(
             "admin API: session {session} ended by {peer}",
             session=sessionId,

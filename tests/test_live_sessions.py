@@ -13,6 +13,8 @@ from twisted.trial.unittest import TestCase
 from lightd_conch.cred import ContainerAvatar
 from lightd_conch.sessions import ABORT_AFTER, SHUTTING_DOWN, SessionRegistry, drain
 
+from lightd_conch.testing import MemoryAudit
+
 from .test_api import APITestCase
 from .test_sessions import credential
 
@@ -112,6 +114,8 @@ class SessionsAPITests(APITestCase):
         self.registry = SessionRegistry()
         self.api._sessions = self.registry
         self.api._endSession = lambda sessionId: self.registry.end(sessionId, self.clock)
+        self.audit = MemoryAudit()
+        self.api._audit = self.audit
 
     def test_listAndEnd(self):
         self.assertResponse(self.request("GET", "/sftp/sessions"), 200, [])
@@ -125,6 +129,10 @@ class SessionsAPITests(APITestCase):
         )
         self.assertResponse(self.request("DELETE", f"/sftp/sessions/{session.sessionId}"), 204)
         self.assertEqual(len(session.disconnects), 1)
+        self.assertEqual(
+            [(e["event"], e["session"], e["container"], e["username"], e["via"]) for e in self.audit.events],
+            [("session_ended", session.sessionId, "web", "web-user", "api")],
+        )
         self.assertResponse(self.request("GET", "/sftp/sessions"), 200, [])
         self.assertError(
             self.request("DELETE", f"/sftp/sessions/{session.sessionId}"), 404, "no such session"
