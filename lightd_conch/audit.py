@@ -230,6 +230,14 @@ class AuditLog:
         self._lines.append(line)
         self._size += len(line)
 
+    def open(self) -> None:
+        """
+        Open the file now (blocking, once, at start): the service holds its
+        descriptor from the start, and a file that cannot be opened says so
+        before the first event.
+        """
+        self._file.reopen()
+
     def reopen(self) -> None:
         """
         Open the path again before the next write (after logrotate renamed
@@ -302,6 +310,7 @@ class AuditService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.audit.open()
         self._loop = LoopingCall(self.audit.flush)
         self._loop.clock = self._clock
         self._loop.start(self._interval, now=False)
