@@ -57,7 +57,7 @@ def _generate(accounts, args, stdin, stdout, stderr) -> None:
         create_volume=args.create_volume,
     )
     _audit(
-        args.config_loaded,
+        args.loadedConfig,
         stderr,
         "credentials_set",
         container=args.container,
@@ -85,7 +85,7 @@ def _info(accounts, args, stdin, stdout, stderr) -> None:
 
 def _revoke(accounts, args, stdin, stdout, stderr) -> None:
     accounts.revoke(args.container)
-    _audit(args.config_loaded, stderr, "credentials_revoked", container=args.container)
+    _audit(args.loadedConfig, stderr, "credentials_revoked", container=args.container)
     stdout.write(f"revoked {args.container}\n")
 
 
@@ -159,8 +159,11 @@ def _callAPI(config, method: str, path: str):
     token = _apiToken(config)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
+    # Straight to the daemon: never through an http_proxy from the
+    # environment, which would be handed the token.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(request, timeout=_API_TIMEOUT) as response:
+        with opener.open(request, timeout=_API_TIMEOUT) as response:
             body = response.read()
     except urllib.error.HTTPError as e:
         try:
@@ -334,7 +337,7 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
         if getattr(args, "daemon", False):
             args.run(config, args, stdin, stdout, stderr)
             return 0
-        args.config_loaded = config
+        args.loadedConfig = config
         store = LMDBCredentialStore(config.credentials_path)
         try:
             args.run(Accounts(config, store), args, stdin, stdout, stderr)

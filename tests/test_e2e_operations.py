@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import unittest
@@ -130,6 +131,16 @@ class LiveSessionTests(TestCase):
         header, row = table.stdout.splitlines()
         self.assertEqual(header.split(), ["ID", "CONTAINER", "USERNAME", "IP", "METHOD", "STARTED", "IN", "OUT"])
         self.assertEqual(row.split()[:5], [sessionId, "web", "web", "127.0.0.1", "password"])
+
+        # A proxy in the environment is not used (it would be handed the token).
+        proxied = subprocess.run(
+            [sys.executable, "-m", "lightd_conch.cli", "--config", str(self.service.config_path),
+             "sessions", "list", "--json"],
+            cwd=self.service.root, capture_output=True, text=True, timeout=60,
+            env=dict(harness.service_env(), http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9"),
+        )
+        self.assertEqual(proxied.returncode, 0, proxied.stderr)
+        self.assertEqual([s["id"] for s in json.loads(proxied.stdout)], [sessionId])
 
         ended = self.service.cli("sessions", "end", sessionId)
         self.assertEqual((ended.returncode, ended.stdout, ended.stderr), (0, f"ended {sessionId}\n", ""))
