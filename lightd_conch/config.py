@@ -116,7 +116,8 @@ class DefenderConfig:
 class SFTPConfig:
     """
     The SFTP listener and its limits.  Times are seconds; an C{idle_timeout}
-    or C{login_grace_time} of 0 disables that timer.  C{host_key} is absolute.
+    or C{login_grace_time} of 0 disables that timer.  C{host_key} is absolute,
+    and so is C{audit_log} unless it is C{""} (no audit log).
     """
 
     enabled: bool = True
@@ -138,6 +139,10 @@ class SFTPConfig:
     max_startups: int = 128
     max_startups_per_ip: int = 16
     defender: DefenderConfig = field(default_factory=DefenderConfig)
+    audit_log: str = ""
+    audit_log_max_bytes: int = 10 * 1024 * 1024
+    audit_log_keep: int = 10
+    shutdown_grace: float = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +220,14 @@ def _text(value: object, folder: str) -> str:
 def _path(value: object, folder: str) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         raise _Invalid(f"must be a non-empty path, got {_show(value)}")
+    return _resolve(folder, value)
+
+
+def _pathOrOff(value: object, folder: str) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str) or "\0" in value:
+        raise _Invalid(f'must be a path, or "" for none, got {_show(value)}')
     return _resolve(folder, value)
 
 
@@ -353,6 +366,11 @@ _SCHEMA = {
         "macs": _names(SUPPORTED_MACS),
         "max_startups": _integer(1, 65536),
         "max_startups_per_ip": _integer(1, 65536),
+        "audit_log": _pathOrOff,
+        # 0: never rotated by size (logrotate may do it).
+        "audit_log_max_bytes": _integer(0, 2**50),
+        "audit_log_keep": _integer(1, 1000),
+        "shutdown_grace": _seconds,
         "defender": _object(
             DefenderConfig,
             {
@@ -448,7 +466,10 @@ def load(path: str) -> Config:
     )
     sftp = SFTPConfig(
         **(
-            {"host_key": os.path.join(storage.base_path, "sftp_host_ed25519_key")}
+            {
+                "host_key": os.path.join(storage.base_path, "sftp_host_ed25519_key"),
+                "audit_log": os.path.join(storage.base_path, "sftp_audit.log"),
+            }
             | given["sftp"]
         )
     )

@@ -163,7 +163,7 @@ class ContainerAvatar(ConchUser, LoginOwner):
             return False
         if theirs.transport.getPeer().host != mine.transport.getPeer().host:
             return False
-        return theirs.factory.clock.seconds() - theirs.lastActivity >= STALE_WRITER
+        return theirs.quietFor() >= STALE_WRITER
 
     def endStale(self, path: bytes) -> None:
         """

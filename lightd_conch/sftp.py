@@ -15,6 +15,7 @@ is the one place that maps an C{OSError} to an SFTP status.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import stat
@@ -440,6 +441,8 @@ class SFTPServer(Protocol):
     _log = Logger()
     acceptsViews = True
     """L{dataReceived} takes memoryviews, so channel data arrives uncopied."""
+    requestCounts: "collections.Counter[int]" = collections.Counter()
+    """Requests received by packet type; the service sets its metrics' own."""
 
     def __init__(
         self,
@@ -555,6 +558,7 @@ class SFTPServer(Protocol):
 
     def _packetReceived(self, packet: bytes) -> None:
         kind = packet[0]
+        self.requestCounts[kind] += 1
         if kind == FXP_INIT:
             if self._version is not None:
                 self._abort()  # INIT carries no id to answer with

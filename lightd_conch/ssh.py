@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import secrets
 import struct
 from collections import deque
 from typing import Deque, Optional
@@ -43,8 +44,15 @@ from twisted.logger import (
 
 from ._address import formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
+from .audit import NullAudit
 from .commands import execProtocol, subsystemProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
+from .metrics import (
+    REFUSED_BANNED,
+    REFUSED_MAX_STARTUPS,
+    REFUSED_MAX_STARTUPS_PER_IP,
+    Metrics,
+)
 from .sftp import SFTPServer
 
 log = Logger()
@@ -250,12 +258,20 @@ class SSHTransport(SSHServerTransport):
     _newKeysSent = False
     _peerInKex = False  # between the client's KEXINIT and its NEWKEYS
     _socket = None
+    # The session as the audit log, the metrics and the sessions API name it.
+    sessionId = ""
+    loginMethod: Optional[str] = None
+    startedAt: Optional[float] = None
+    bytesIn = 0  # channel data, counted by SSHConnection
+    bytesOut = 0
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
         settings = self.factory.settings
         clock = self.factory.clock
         self._lastActivity = clock.seconds()
+        self.sessionId = secrets.token_hex(8)
+        self.factory.connections.add(self)
         # A time of 0 disables that timer, as in OpenSSH.
         self._graceCall = (
             clock.callLater(settings.login_grace_time, self._graceExpired)
@@ -624,13 +640,27 @@ class SSHTransport(SSHServerTransport):
             return
         super().ssh_SERVICE_REQUEST(packet)
 
+    def quietFor(self) -> float:
+        """
+        Seconds since the client last sent anything.
+        """
+        return self.factory.clock.seconds() - self._lastActivity
+
+    def _auditFields(self) -> dict:
+        avatar = getattr(self, "avatar", None)
+        return {
+            "container": None if avatar is None else avatar.containerId,
+            "username": getattr(self, "loginUsername", None),
+            "ip": self.transport.getPeer().host,
+        }
+
     def _releaseStartup(self) -> None:
         # This connection no longer counts as an unauthenticated startup.
         host, self.startupHost = self.startupHost, None
         if host is not None:
             self.factory.startups.release(host)
 
-    def authenticated(self, username: str, containerId: str) -> None:
+    def authenticated(self, username: str, containerId: str, method: str = "password") -> None:
         """
         Called by user authentication on success: the grace period is over.
         """
@@ -639,6 +669,10 @@ class SSHTransport(SSHServerTransport):
         self._graceCall = None
         self._releaseStartup()
         self.loginUsername = username
+        self.loginMethod = method
+        self.startedAt = self.factory.clock.seconds()
+        self.factory.metrics.loginSucceeded(self, method)
+        self.factory.audit.event("login", self.sessionId, **self._auditFields(), method=method)
         log.info(
             "login: user {username} (container {container}) from {peer}",
             username=username,
@@ -647,13 +681,6 @@ class SSHTransport(SSHServerTransport):
         )
         if self.factory.sessions is not None:
             self.factory.sessions.loggedIn(self)
-
-    @property
-    def lastActivity(self) -> float:
-        """
-        When this connection last received anything, on the factory's clock.
-        """
-        return self._lastActivity
 
     def endStale(self, path: bytes) -> None:
         """
@@ -676,7 +703,16 @@ class SSHTransport(SSHServerTransport):
                 call.cancel()
         self._graceCall = self._idleCall = None
         self._releaseStartup()
+        self.factory.connections.discard(self)
         if getattr(self, "avatar", None) is not None:
+            self.factory.metrics.sessionEnded(self)
+            self.factory.audit.event(
+                "logout",
+                self.sessionId,
+                **self._auditFields(),
+                bytes_in=self.bytesIn,
+                bytes_out=self.bytesOut,
+            )
             log.info(
                 "logout: user {username} (container {container}) from {peer}",
                 username=self.loginUsername,
@@ -770,7 +806,9 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         avatar.method = self.method.decode("ascii", "replace")
         avatar.transport = self.transport
         super()._cbFinishedAuth(result)
-        self.transport.authenticated(username, avatar.containerId)
+        self.transport.authenticated(
+            username, avatar.containerId, self.method.decode("ascii", "replace")
+        )
 
     def _ebBadAuth(self, reason) -> None:
         if self.method != b"none" and reason.check(UnauthorizedLogin):
@@ -780,9 +818,25 @@ class UserAuthServer(userauth.SSHUserAuthServer):
                 peer=_peer(self.transport),
             )
             host = self.transport.transport.getPeer().host
-            defender = self.transport.factory.defender
+            factory = self.transport.factory
+            method = self.method.decode("ascii", "replace")
+            factory.metrics.loginFailed(method)
+            factory.audit.event(
+                "login_failed",
+                self.transport.sessionId,
+                container=None,
+                username=_printable(self.user[:128]),
+                ip=host,
+                method=method,
+                reason="unknown_user" if reason.check(UnknownUser) else "wrong_password",
+            )
+            defender = factory.defender
+            wasBanned = defender.isBanned(host)
             defender.failedLogin(host, knownUser=not reason.check(UnknownUser))
             if defender.isBanned(host):
+                if not wasBanned:
+                    factory.metrics.banned()
+                    factory.audit.event("banned", None, container=None, username=None, ip=host)
                 self.transport.sendDisconnect(
                     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
                     b"too many authentication failures",
@@ -856,6 +910,7 @@ class SSHConnection(connection.SSHConnection):
             self.sendClose(channel)
             return
         channel.localWindowLeft -= dataLength
+        self.transport.bytesIn += dataLength
         channel.dataReceived(data)
 
     def sendData(self, channel, data) -> None:
@@ -866,9 +921,12 @@ class SSHConnection(connection.SSHConnection):
             return
         remote = self.channelsToRemoteChannel[channel]
         if data.__class__ is list:
-            parts = [_CHANNEL_DATA_HEAD.pack(remote, sum(map(len, data))), *data]
+            size = sum(map(len, data))
+            parts = [_CHANNEL_DATA_HEAD.pack(remote, size), *data]
         else:
-            parts = (_CHANNEL_DATA_HEAD.pack(remote, len(data)), data)
+            size = len(data)
+            parts = (_CHANNEL_DATA_HEAD.pack(remote, size), data)
+        self.transport.bytesOut += size
         self.transport.sendPacketParts(MSG_CHANNEL_DATA, parts)
 
 
@@ -946,6 +1004,8 @@ class SessionChannel(SSHChannel):
         )
         if protocol is None:
             return 0
+        if isinstance(protocol, SFTPServer):
+            protocol.requestCounts = self.conn.transport.factory.metrics.sftpRequests
         self.protocol = protocol
         protocol.makeConnection(self)
         return 1
@@ -1168,12 +1228,17 @@ class SSHFactory(factory.SSHFactory):
     @ivar defender: the L{Defender} that scores failed logins and refuses
         banned addresses before key exchange.
     @ivar startups: the L{StartupLimiter} for unauthenticated connections.
+    @ivar connections: every open L{SSHTransport}, logged in or not.
+    @ivar audit: where logins, failed logins and logouts are recorded
+        (L{lightd_conch.audit.AuditLog}).
+    @ivar metrics: the L{lightd_conch.metrics.Metrics} counted into.
     """
 
     protocol = SSHTransport
     noisy = False
     _log = _conchLog
     sessions = None
+    audit = NullAudit()
     services = {
         b"ssh-userauth": UserAuthServer,
         b"ssh-connection": SSHConnection,
@@ -1194,6 +1259,8 @@ class SSHFactory(factory.SSHFactory):
         self.startups = StartupLimiter(
             settings.max_startups, settings.max_startups_per_ip
         )
+        self.connections: set = set()
+        self.metrics = Metrics()
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None
@@ -1205,7 +1272,14 @@ class SSHFactory(factory.SSHFactory):
         """
         host = getattr(addr, "host", None)
         if host is not None:
-            if self.defender.isBanned(host) or self.startups.acquire(host):
+            if self.defender.isBanned(host):
+                self.metrics.connectionRefused(REFUSED_BANNED)
+                return None
+            refused = self.startups.acquire(host)
+            if refused is not None:
+                self.metrics.connectionRefused(
+                    REFUSED_MAX_STARTUPS_PER_IP if "address" in refused else REFUSED_MAX_STARTUPS
+                )
                 return None
         transport = super().buildProtocol(addr)
         transport.startupHost = host
