@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.internet.protocol import Protocol
 
 from . import rsync, scp
+from .limits import OverLimit
 
 NOT_SERVED = "lightd-sftp: only sftp, scp and rsync are served"
 
@@ -51,7 +52,10 @@ def execProtocol(command: bytes, avatar) -> Protocol:
         return Refusal(str(e), 1)
     if parsed is not None:
         try:
-            filesystem = avatar.openFilesystem()
+            # scp keeps at most one file open beside the volume.
+            filesystem = avatar.openFilesystem(extraDescriptors=1)
+        except OverLimit as e:
+            return Refusal(f"lightd-sftp: {e.reason}", 1)
         except OSError:
             return Refusal("lightd-sftp: the volume is missing", 1)
         return scp.scpProtocol(filesystem, parsed)

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from .defender import UnknownUser
 from .fs import ConfinedFilesystem
+from .limits import IContainerBudgets
 from .ssh import SessionChannel
 
 BCRYPT_MAX_PASSWORD = 72
@@ -90,7 +91,11 @@ class ContainerAvatar(ConchUser):
 
     @ivar credential: the credential record the login was checked against,
         or None if unknown.
+    @ivar budgets: the L{IContainerBudgets} its session counts against, set
+        at login; None (nothing counted) before, and in tests.
     """
+
+    budgets: "IContainerBudgets | None" = None
 
     def __init__(self, containerId: str, volumePath: str, settings, credential=None) -> None:
         super().__init__()
@@ -109,8 +114,43 @@ class ContainerAvatar(ConchUser):
             avatar=self,
         )
 
-    def openFilesystem(self) -> ConfinedFilesystem:
-        return ConfinedFilesystem(self.volumePath)
+    def openFilesystem(self, extraDescriptors: int = 0) -> ConfinedFilesystem:
+        """
+        The container's volume, whose descriptor (and C{extraDescriptors}
+        more, for what the caller keeps open beside it) counts against the
+        container's budget until it is closed.
+
+        @raise lightd_conch.limits.OverLimit: the container has no
+            descriptors left.
+        @raise OSError: the volume cannot be opened.
+        """
+        if self.budgets is None:
+            return ConfinedFilesystem(self.volumePath)
+        return _CountedFilesystem(
+            self.volumePath, self.budgets, self.containerId, 1 + extraDescriptors
+        )
+
+
+class _CountedFilesystem(ConfinedFilesystem):
+    """
+    A volume whose descriptors are counted in its container's budget: taken
+    before it is opened, given back once when it is closed.
+    """
+
+    def __init__(self, root: str, budgets, owner: str, count: int) -> None:
+        budgets.takeDescriptors(owner, count)
+        try:
+            super().__init__(root)
+        except BaseException:
+            budgets.giveDescriptors(owner, count)
+            raise
+        self._budgets, self._budgetOwner, self._counted = budgets, owner, count
+
+    def close(self) -> None:
+        counted, self._counted = self._counted, 0
+        super().close()
+        if counted:
+            self._budgets.giveDescriptors(self._budgetOwner, counted)
 
 
 @implementer(IRealm)

@@ -23,6 +23,7 @@ from twisted.conch.ssh.transport import (
     DISCONNECT_MAC_ERROR,
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
     DISCONNECT_PROTOCOL_ERROR,
+    DISCONNECT_TOO_MANY_CONNECTIONS,
     MSG_KEXINIT,
     MSG_NEWKEYS,
     MSG_SERVICE_ACCEPT,
@@ -44,7 +45,8 @@ from ._address import formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
 from .commands import execProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
-from .sftp import HandleBudget, SFTPServer
+from .limits import MemoryContainerBudgets, OverLimit
+from .sftp import SFTPServer
 
 log = Logger()
 
@@ -102,6 +104,9 @@ _IOV_MAX = 1024
 # or sooner once this many parts or bytes are waiting.
 _CORK_PARTS = 512
 _CORK_BYTES = 256 * 1024
+# An ended channel (its protocol closed, or the client's EOF) waits this many
+# seconds without any of its queued output being sent, then closes anyway.
+CLOSE_GRACE = 3.0
 # Channels send no more while this much waits in the transport's buffer
 # (beyond what the socket took): a client that stops reading its socket, with
 # a wide-open window, is held back like one whose window is shut.
@@ -247,6 +252,9 @@ class SSHTransport(SSHServerTransport):
     _newKeysSent = False
     _peerInKex = False  # between the client's KEXINIT and its NEWKEYS
     _socket = None
+    # (container id, address) once this connection's login is counted in
+    # the factory's budgets.
+    countedSession = None
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -631,6 +639,9 @@ class SSHTransport(SSHServerTransport):
                 call.cancel()
         self._graceCall = self._idleCall = None
         self._releaseStartup()
+        counted, self.countedSession = self.countedSession, None
+        if counted is not None:
+            self.factory.budgets.closeSession(*counted)
         if getattr(self, "avatar", None) is not None:
             log.info(
                 "logout: user {username} (container {container}) from {peer}",
@@ -706,8 +717,29 @@ class UserAuthServer(userauth.SSHUserAuthServer):
     def _cbFinishedAuth(self, result) -> None:
         interface, avatar, logout = result
         username = self.user.decode("utf-8", "replace")
+        transport = self.transport
+        budgets = transport.factory.budgets
+        address = getattr(transport.transport.getPeer(), "host", None)
+        try:
+            budgets.openSession(avatar.containerId, address)
+        except OverLimit as e:
+            # The password was right, so this is no failed login for the
+            # defender; the client is told why, in the words it will show.
+            log.warn(
+                "refused login: user {username} (container {container}) from {peer}: {reason}",
+                username=username,
+                container=avatar.containerId,
+                peer=_peer(transport),
+                reason=e.reason,
+            )
+            logout()
+            transport.sendDisconnect(DISCONNECT_TOO_MANY_CONNECTIONS, e.reason.encode("ascii"))
+            return
+        transport.countedSession = (avatar.containerId, address)
+        # The avatar's descriptors (its volume's) count where its session does.
+        avatar.budgets = budgets
         super()._cbFinishedAuth(result)
-        self.transport.authenticated(username, avatar.containerId)
+        transport.authenticated(username, avatar.containerId)
 
     def _ebBadAuth(self, reason) -> None:
         if self.method != b"none" and reason.check(UnauthorizedLogin):
@@ -821,23 +853,45 @@ class SessionChannel(SSHChannel):
     Output is queued as a list of chunks (not Conch's growing byte string,
     twisted#12139) and sent as the client's window and the transport allow:
     nothing more is sent while L{OUTPUT_HIGH_WATER} bytes wait in the
-    transport.  When more than L{highWater} bytes are queued, the SFTP
-    protocol is paused and reads no further requests, and while it is paused
-    this channel does not open its receive window.
+    transport.  When more than L{highWater} bytes are queued, or the queues
+    of all the container's channels together are over its budget (see
+    L{lightd_conch.limits}), the protocol is paused and reads no further
+    requests, and while it is paused this channel does not open its receive
+    window.
+
+    Once the channel has ended (its protocol closed it, or the client sent
+    EOF), what the client sends is dropped and the window stays shut; the
+    channel closes as soon as its queue is sent, or once L{CLOSE_GRACE}
+    seconds pass without any of it going out.
     """
 
     name = b"session"
     _log = _conchLog
     highWater = 1024 * 1024
     lowWater = 256 * 1024
-    clock = None  # for exec: the reactor unless a test sets one
+    clock = None  # the factory's clock (or the reactor) unless a test sets one
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._queue: Deque[bytes] = deque()
         self._queued = 0
         self._exitStatus: Optional[int] = None
+        self._eofSeen = False
+        self._graceCall = None
+        self._lastProgress = 0.0
         self.protocol: Optional[SFTPServer] = None
+        # Set at login (UserAuthServer): the budgets this container's
+        # queued output counts against.
+        self._budgets = getattr(self.avatar, "budgets", None)
+        self._owner = getattr(self.avatar, "containerId", None)
+
+    def _clock(self):
+        clock = self.clock
+        if clock is None:
+            clock = getattr(getattr(self.conn.transport, "factory", None), "clock", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return clock
 
     # -- requests ---------------------------------------------------------
 
@@ -857,10 +911,7 @@ class SessionChannel(SSHChannel):
         self.protocol = execProtocol(common.getNS(data)[0], self.avatar)
         # Started once the request's reply is out, so no output (or exit
         # status) of the command can overtake it; input meanwhile is kept.
-        clock = self.clock
-        if clock is None:
-            from twisted.internet import reactor as clock
-        clock.callLater(0, self._connectExec, self.protocol)
+        self._clock().callLater(0, self._connectExec, self.protocol)
         return 1
 
     def _connectExec(self, protocol) -> None:
@@ -873,6 +924,13 @@ class SessionChannel(SSHChannel):
             return 0
         try:
             filesystem = self.avatar.openFilesystem()
+        except OverLimit as e:
+            log.warn(
+                "sftp refused for container {container}: {reason}",
+                container=self.avatar.containerId,
+                reason=e.reason,
+            )
+            return 0
         except OSError:
             log.warn(
                 "volume of container {container} is missing",
@@ -884,7 +942,7 @@ class SessionChannel(SSHChannel):
             filesystem,
             self.avatar.settings.max_handles,
             clientVersion=transport.otherVersionString,
-            budget=transport.factory.handles,
+            budget=transport.factory.budgets,
             owner=self.avatar.containerId,
         )
         self.protocol.makeConnection(self)
@@ -893,6 +951,8 @@ class SessionChannel(SSHChannel):
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.closing or self._eofSeen:
+            return  # ended: nothing is kept, and the window stays shut
         if self.protocol is None:
             self.loseConnection()  # data before any subsystem: nothing to feed
             return
@@ -903,13 +963,18 @@ class SessionChannel(SSHChannel):
 
     def _openWindow(self) -> None:
         # The window check first: it is the one that fails on most calls.
-        if self.localWindowLeft >= self.localWindowSize // 2 or self.localClosed:
+        if (
+            self.localWindowLeft >= self.localWindowSize // 2
+            or self.closing
+            or self._eofSeen
+        ):
             return
         if self.protocol is not None and self.protocol.paused:
             return
         self.conn.adjustWindow(self, self.localWindowSize - self.localWindowLeft)
 
     def eofReceived(self) -> None:
+        self._eofSeen = True
         eofReceived = getattr(self.protocol, "eofReceived", None)
         if eofReceived is not None:
             eofReceived()
@@ -927,14 +992,31 @@ class SessionChannel(SSHChannel):
         self._openWindow()
 
     def closeReceived(self) -> None:
+        # The client reads nothing more from this channel.
+        self._dropQueue()
         self.loseConnection()
 
     def closed(self) -> None:
-        self._queue.clear()
-        self._queued = 0
+        self._dropQueue()
+        self._endProtocol()
+
+    def _endProtocol(self) -> None:
+        if self._graceCall is not None:
+            if self._graceCall.active():
+                self._graceCall.cancel()
+            self._graceCall = None
+        if self._budgets is not None:
+            self._budgets.cancelOutputWait(self._owner, self.outputDrained)
         if self.protocol is not None:
             protocol, self.protocol = self.protocol, None
             protocol.connectionLost(None)
+
+    def _dropQueue(self) -> None:
+        self._queue.clear()
+        if self._queued and self._budgets is not None:
+            self._budgets.queueOutput(self._owner, -self._queued)
+        self._queued = 0
+        self._exitStatus = None  # output was lost: no status claims otherwise
 
     # -- output -----------------------------------------------------------
 
@@ -956,21 +1038,37 @@ class SessionChannel(SSHChannel):
             return
         self._queue.append(data)
         self._queued += size
+        if self._budgets is not None:
+            self._budgets.queueOutput(self._owner, size)
         self._flush()
-        if self._queued > self.highWater and self.protocol is not None:
-            self.protocol.pauseProducing()
+        self._pauseIfFull()
 
     def writeSequence(self, seq) -> None:
         # Queued as they are: _flush cuts packets across them, so a reply's
         # header and its data are never joined into one more copy.
         if self.localClosed:
             return
+        size = 0
         for data in seq:
             self._queue.append(data)
-            self._queued += len(data)
+            size += len(data)
+        self._queued += size
+        if self._budgets is not None:
+            self._budgets.queueOutput(self._owner, size)
         self._flush()
-        if self._queued > self.highWater and self.protocol is not None:
-            self.protocol.pauseProducing()
+        self._pauseIfFull()
+
+    def _pauseIfFull(self) -> None:
+        protocol = self.protocol
+        if protocol is None or protocol.paused:
+            return
+        if self._queued > self.highWater:
+            protocol.pauseProducing()
+        elif self._queued and self._budgets is not None and self._budgets.outputFull(self._owner):
+            # The container's channels hold all it may queue: this one
+            # waits until they drain, whichever of them does.
+            protocol.pauseProducing()
+            self._budgets.whenOutputLow(self._owner, self.outputDrained)
 
     def writeStderr(self, data: bytes) -> None:
         """
@@ -989,6 +1087,7 @@ class SessionChannel(SSHChannel):
     def _flush(self) -> None:
         queue = self._queue
         transport = self.conn.transport
+        before = self._queued
         while queue and self.remoteWindowLeft > 0:
             if transport.outputBuffered() > OUTPUT_HIGH_WATER:
                 break  # outputDrained goes on
@@ -1021,15 +1120,39 @@ class SessionChannel(SSHChannel):
                 self.conn.sendData(self, parts)
             self.remoteWindowLeft -= size
             self._queued -= size
+        sent = before - self._queued
+        if sent:
+            if self._budgets is not None:
+                self._budgets.queueOutput(self._owner, -sent)
+            if self.closing:
+                self._lastProgress = self._clock().seconds()
         if self.closing and not queue:
             self._close()
 
     def _close(self) -> None:
-        if self._exitStatus is not None and not self.localClosed:
+        if self.localClosed:
+            return
+        if self._exitStatus is not None:
             code, self._exitStatus = self._exitStatus, None
             self.conn.sendRequest(self, b"exit-status", struct.pack(">L", code))
             self.conn.sendEOF(self)
         self.conn.sendClose(self)
+        # Nothing more goes out on this channel: its protocol ends now, not
+        # when (if ever) the client answers the close.
+        self._endProtocol()
+
+    def _graceOver(self) -> None:
+        self._graceCall = None
+        if self.localClosed:
+            return
+        clock = self._clock()
+        waited = clock.seconds() - self._lastProgress
+        if self._queue and waited < CLOSE_GRACE:
+            # Some went out meanwhile: a slow reader, not a stalled one.
+            self._graceCall = clock.callLater(CLOSE_GRACE - waited, self._graceOver)
+            return
+        self._dropQueue()
+        self._close()
 
     def addWindowBytes(self, data: int) -> None:
         if self.remoteWindowLeft + data > 0xFFFFFFFF:
@@ -1049,6 +1172,9 @@ class SessionChannel(SSHChannel):
         self._flush()
         protocol = self.protocol
         if protocol is not None and protocol.paused and self._queued <= self.lowWater:
+            if self._budgets is not None and self._budgets.outputFull(self._owner):
+                self._budgets.whenOutputLow(self._owner, self.outputDrained)
+                return
             protocol.resumeProducing()
             self._openWindow()
 
@@ -1056,6 +1182,10 @@ class SessionChannel(SSHChannel):
         self.closing = 1
         if not self._queue:
             self._close()
+        elif self._graceCall is None and not self.localClosed:
+            clock = self._clock()
+            self._lastProgress = clock.seconds()
+            self._graceCall = clock.callLater(CLOSE_GRACE, self._graceOver)
 
 
 class SSHFactory(factory.SSHFactory):
@@ -1069,6 +1199,8 @@ class SSHFactory(factory.SSHFactory):
     @ivar defender: the L{Defender} that scores failed logins and refuses
         banned addresses before key exchange.
     @ivar startups: the L{StartupLimiter} for unauthenticated connections.
+    @ivar budgets: the L{lightd_conch.limits.IContainerBudgets} every
+        container's sessions, descriptors and queued output count against.
     """
 
     protocol = SSHTransport
@@ -1087,6 +1219,7 @@ class SSHFactory(factory.SSHFactory):
         settings,
         clock: IReactorTime,
         defender: Optional[Defender] = None,
+        budgets=None,
     ) -> None:
         self.portal = portal
         self.settings = settings
@@ -1095,7 +1228,7 @@ class SSHFactory(factory.SSHFactory):
         self.startups = StartupLimiter(
             settings.max_startups, settings.max_startups_per_ip
         )
-        self.handles = HandleBudget(settings.max_handles_per_container)
+        self.budgets = budgets or MemoryContainerBudgets.fromConfig(settings, clock)
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None

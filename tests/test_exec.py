@@ -145,7 +145,7 @@ class ScpDriver:
         protocol.makeConnection(channel)
         return protocol, channel
 
-    def openFilesystem(self):
+    def openFilesystem(self, extraDescriptors=0):
         return ConfinedFilesystem(self.volume)
 
 
@@ -319,7 +319,7 @@ class ChannelExitTests(TestCase):
         class Avatar:
             volumePath = volume
 
-            def openFilesystem(self):
+            def openFilesystem(self, extraDescriptors=0):
                 return ConfinedFilesystem(volume)
 
         channel = SessionChannel(localWindow=1000, localMaxPacket=100,
