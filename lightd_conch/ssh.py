@@ -827,6 +827,20 @@ class SSHConnection(connection.SSHConnection):
         channel.localWindowLeft -= dataLength
         channel.dataReceived(data)
 
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        # Conch reopens the window for extended data whatever the channel's
+        # state; an ended channel's stays shut (see SessionChannel.ended).
+        if len(packet) >= 12:
+            localChannel, _, dataLength = struct.unpack(">3L", packet[:12])
+            channel = self.channels.get(localChannel)
+            if getattr(channel, "ended", False):
+                if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+                    self.sendClose(channel)
+                else:
+                    channel.localWindowLeft -= dataLength
+                return
+        super().ssh_CHANNEL_EXTENDED_DATA(packet)
+
     def sendData(self, channel, data) -> None:
         """
         Send C{data} (bytes, or a list of parts) as one CHANNEL_DATA message.
@@ -884,6 +898,14 @@ class SessionChannel(SSHChannel):
         # queued output counts against.
         self._budgets = getattr(self.avatar, "budgets", None)
         self._owner = getattr(self.avatar, "containerId", None)
+
+    @property
+    def ended(self) -> bool:
+        """
+        Whether this channel takes no more input: its protocol ended it, or
+        the client sent EOF.
+        """
+        return bool(self.closing) or self._eofSeen
 
     def _clock(self):
         clock = self.clock
@@ -951,8 +973,8 @@ class SessionChannel(SSHChannel):
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing or self._eofSeen:
-            return  # ended: nothing is kept, and the window stays shut
+        if self.ended:
+            return  # nothing is kept, and the window stays shut
         if self.protocol is None:
             self.loseConnection()  # data before any subsystem: nothing to feed
             return
@@ -963,11 +985,7 @@ class SessionChannel(SSHChannel):
 
     def _openWindow(self) -> None:
         # The window check first: it is the one that fails on most calls.
-        if (
-            self.localWindowLeft >= self.localWindowSize // 2
-            or self.closing
-            or self._eofSeen
-        ):
+        if self.localWindowLeft >= self.localWindowSize // 2 or self.ended:
             return
         if self.protocol is not None and self.protocol.paused:
             return
@@ -1059,8 +1077,10 @@ class SessionChannel(SSHChannel):
         self._pauseIfFull()
 
     def _pauseIfFull(self) -> None:
+        # Paused again even if it says it is: rsync's "paused" also means
+        # its stdin is full, while its output still flows.
         protocol = self.protocol
-        if protocol is None or protocol.paused:
+        if protocol is None:
             return
         if self._queued > self.highWater:
             protocol.pauseProducing()
