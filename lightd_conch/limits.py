@@ -84,21 +84,38 @@ class IContainerBudgets(Interface):
 
     def outputFull(containerId: str) -> bool:
         """
-        Whether C{containerId}'s channels hold more queued output than it
-        may: they then read no more requests.
+        Whether C{containerId}'s channels are held back: they queued more
+        output than it may, and have not yet drained enough to go on.
         """
 
-    def whenOutputLow(containerId: str, callback: Callable[[], None]) -> None:
+    def watchOutput(containerId: str, watcher: "IOutputWatcher") -> None:
         """
-        Call C{callback} once (soon after, not from within the call that
-        freed the room) when C{containerId}'s queued output is low enough
-        for its paused channels to go on.  Registering it again before then
-        is a no-op.
+        Tell C{watcher} when C{containerId}'s output becomes full and when
+        it is low again, until L{unwatchOutput}.
         """
 
-    def cancelOutputWait(containerId: str, callback: Callable[[], None]) -> None:
+    def unwatchOutput(containerId: str, watcher: "IOutputWatcher") -> None:
         """
-        Forget C{callback}, registered by L{whenOutputLow}.
+        Stop telling C{watcher}.
+        """
+
+
+class IOutputWatcher(Interface):
+    """
+    A channel whose protocol is held back while its container's queued
+    output is full.
+    """
+
+    def containerOutputFull() -> None:
+        """
+        The container's channels queued all it may: read no more requests.
+        Called from within the write that filled it.
+        """
+
+    def containerOutputLow() -> None:
+        """
+        The container's queues have drained: go on.  Called soon after the
+        send that drained them, not from within it.
         """
 
 
@@ -126,8 +143,8 @@ class MemoryContainerBudgets:
         volume descriptors, open handles, scp's open file, copy-data's
         duplicates.
     @ivar maxQueuedOutput: bytes queued in all of one container's channels
-        past which they read no more requests; they go on once it is down
-        to three quarters of that.
+        past which they all read no more requests; they go on once it is
+        down to three quarters of that.
     """
 
     def __init__(
@@ -149,7 +166,8 @@ class MemoryContainerBudgets:
         self._addresses: Dict[str, int] = {}
         self._descriptors: Dict[str, int] = {}
         self._queued: Dict[str, int] = {}
-        self._waiting: Dict[str, Set[Callable[[], None]]] = {}
+        self._watchers: Dict[str, Set[IOutputWatcher]] = {}
+        self._full: Set[str] = set()
         self._wakeScheduled: Set[str] = set()
 
     @classmethod
@@ -220,26 +238,31 @@ class MemoryContainerBudgets:
             self._queued[containerId] = total
         else:
             self._queued.pop(containerId, None)
-        if size < 0 and containerId in self._waiting and not self._outputHigh(total):
-            self._scheduleWake(containerId)
+        if containerId in self._full:
+            if size < 0 and not self._outputHigh(total):
+                self._scheduleWake(containerId)
+        elif total > self.maxQueuedOutput:
+            # Every channel of the container stops at once, before it reads
+            # one more request: the bound is this, plus one reply.
+            self._full.add(containerId)
+            for watcher in list(self._watchers.get(containerId, ())):
+                watcher.containerOutputFull()
 
     def outputFull(self, containerId: str) -> bool:
-        return self._queued.get(containerId, 0) > self.maxQueuedOutput
+        return containerId in self._full
 
     def _outputHigh(self, total: int) -> bool:
         return total > self.maxQueuedOutput * 3 // 4
 
-    def whenOutputLow(self, containerId: str, callback: Callable[[], None]) -> None:
-        self._waiting.setdefault(containerId, set()).add(callback)
-        if not self._outputHigh(self._queued.get(containerId, 0)):
-            self._scheduleWake(containerId)
+    def watchOutput(self, containerId: str, watcher: IOutputWatcher) -> None:
+        self._watchers.setdefault(containerId, set()).add(watcher)
 
-    def cancelOutputWait(self, containerId: str, callback: Callable[[], None]) -> None:
-        waiting = self._waiting.get(containerId)
-        if waiting is not None:
-            waiting.discard(callback)
-            if not waiting:
-                del self._waiting[containerId]
+    def unwatchOutput(self, containerId: str, watcher: IOutputWatcher) -> None:
+        watchers = self._watchers.get(containerId)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._watchers[containerId]
 
     def _scheduleWake(self, containerId: str) -> None:
         # Later, not now: the channel that freed the room may be in the
@@ -255,7 +278,8 @@ class MemoryContainerBudgets:
 
     def _wake(self, containerId: str) -> None:
         self._wakeScheduled.discard(containerId)
-        if self._outputHigh(self._queued.get(containerId, 0)):
+        if containerId not in self._full or self._outputHigh(self._queued.get(containerId, 0)):
             return  # filled again meanwhile; the next drain wakes them
-        for callback in self._waiting.pop(containerId, ()):
-            callback()
+        self._full.discard(containerId)
+        for watcher in list(self._watchers.get(containerId, ())):
+            watcher.containerOutputLow()

@@ -40,12 +40,13 @@ from twisted.logger import (
     Logger,
     globalLogPublisher,
 )
+from zope.interface import implementer
 
 from ._address import formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
 from .commands import execProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
-from .limits import MemoryContainerBudgets, OverLimit
+from .limits import IOutputWatcher, MemoryContainerBudgets, OverLimit
 from .sftp import SFTPServer
 
 log = Logger()
@@ -859,6 +860,7 @@ class _Stderr(bytes):
     """Queued output that goes out as extended data (stderr)."""
 
 
+@implementer(IOutputWatcher)
 class SessionChannel(SSHChannel):
     """
     A session channel that serves the C{sftp} subsystem, and as C{exec}
@@ -898,6 +900,10 @@ class SessionChannel(SSHChannel):
         # queued output counts against.
         self._budgets = getattr(self.avatar, "budgets", None)
         self._owner = getattr(self.avatar, "containerId", None)
+        self._heldByContainer = False
+        if self._budgets is not None:
+            self._budgets.watchOutput(self._owner, self)
+            self._heldByContainer = self._budgets.outputFull(self._owner)
 
     @property
     def ended(self) -> bool:
@@ -978,6 +984,8 @@ class SessionChannel(SSHChannel):
         if self.protocol is None:
             self.loseConnection()  # data before any subsystem: nothing to feed
             return
+        if self._heldByContainer and not self.protocol.paused:
+            self.protocol.pauseProducing()  # started while the container was full
         if not getattr(self.protocol, "acceptsViews", False):
             data = bytes(data)  # exec protocols parse bytes
         self.protocol.dataReceived(data)
@@ -1024,7 +1032,7 @@ class SessionChannel(SSHChannel):
                 self._graceCall.cancel()
             self._graceCall = None
         if self._budgets is not None:
-            self._budgets.cancelOutputWait(self._owner, self.outputDrained)
+            self._budgets.unwatchOutput(self._owner, self)
         if self.protocol is not None:
             protocol, self.protocol = self.protocol, None
             protocol.connectionLost(None)
@@ -1079,16 +1087,19 @@ class SessionChannel(SSHChannel):
     def _pauseIfFull(self) -> None:
         # Paused again even if it says it is: rsync's "paused" also means
         # its stdin is full, while its output still flows.
-        protocol = self.protocol
-        if protocol is None:
-            return
-        if self._queued > self.highWater:
-            protocol.pauseProducing()
-        elif self._queued and self._budgets is not None and self._budgets.outputFull(self._owner):
-            # The container's channels hold all it may queue: this one
-            # waits until they drain, whichever of them does.
-            protocol.pauseProducing()
-            self._budgets.whenOutputLow(self._owner, self.outputDrained)
+        if self._queued > self.highWater and self.protocol is not None:
+            self.protocol.pauseProducing()
+
+    # -- the container's budget (IOutputWatcher) ----------------------------
+
+    def containerOutputFull(self) -> None:
+        self._heldByContainer = True
+        if self.protocol is not None:
+            self.protocol.pauseProducing()
+
+    def containerOutputLow(self) -> None:
+        self._heldByContainer = False
+        self.outputDrained()
 
     def writeStderr(self, data: bytes) -> None:
         """
@@ -1191,10 +1202,12 @@ class SessionChannel(SSHChannel):
         """
         self._flush()
         protocol = self.protocol
-        if protocol is not None and protocol.paused and self._queued <= self.lowWater:
-            if self._budgets is not None and self._budgets.outputFull(self._owner):
-                self._budgets.whenOutputLow(self._owner, self.outputDrained)
-                return
+        if (
+            protocol is not None
+            and protocol.paused
+            and self._queued <= self.lowWater
+            and not self._heldByContainer
+        ):
             protocol.resumeProducing()
             self._openWindow()
 

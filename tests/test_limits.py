@@ -16,7 +16,12 @@ from zope.interface.verify import verifyObject
 from lightd_conch import sftp
 from lightd_conch.cred import ContainerAvatar
 from lightd_conch.fs import ConfinedFilesystem
-from lightd_conch.limits import IContainerBudgets, MemoryContainerBudgets, OverLimit
+from lightd_conch.limits import (
+    IContainerBudgets,
+    IOutputWatcher,
+    MemoryContainerBudgets,
+    OverLimit,
+)
 from lightd_conch.ssh import CLOSE_GRACE, SessionChannel
 
 
@@ -82,35 +87,61 @@ class BudgetTests(TestCase):
         budgets.giveDescriptors("a")  # never below zero
         self.assertEqual(budgets.descriptors("a"), 0)
 
-    def test_outputWaitersWokenOnceLow(self):
+    def test_outputWatchers(self):
+        """
+        Past maxQueuedOutput every watcher of the container is told at once;
+        once the container is down to three quarters, they are told it is
+        low, soon after and not from within the call; another container's
+        watchers hear nothing.
+        """
         clock = Clock()
         budgets = MemoryContainerBudgets(maxQueuedOutput=100, clock=clock)
-        woken = []
-        budgets.queueOutput("a", 150)
+        a1, a2, b = _Watcher(), _Watcher(), _Watcher()
+        budgets.watchOutput("a", a1)
+        budgets.watchOutput("a", a2)
+        budgets.watchOutput("b", b)
+        budgets.queueOutput("a", 100)
+        self.assertEqual(a1.heard, [])
+        budgets.queueOutput("a", 50)
         self.assertTrue(budgets.outputFull("a"))
         self.assertFalse(budgets.outputFull("b"))
-        budgets.whenOutputLow("a", lambda: woken.append(1))
-        budgets.queueOutput("a", -60)  # 90: no longer full, still above 75
+        self.assertEqual((a1.heard, a2.heard, b.heard), (["full"], ["full"], []))
+        budgets.queueOutput("a", 10)  # told once
+        budgets.queueOutput("a", -70)  # 90: under the limit, above 75
         clock.advance(0)
-        self.assertEqual(woken, [])
+        self.assertTrue(budgets.outputFull("a"))
+        self.assertEqual(a1.heard, ["full"])
         budgets.queueOutput("a", -20)  # 70
-        self.assertEqual(woken, [])  # later, not from within the call
+        self.assertEqual(a1.heard, ["full"])
         clock.advance(0)
-        self.assertEqual(woken, [1])
-        budgets.queueOutput("a", -70)
-        clock.advance(0)
-        self.assertEqual(woken, [1])  # once
+        self.assertFalse(budgets.outputFull("a"))
+        self.assertEqual((a1.heard, a2.heard, b.heard), (["full", "low"], ["full", "low"], []))
+        budgets.unwatchOutput("a", a2)
+        budgets.queueOutput("a", 100)
+        self.assertEqual((a1.heard, a2.heard), (["full", "low", "full"], ["full", "low"]))
 
-    def test_cancelledWaiterNotWoken(self):
+    def test_filledAgainBeforeTheWake(self):
         clock = Clock()
         budgets = MemoryContainerBudgets(maxQueuedOutput=100, clock=clock)
-        woken = []
+        watcher = _Watcher()
+        budgets.watchOutput("a", watcher)
         budgets.queueOutput("a", 150)
-        budgets.whenOutputLow("a", woken.append)
-        budgets.cancelOutputWait("a", woken.append)
-        budgets.queueOutput("a", -150)
+        budgets.queueOutput("a", -100)
+        budgets.queueOutput("a", 100)
         clock.advance(0)
-        self.assertEqual(woken, [])
+        self.assertEqual(watcher.heard, ["full"])
+        self.assertTrue(budgets.outputFull("a"))
+
+
+class _Watcher:
+    def __init__(self):
+        self.heard = []
+
+    def containerOutputFull(self):
+        self.heard.append("full")
+
+    def containerOutputLow(self):
+        self.heard.append("low")
 
 
 class _Transport:
@@ -193,6 +224,9 @@ class ChannelTests(TestCase):
         channel.localWindowLeft -= len(data)
         channel.dataReceived(memoryview(data))
 
+    def test_watcher(self):
+        self.assertTrue(verifyObject(IOutputWatcher, self.channel()))
+
     # -- ended ----------------------------------------------------------------
 
     def test_endedTakesNoInput(self):
@@ -261,40 +295,41 @@ class ChannelTests(TestCase):
     def test_containerOutputBudget(self):
         """
         A container's channels together may queue maxQueuedOutput: past it
-        each of them that queues more is paused, whatever its own queue;
-        another container's channels go on; once the container's queues
-        drain, its paused channels resume.
+        every one of them is paused at once, whatever its own queue, and a
+        channel opened meanwhile starts paused; another container's
+        channels go on; once the container's queues drain, they resume.
         """
-        a1, a2, a3 = self.channel("a"), self.channel("a"), self.channel("a")
+        a1, a2 = self.channel("a"), self.channel("a")
         b = self.channel("b")
         a1.write(b"1" * 600)
+        self.assertFalse(a1.protocol.paused)  # each under its own highWater
         a2.write(b"2" * 500)
         self.assertEqual(self.budgets.queued("a"), 1100)
-        self.assertFalse(a1.protocol.paused)  # each under its own highWater
+        self.assertTrue(a1.protocol.paused)
         self.assertTrue(a2.protocol.paused)
-        a3.write(b"3" * 10)
-        self.assertTrue(a3.protocol.paused)
         b.write(b"b" * 900)
         self.assertFalse(b.protocol.paused)
-        # A paused channel keeps its window shut.
+        # A channel opened now reads nothing, and keeps its window shut.
+        a3 = self.channel("a")
         a3.localWindowLeft = 100
         a3.dataReceived(memoryview(b"req"))
+        self.assertTrue(a3.protocol.paused)
         self.assertEqual(a3.conn.adjusted, 0)
         # a1's client reads: the container is down to 600, under 3/4.
         a1.addWindowBytes(500)
         self.assertTrue(a2.protocol.paused)
         self.clock.advance(0)
+        self.assertFalse(a1.protocol.paused)
         self.assertFalse(a2.protocol.paused)
         self.assertFalse(a3.protocol.paused)
         self.assertEqual(a3.localWindowLeft, 1000)
 
     def test_closedChannelGivesBackItsQueue(self):
         a1, a2 = self.channel("a"), self.channel("a")
-        a1.write(b"1" * 1100)
-        a2.write(b"2" * 10)
+        a1.write(b"1" * 1001)
         self.assertTrue(a2.protocol.paused)
         a1.closed()
-        self.assertEqual(self.budgets.queued("a"), 10)
+        self.assertEqual(self.budgets.queued("a"), 0)
         self.clock.advance(0)
         self.assertFalse(a2.protocol.paused)
 
