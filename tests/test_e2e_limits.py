@@ -254,6 +254,14 @@ class DescriptorBudgetTests(SSHAbuseTestCase):
         ssh.send(channel_request(channel, b"subsystem", string(b"sftp")))
         reply = ssh.read_until(MSG_CHANNEL_SUCCESS, MSG_CHANNEL_FAILURE)
         self.assertEqual(reply[0], MSG_CHANNEL_FAILURE)
+        # Nor for one more connection: the login is refused, saying why.
+        late = self.connect()
+        with self.assertRaises(Disconnected) as caught:
+            late.login(self.creds["username"], self.creds["password"])
+        self.assertEqual(
+            (caught.exception.code, caught.exception.description),
+            (DISCONNECT_TOO_MANY_CONNECTIONS, b"too many open files for this container"),
+        )
         # Closing a channel gives its volume's descriptor back.
         ssh.send(bytes([97]) + uint32(second))  # CHANNEL_CLOSE
         deadline = time.monotonic() + 5

@@ -455,3 +455,77 @@ class EndedServerTests(TestCase):
                 data = data[4 + length :]
         self.assertEqual(ids, list(range(200)))
         server.connectionLost(None)
+
+
+class _SSHTransport:
+    def __init__(self):
+        self.sent = []
+
+    def sendPacket(self, kind, payload):
+        self.sent.append(kind)
+
+
+class ExtendedDataTests(TestCase):
+    """
+    Conch reopens the window for every extended-data message; an ended
+    channel's stays shut.
+    """
+
+    def connection(self, ended):
+        from lightd_conch.ssh import SSHConnection
+
+        conn = SSHConnection()
+        conn.transport = _SSHTransport()
+        channel = SessionChannel(localWindow=1000, localMaxPacket=100,
+                                 remoteWindow=0, remoteMaxPacket=100)
+        channel.conn = conn
+        channel.id = 0
+        conn.channels[0] = channel
+        conn.channelsToRemoteChannel[channel] = 7
+        if ended:
+            channel.closing = 1
+        return conn, channel
+
+    def send(self, conn, count):
+        for _ in range(count):
+            conn.ssh_CHANNEL_EXTENDED_DATA(struct.pack(">3L", 0, 1, 100) + b"e" * 100)
+
+    def test_endedChannelWindowStaysShut(self):
+        conn, channel = self.connection(ended=True)
+        self.send(conn, 10)
+        self.assertEqual(channel.localWindowLeft, 0)
+        self.assertEqual(conn.transport.sent, [])
+
+    def test_liveChannelWindowReopened(self):
+        from twisted.conch.ssh.connection import MSG_CHANNEL_WINDOW_ADJUST
+
+        conn, channel = self.connection(ended=False)
+        self.send(conn, 10)
+        self.assertIn(MSG_CHANNEL_WINDOW_ADJUST, conn.transport.sent)
+
+
+class ScpDescriptorTests(TestCase):
+    def test_scpRefusedWithoutRoom(self):
+        """
+        scp needs its volume and one file: with room for one descriptor
+        only, it is refused with a line that says why, and exit status 1.
+        """
+        from lightd_conch import commands
+
+        volume = self.mktemp()
+        os.makedirs(volume)
+        avatar = ContainerAvatar("a", volume, None)
+        avatar.budgets = MemoryContainerBudgets(maxDescriptors=1)
+        refusal = commands.execProtocol(b"scp -t /", avatar)
+        self.assertIsInstance(refusal, commands.Refusal)
+        self.assertEqual(
+            (refusal.message, refusal.code),
+            ("lightd-sftp: too many open files for this container", 1),
+        )
+        self.assertEqual(avatar.budgets.descriptors("a"), 0)
+        avatar.budgets.maxDescriptors = 2
+        protocol = commands.execProtocol(b"scp -t /", avatar)
+        self.assertNotIsInstance(protocol, commands.Refusal)
+        self.assertEqual(avatar.budgets.descriptors("a"), 2)
+        protocol.connectionLost(None)
+        self.assertEqual(avatar.budgets.descriptors("a"), 0)
