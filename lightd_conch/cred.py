@@ -17,9 +17,9 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from .defender import UnknownUser
-from .fs import ConfinedFilesystem
-from .limits import IContainerBudgets
+from .limits import IContainerBudgets, MemoryContainerBudgets
 from .ssh import SessionChannel
+from .volume import Volume
 
 BCRYPT_MAX_PASSWORD = 72
 
@@ -86,23 +86,30 @@ class PasswordChecker:
 
 class ContainerAvatar(ConchUser):
     """
-    A logged-in user of one container: session channels only, rooted at the
-    container's volume.
+    A logged-in user of one container: session channels only, each given
+    the container's volume (L{openVolume}) by L{lightd_conch.commands}.
 
     @ivar credential: the credential record the login was checked against,
         or None if unknown.
-    @ivar budgets: the L{IContainerBudgets} its session counts against, set
-        at login; None (nothing counted) before, and in tests.
+    @ivar budgets: the L{IContainerBudgets} shared by the sessions of all
+        containers, which this login's session, descriptors and queued
+        output count against; None for no limits (tests).
     """
 
-    budgets: "IContainerBudgets | None" = None
-
-    def __init__(self, containerId: str, volumePath: str, settings, credential=None) -> None:
+    def __init__(
+        self,
+        containerId: str,
+        volumePath: str,
+        settings,
+        credential=None,
+        budgets: "IContainerBudgets | None" = None,
+    ) -> None:
         super().__init__()
         self.containerId = str(containerId)
         self.volumePath = volumePath
         self.settings = settings
         self.credential = credential
+        self.budgets = budgets
 
     def lookupChannel(self, channelType, windowSize, maxPacket, data):
         return SessionChannel(
@@ -114,53 +121,61 @@ class ContainerAvatar(ConchUser):
             avatar=self,
         )
 
-    def openFilesystem(self, extraDescriptors: int = 0) -> ConfinedFilesystem:
+    def openVolume(self, extraDescriptors: int = 0) -> Volume:
         """
-        The container's volume, whose descriptor (and C{extraDescriptors}
-        more, for what the caller keeps open beside it) counts against the
-        container's budget until it is closed.
+        The container's volume, for one protocol run by one channel.  Its
+        descriptor, and C{extraDescriptors} more for what the protocol
+        keeps open beside it, count against the container's budget until
+        it is closed.
 
         @raise lightd_conch.limits.OverLimit: the container has no
             descriptors left.
-        @raise OSError: the volume cannot be opened.
+        @raise OSError: the volume directory is missing.
         """
-        if self.budgets is None:
-            return ConfinedFilesystem(self.volumePath)
-        return _CountedFilesystem(
-            self.volumePath, self.budgets, self.containerId, 1 + extraDescriptors
-        )
-
-
-class _CountedFilesystem(ConfinedFilesystem):
-    """
-    A volume whose descriptors are counted in its container's budget: taken
-    before it is opened, given back once when it is closed.
-    """
-
-    def __init__(self, root: str, budgets, owner: str, count: int) -> None:
-        budgets.takeDescriptors(owner, count)
+        budgets = self.budgets
+        if budgets is None:
+            return Volume.open(self.volumePath, self.containerId)
+        count = 1 + extraDescriptors
+        budgets.takeDescriptors(self.containerId, count)
         try:
-            super().__init__(root)
+            volume = _CountedVolume.open(self.volumePath, self.containerId)
         except BaseException:
-            budgets.giveDescriptors(owner, count)
+            budgets.giveDescriptors(self.containerId, count)
             raise
-        self._budgets, self._budgetOwner, self._counted = budgets, owner, count
+        volume.counted = (budgets, count)
+        return volume
+
+
+class _CountedVolume(Volume):
+    """
+    A volume whose descriptors are given back to its container's budget
+    once, when it is closed.
+    """
+
+    counted = None
 
     def close(self) -> None:
-        counted, self._counted = self._counted, 0
+        counted, self.counted = self.counted, None
         super().close()
-        if counted:
-            self._budgets.giveDescriptors(self._budgetOwner, counted)
+        if counted is not None:
+            budgets, count = counted
+            budgets.giveDescriptors(self.containerId, count)
 
 
 @implementer(IRealm)
 class ContainerRealm:
     """
     Gives each container id an avatar rooted at its volume directory.
+
+    @param budgets: the L{IContainerBudgets} every avatar's session counts
+        against; by default one from the C{sftp} section's limits.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, budgets: "IContainerBudgets | None" = None) -> None:
         self._config = config
+        if budgets is None:
+            budgets = MemoryContainerBudgets.fromConfig(config.sftp)
+        self.budgets = budgets
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         avatar = ContainerAvatar(
@@ -168,5 +183,6 @@ class ContainerRealm:
             self._config.volume_path(avatarId),
             self._config.sftp,
             getattr(avatarId, "credential", None),
+            self.budgets,
         )
         return interfaces[0], avatar, lambda: None

@@ -2,8 +2,8 @@
 The SSH side: host key, factory, transport, user authentication, connection
 and the session channel that carries the SFTP subsystem.
 
-These classes translate SSH messages; the files are served by
-L{lightd_conch.sftp.SFTPServer} over L{lightd_conch.fs.ConfinedFilesystem}.
+These classes translate SSH messages; what a session channel runs is built by
+L{lightd_conch.commands}.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from zope.interface import implementer
 
 from ._address import formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
-from .commands import execProtocol
+from .commands import execProtocol, subsystemProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
-from .limits import IOutputWatcher, MemoryContainerBudgets, OverLimit
+from .limits import IOutputWatcher, OverLimit
 from .sftp import SFTPServer
 
 log = Logger()
@@ -253,8 +253,8 @@ class SSHTransport(SSHServerTransport):
     _newKeysSent = False
     _peerInKex = False  # between the client's KEXINIT and its NEWKEYS
     _socket = None
-    # (container id, address) once this connection's login is counted in
-    # the factory's budgets.
+    # (budgets, container id, address) once this connection's login is
+    # counted in its avatar's budgets.
     countedSession = None
 
     def connectionMade(self) -> None:
@@ -642,7 +642,8 @@ class SSHTransport(SSHServerTransport):
         self._releaseStartup()
         counted, self.countedSession = self.countedSession, None
         if counted is not None:
-            self.factory.budgets.closeSession(*counted)
+            budgets, containerId, address = counted
+            budgets.closeSession(containerId, address)
         if getattr(self, "avatar", None) is not None:
             log.info(
                 "logout: user {username} (container {container}) from {peer}",
@@ -719,10 +720,11 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         interface, avatar, logout = result
         username = self.user.decode("utf-8", "replace")
         transport = self.transport
-        budgets = transport.factory.budgets
+        budgets = getattr(avatar, "budgets", None)
         address = getattr(transport.transport.getPeer(), "host", None)
         try:
-            budgets.openSession(avatar.containerId, address)
+            if budgets is not None:
+                budgets.openSession(avatar.containerId, address)
         except OverLimit as e:
             # The password was right, so this is no failed login for the
             # defender; the client is told why, in the words it will show.
@@ -736,9 +738,8 @@ class UserAuthServer(userauth.SSHUserAuthServer):
             logout()
             transport.sendDisconnect(DISCONNECT_TOO_MANY_CONNECTIONS, e.reason.encode("ascii"))
             return
-        transport.countedSession = (avatar.containerId, address)
-        # The avatar's descriptors (its volume's) count where its session does.
-        avatar.budgets = budgets
+        if budgets is not None:
+            transport.countedSession = (budgets, avatar.containerId, address)
         super()._cbFinishedAuth(result)
         transport.authenticated(username, avatar.containerId)
 
@@ -896,8 +897,7 @@ class SessionChannel(SSHChannel):
         self._graceCall = None
         self._lastProgress = 0.0
         self.protocol: Optional[SFTPServer] = None
-        # Set at login (UserAuthServer): the budgets this container's
-        # queued output counts against.
+        # The budgets this container's queued output counts against.
         self._budgets = getattr(self.avatar, "budgets", None)
         self._owner = getattr(self.avatar, "containerId", None)
         self._heldByContainer = False
@@ -947,33 +947,15 @@ class SessionChannel(SSHChannel):
             protocol.makeConnection(self)
 
     def _startSubsystem(self, data: bytes) -> int:
-        name = common.getNS(data)[0]
-        if name != b"sftp" or self.protocol is not None:
+        if self.protocol is not None:
             return 0
-        try:
-            filesystem = self.avatar.openFilesystem()
-        except OverLimit as e:
-            log.warn(
-                "sftp refused for container {container}: {reason}",
-                container=self.avatar.containerId,
-                reason=e.reason,
-            )
-            return 0
-        except OSError:
-            log.warn(
-                "volume of container {container} is missing",
-                container=self.avatar.containerId,
-            )
-            return 0
-        transport = self.conn.transport
-        self.protocol = SFTPServer(
-            filesystem,
-            self.avatar.settings.max_handles,
-            clientVersion=transport.otherVersionString,
-            budget=transport.factory.budgets,
-            owner=self.avatar.containerId,
+        protocol = subsystemProtocol(
+            common.getNS(data)[0], self.avatar, self.conn.transport.otherVersionString
         )
-        self.protocol.makeConnection(self)
+        if protocol is None:
+            return 0
+        self.protocol = protocol
+        protocol.makeConnection(self)
         return 1
 
     # -- input ------------------------------------------------------------
@@ -1232,8 +1214,6 @@ class SSHFactory(factory.SSHFactory):
     @ivar defender: the L{Defender} that scores failed logins and refuses
         banned addresses before key exchange.
     @ivar startups: the L{StartupLimiter} for unauthenticated connections.
-    @ivar budgets: the L{lightd_conch.limits.IContainerBudgets} every
-        container's sessions, descriptors and queued output count against.
     """
 
     protocol = SSHTransport
@@ -1252,7 +1232,6 @@ class SSHFactory(factory.SSHFactory):
         settings,
         clock: IReactorTime,
         defender: Optional[Defender] = None,
-        budgets=None,
     ) -> None:
         self.portal = portal
         self.settings = settings
@@ -1261,7 +1240,6 @@ class SSHFactory(factory.SSHFactory):
         self.startups = StartupLimiter(
             settings.max_startups, settings.max_startups_per_ip
         )
-        self.budgets = budgets or MemoryContainerBudgets.fromConfig(settings, clock)
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None

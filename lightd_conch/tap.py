@@ -31,6 +31,7 @@ from .api import (
     warnAuthorizationDisabled,
 )
 from .cred import ContainerRealm, PasswordChecker
+from .limits import MemoryContainerBudgets
 from .sessions import CredentialWatcher, SessionRegistry
 from .ssh import SSHFactory, loadOrCreateHostKey
 from .store import LMDBCredentialStore
@@ -252,7 +253,7 @@ def makeService(options, reactor=None) -> MultiService:
         pool = ThreadPool(minthreads=1, maxthreads=2, name="lightd-sftp-bcrypt")
         _ThreadPoolService(pool).setServiceParent(top)
         portal = Portal(
-            ContainerRealm(cfg),
+            ContainerRealm(cfg, MemoryContainerBudgets.fromConfig(cfg.sftp, reactor)),
             [PasswordChecker(store, reactor, pool, cfg.sftp.bcrypt_cost)],
         )
         factory = SSHFactory(portal, hostKey, cfg.sftp, reactor)

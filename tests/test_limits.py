@@ -9,13 +9,11 @@ import os
 import struct
 
 from twisted.internet.task import Clock
-from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from lightd_conch import sftp
 from lightd_conch.cred import ContainerAvatar
-from lightd_conch.fs import ConfinedFilesystem
 from lightd_conch.limits import (
     IContainerBudgets,
     IOutputWatcher,
@@ -23,6 +21,8 @@ from lightd_conch.limits import (
     OverLimit,
 )
 from lightd_conch.ssh import CLOSE_GRACE, SessionChannel
+from lightd_conch.testing import FakeSessionChannel
+from lightd_conch.volume import Volume
 
 
 class BudgetTests(TestCase):
@@ -339,16 +339,15 @@ class CountedVolumeTests(TestCase):
         self.volume = self.mktemp()
         os.makedirs(self.volume)
         self.budgets = MemoryContainerBudgets(maxDescriptors=3)
-        self.avatar = ContainerAvatar("a", self.volume, None)
-        self.avatar.budgets = self.budgets
+        self.avatar = ContainerAvatar("a", self.volume, None, budgets=self.budgets)
 
     def test_volumeDescriptorCounts(self):
-        first = self.avatar.openFilesystem()
+        first = self.avatar.openVolume()
         self.assertEqual(self.budgets.descriptors("a"), 1)
-        second = self.avatar.openFilesystem(extraDescriptors=1)
+        second = self.avatar.openVolume(extraDescriptors=1)
         self.assertEqual(self.budgets.descriptors("a"), 3)
         with self.assertRaises(OverLimit):
-            self.avatar.openFilesystem()
+            self.avatar.openVolume()
         first.close()
         first.close()  # given back once
         self.assertEqual(self.budgets.descriptors("a"), 2)
@@ -358,7 +357,7 @@ class CountedVolumeTests(TestCase):
     def test_missingVolumeCountsNothing(self):
         self.avatar.volumePath = os.path.join(self.volume, "gone")
         with self.assertRaises(OSError):
-            self.avatar.openFilesystem()
+            self.avatar.openVolume()
         self.assertEqual(self.budgets.descriptors("a"), 0)
 
     def test_copyDataCountsItsDuplicates(self):
@@ -369,8 +368,8 @@ class CountedVolumeTests(TestCase):
         with open(os.path.join(self.volume, "src"), "wb") as f:
             f.write(b"data")
         budgets = MemoryContainerBudgets(maxDescriptors=2)
-        server = sftp.SFTPServer(ConfinedFilesystem(self.volume), budget=budgets, owner="a")
-        transport = StringTransport()
+        server = sftp.SFTPServer(Volume.open(self.volume), budget=budgets, owner="a")
+        transport = FakeSessionChannel()
         server.makeConnection(transport)
         send = server.dataReceived
 
@@ -404,11 +403,11 @@ class EndedServerTests(TestCase):
         """
         volume = self.mktemp()
         os.makedirs(volume)
-        server = sftp.SFTPServer(ConfinedFilesystem(volume))
-        transport = StringTransport()
+        server = sftp.SFTPServer(Volume.open(volume))
+        transport = FakeSessionChannel()
         server.makeConnection(transport)
         server.dataReceived(struct.pack(">I", 0xFFFFFFFF))
-        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.lost)
         for _ in range(100):
             server.dataReceived(memoryview(b"x" * 10000))
         self.assertEqual(server._size, 0)
@@ -422,8 +421,8 @@ class EndedServerTests(TestCase):
         """
         volume = self.mktemp()
         os.makedirs(volume)
-        server = sftp.SFTPServer(ConfinedFilesystem(volume))
-        transport = StringTransport()
+        server = sftp.SFTPServer(Volume.open(volume))
+        transport = FakeSessionChannel()
         server.makeConnection(transport)
         body = bytes([sftp.FXP_INIT]) + struct.pack(">I", 3)
         server.dataReceived(struct.pack(">I", len(body)) + body)
@@ -447,8 +446,7 @@ class EndedServerTests(TestCase):
             transport.write = write
             server.resumeProducing()
             transport.write = original
-            data = transport.value()
-            transport.clear()
+            data = transport.output()
             while data:
                 (length,) = struct.unpack_from(">I", data)
                 ids.append(struct.unpack_from(">I", data, 5)[0])
@@ -514,8 +512,7 @@ class ScpDescriptorTests(TestCase):
 
         volume = self.mktemp()
         os.makedirs(volume)
-        avatar = ContainerAvatar("a", volume, None)
-        avatar.budgets = MemoryContainerBudgets(maxDescriptors=1)
+        avatar = ContainerAvatar("a", volume, None, budgets=MemoryContainerBudgets(maxDescriptors=1))
         refusal = commands.execProtocol(b"scp -t /", avatar)
         self.assertIsInstance(refusal, commands.Refusal)
         self.assertEqual(
