@@ -25,8 +25,8 @@ class OverLimit(OSError):
     sentence a client or the log is told.
     """
 
-    def __init__(self, errno: int, reason: str) -> None:
-        super().__init__(errno, reason)
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
         self.reason = reason
 
 
@@ -140,8 +140,11 @@ class MemoryContainerBudgets:
         C{sessionLimits} gives a lower one.
     @ivar maxSessionsPerAddress: logged-in sessions per source address.
     @ivar maxDescriptors: descriptors per container: its connections,
-        volume descriptors, open handles, scp's open file, copy-data's
-        duplicates.
+        volume descriptors, open handles, scp's open file, rsync's pipes,
+        copy-data's duplicates.
+    @param sessionLimits: the container's own limit of sessions (its
+        policy's C{max_sessions}), 0 for none; it can only lower
+        C{maxSessions}.
     @ivar maxQueuedOutput: bytes queued in all of one container's channels
         past which they all read no more requests; they go on once it is
         down to three quarters of that.
