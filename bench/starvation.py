@@ -14,7 +14,9 @@ adjusted: a slow reader whose replies the daemon must queue or hold back.
 Once the daemon has read what it will, the script prints its open
 descriptors (/proc/PID/fd) and RSS, then times --runs logins of the second
 container, "other", each followed by an ``ls`` of its folder (OPENDIR,
-READDIR until EOF), and prints their median and spread.
+READDIR until EOF), and prints their median and spread, beside the same
+measured on the idle daemon before the first container logged in (so a busy
+machine shows as such in both).
 
 Run it on a checkout of main and on this branch to compare; the README's
 "Protocol robustness and bounded memory" section quotes its figures.
@@ -197,6 +199,14 @@ def status(pid: int):
     return len(os.listdir(f"/proc/{pid}/fd")), rss / 1024
 
 
+def report(what: str, times, args) -> None:
+    ms = sorted(t * 1000 for t in times)
+    print(
+        f"{what}: median {statistics.median(ms):.1f} ms, min {ms[0]:.1f}, max {ms[-1]:.1f}"
+        f" ({args.runs} runs, bcrypt cost {args.cost})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=32)
@@ -217,9 +227,11 @@ def main() -> None:
             with open(os.path.join(folder, "storage", "volumes", "other", f"file{n}"), "w") as f:
                 f.write("x")
         loginAndList(port, logins["other"])  # what a first login sets up
+        idleTimes = [loginAndList(port, logins["other"]) for _ in range(args.runs)]
         time.sleep(0.5)
         idleFds, idleRss = status(process.pid)
         print(f"idle: {idleFds} fds, RSS {idleRss:.1f} MiB")
+        report("other container, login + ls, idle daemon", idleTimes, args)
 
         began = time.monotonic()
         for _ in range(args.sessions):
@@ -241,11 +253,7 @@ def main() -> None:
               f"(+{rss - idleRss:.1f} MiB)")
 
         times = [loginAndList(port, logins["other"]) for _ in range(args.runs)]
-        ms = sorted(t * 1000 for t in times)
-        print(
-            f"other container, login + ls: median {statistics.median(ms):.1f} ms, "
-            f"min {ms[0]:.1f}, max {ms[-1]:.1f} ({args.runs} runs, bcrypt cost {args.cost})"
-        )
+        report("other container, login + ls, hog stalled", times, args)
         fds, rss = status(process.pid)
         print(f"daemon after: {fds} fds, RSS {rss:.1f} MiB")
     finally:
