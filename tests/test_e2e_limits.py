@@ -263,7 +263,7 @@ class DescriptorBudgetTests(SSHAbuseTestCase):
             (DISCONNECT_TOO_MANY_CONNECTIONS, b"too many open files for this container"),
         )
         # Closing a channel gives its volume's descriptor back.
-        ssh.send(bytes([97]) + uint32(second))  # CHANNEL_CLOSE
+        ssh.send(bytes([MSG_CHANNEL_CLOSE]) + uint32(second))
         deadline = time.monotonic() + 5
         while True:
             kind, body = self.openRead(ssh, third, 10)
