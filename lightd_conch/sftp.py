@@ -510,22 +510,51 @@ class SFTPServer(Protocol):
         return struct.unpack(">I", head)[0]
 
     def _processBuffer(self) -> None:
+        chunks = self._chunks
         needed = 4
-        while not self._paused and not self._closed:
+        while chunks and not self._paused and not self._closed:
+            # The packets wholly inside the first chunk, as views of it.
+            first = chunks[0]
+            view = first if first.__class__ is memoryview else memoryview(first)
+            size = len(view)
+            position = 0
+            # self._size is brought up to date after the loop: nothing a
+            # request does reads it meanwhile (resuming is never synchronous).
+            while size - position >= 4 and not self._paused and not self._closed:
+                (length,) = struct.unpack_from(">I", view, position)
+                if length > MAX_PACKET_LENGTH or length < 5:
+                    # Too big to take, or too short to hold a type and an id
+                    # we could answer: nothing sensible can follow.
+                    self._abort()
+                    return
+                end = position + 4 + length
+                if end > size:
+                    break
+                self._packetReceived(view[position + 4 : end])
+                position = end
+            if self._closed:
+                return
+            if position:
+                self._size -= position
+                if position == size:
+                    chunks.popleft()
+                else:
+                    chunks[0] = view[position:]
+            if self._paused:
+                break
+            # The next packet runs past the first chunk: joined from just
+            # its own bytes once it is all here.
             if self._size < 4:
                 needed = 4
                 break
             length = self._peekLength()
             if length > MAX_PACKET_LENGTH or length < 5:
-                # Too big to take, or too short to hold a type and an id we
-                # could answer: nothing sensible can follow on this stream.
                 self._abort()
                 return
             if self._size < 4 + length:
                 needed = 4 + length
                 break
-            self._cut(4)
-            self._packetReceived(self._cut(length))
+            self._packetReceived(self._cut(4 + length)[4:])
         if not self._closed:
             self._needed = needed
 
