@@ -101,11 +101,12 @@ def subsystemProtocol(name: bytes, avatar, clientVersion: bytes = b"") -> Option
     try:
         volume = avatar.openVolume()
     except OverLimit as e:
-        log.warn(
-            "sftp refused for container {container}: {reason}",
-            container=avatar.containerId,
-            reason=e.reason,
-        )
+        if e.first:
+            log.warn(
+                "sftp refused for container {container}: {reason}",
+                container=avatar.containerId,
+                reason=e.reason,
+            )
         return None
     except OSError:
         log.warn("volume of container {container} is missing", container=avatar.containerId)

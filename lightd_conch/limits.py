@@ -22,12 +22,15 @@ class OverLimit(OSError):
 
     An C{OSError} (EMFILE for descriptors, EUSERS for sessions) so that code
     opening files treats it as any failure to open; C{reason} is the short
-    sentence a client or the log is told.
+    sentence a client or the log is told.  C{first} is false when the same
+    limit refused the container before and it has not gone under it since:
+    a refusal worth one log line, not one per attempt.
     """
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, first: bool = True) -> None:
         super().__init__(code, reason)
         self.reason = reason
+        self.first = first
 
 
 class IContainerBudgets(Interface):
@@ -172,6 +175,7 @@ class MemoryContainerBudgets:
         self._watchers: Dict[str, Set[IOutputWatcher]] = {}
         self._full: Set[str] = set()
         self._wakeScheduled: Set[str] = set()
+        self._outOfDescriptors: Set[str] = set()
 
     @classmethod
     def fromConfig(cls, settings, clock=None, sessionLimits=None) -> "MemoryContainerBudgets":
@@ -224,11 +228,14 @@ class MemoryContainerBudgets:
 
     def takeDescriptors(self, containerId: str, count: int = 1) -> None:
         if self.descriptorsFull(containerId, count):
-            raise OverLimit(errno.EMFILE, "too many open files for this container")
+            first = containerId not in self._outOfDescriptors
+            self._outOfDescriptors.add(containerId)
+            raise OverLimit(errno.EMFILE, "too many open files for this container", first)
         _take(self._descriptors, containerId, count)
 
     def giveDescriptors(self, containerId: str, count: int = 1) -> None:
         _give(self._descriptors, containerId, count)
+        self._outOfDescriptors.discard(containerId)
 
     # -- queued output -----------------------------------------------------
 

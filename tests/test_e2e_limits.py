@@ -249,11 +249,18 @@ class DescriptorBudgetTests(SSHAbuseTestCase):
         kind, body = self.openRead(ssh, third, 9)
         self.assertEqual(kind, FXP_STATUS, "a 7th descriptor was given")
         self.assertIn(b"Too many open handles", body)
-        # No room for one more volume either: the subsystem is refused.
+        # No room for one more volume either: the subsystem is refused, each
+        # time, with one log line for the lot.
         channel = ssh.open_session(local_id=3)
-        ssh.send(channel_request(channel, b"subsystem", string(b"sftp")))
-        reply = ssh.read_until(MSG_CHANNEL_SUCCESS, MSG_CHANNEL_FAILURE)
-        self.assertEqual(reply[0], MSG_CHANNEL_FAILURE)
+        for _ in range(3):
+            ssh.send(channel_request(channel, b"subsystem", string(b"sftp")))
+            reply = ssh.read_until(MSG_CHANNEL_SUCCESS, MSG_CHANNEL_FAILURE)
+            self.assertEqual(reply[0], MSG_CHANNEL_FAILURE)
+        self.assertEqual(
+            len(self.service.log_lines("sftp refused for container demo",
+                                       "too many open files for this container")),
+            1,
+        )
         # Nor for one more connection: the login is refused, saying why.
         late = self.connect()
         with self.assertRaises(Disconnected) as caught:

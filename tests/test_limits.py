@@ -526,3 +526,25 @@ class ScpDescriptorTests(TestCase):
         self.assertEqual(avatar.budgets.descriptors("a"), 2)
         protocol.connectionLost(None)
         self.assertEqual(avatar.budgets.descriptors("a"), 0)
+
+
+class RefusalLogTests(TestCase):
+    def test_firstRefusalOnly(self):
+        """
+        A container that keeps asking past its descriptors is told every
+        time, but only the first refusal since it was last under the limit
+        is marked for the log.
+        """
+        budgets = MemoryContainerBudgets(maxDescriptors=1)
+        budgets.takeDescriptors("a")
+        firsts = []
+        for _ in range(3):
+            with self.assertRaises(OverLimit) as caught:
+                budgets.takeDescriptors("a")
+            firsts.append(caught.exception.first)
+        budgets.giveDescriptors("a")
+        budgets.takeDescriptors("a")
+        with self.assertRaises(OverLimit) as caught:
+            budgets.takeDescriptors("a")
+        firsts.append(caught.exception.first)
+        self.assertEqual(firsts, [True, False, False, True])
