@@ -193,6 +193,12 @@ def loginAndList(port: int, login: dict) -> float:
         ssh.close()
 
 
+def cpuSeconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def status(pid: int):
     with open(f"/proc/{pid}/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -242,6 +248,9 @@ def main() -> None:
         except Disconnected as e:
             extra = f"refused ({e.description.decode()})"
         time.sleep(2)
+        cpuBefore = cpuSeconds(process.pid)
+        time.sleep(2)
+        stalledCpu = cpuSeconds(process.pid) - cpuBefore
         fds, rss = status(process.pid)
         asked = args.sessions * args.channels * args.reads * READ_SIZE / 2**20
         print(
@@ -250,7 +259,7 @@ def main() -> None:
             f"{time.monotonic() - began:.1f}s; one session more: {extra}"
         )
         print(f"daemon while stalled: {fds} fds (+{fds - idleFds}), RSS {rss:.1f} MiB "
-              f"(+{rss - idleRss:.1f} MiB)")
+              f"(+{rss - idleRss:.1f} MiB), {stalledCpu:.2f} CPU seconds in 2 s")
 
         times = [loginAndList(port, logins["other"]) for _ in range(args.runs)]
         report("other container, login + ls, hog stalled", times, args)
