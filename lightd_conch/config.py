@@ -133,6 +133,9 @@ class SFTPConfig:
     max_packet_size: int = 32 * 1024
     max_handles: int = 512
     max_handles_per_container: int = 4096
+    max_sessions_per_container: int = 32
+    max_sessions_per_ip: int = 64
+    max_queued_output_per_container: int = 64 * 1024 * 1024
     ciphers: tuple = DEFAULT_CIPHERS
     macs: tuple = DEFAULT_MACS
     max_channels: int = 10
@@ -361,6 +364,10 @@ _SCHEMA = {
         "max_packet_size": _integer(4096, 128 * 1024),
         "max_handles": _integer(1, 65536),
         "max_handles_per_container": _integer(1, 1_048_576),
+        "max_sessions_per_container": _integer(1, 65536),
+        "max_sessions_per_ip": _integer(1, 65536),
+        # At least one channel's worth of queued replies (a few MiB).
+        "max_queued_output_per_container": _integer(4 * 1024 * 1024, 2**40),
         "max_channels": _integer(1, 1024),
         "ciphers": _names(SUPPORTED_CIPHERS),
         "macs": _names(SUPPORTED_MACS),

@@ -25,6 +25,7 @@ from twisted.conch.ssh.transport import (
     DISCONNECT_MAC_ERROR,
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
     DISCONNECT_PROTOCOL_ERROR,
+    DISCONNECT_TOO_MANY_CONNECTIONS,
     MSG_KEXINIT,
     MSG_NEWKEYS,
     MSG_SERVICE_ACCEPT,
@@ -41,6 +42,7 @@ from twisted.logger import (
     Logger,
     globalLogPublisher,
 )
+from zope.interface import implementer
 
 from ._address import formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
@@ -53,6 +55,7 @@ from .metrics import (
     REFUSED_MAX_STARTUPS_PER_IP,
     Metrics,
 )
+from .limits import IOutputWatcher, OverLimit
 from .sftp import SFTPServer
 
 log = Logger()
@@ -113,6 +116,9 @@ _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
 # or sooner once this many parts or bytes are waiting.
 _CORK_PARTS = 512
 _CORK_BYTES = 256 * 1024
+# An ended channel (its protocol closed, or the client's EOF) waits this many
+# seconds without any of its queued output being sent, then closes anyway.
+CLOSE_GRACE = 3.0
 # Channels send no more while this much waits in the transport's buffer
 # (beyond what the socket took): a client that stops reading its socket, with
 # a wide-open window, is held back like one whose window is shut.
@@ -264,6 +270,9 @@ class SSHTransport(SSHServerTransport):
     startedAt: Optional[float] = None
     bytesIn = 0  # channel data, counted by SSHConnection
     bytesOut = 0
+    # (budgets, container id, address) once this connection's login is
+    # counted in its avatar's budgets.
+    countedSession = None
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -704,6 +713,10 @@ class SSHTransport(SSHServerTransport):
         self._graceCall = self._idleCall = None
         self._releaseStartup()
         self.factory.connections.discard(self)
+        counted, self.countedSession = self.countedSession, None
+        if counted is not None:
+            budgets, containerId, address = counted
+            budgets.closeSession(containerId, address)
         if getattr(self, "avatar", None) is not None:
             self.factory.metrics.sessionEnded(self)
             self.factory.audit.event(
@@ -799,16 +812,37 @@ class UserAuthServer(userauth.SSHUserAuthServer):
                 peer=_peer(self.transport),
                 why=why,
             )
+            logout()
             self.transport.sendDisconnect(
                 DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, why.encode("utf-8")
             )
             return
-        avatar.method = self.method.decode("ascii", "replace")
-        avatar.transport = self.transport
+        transport = self.transport
+        budgets = getattr(avatar, "budgets", None)
+        address = getattr(transport.transport.getPeer(), "host", None)
+        try:
+            if budgets is not None:
+                budgets.openSession(avatar.containerId, address)
+        except OverLimit as e:
+            # The password was right, so this is no failed login for the
+            # defender; the client is told why, in the words it will show.
+            log.warn(
+                "refused login: user {username} (container {container}) from {peer}: {reason}",
+                username=username,
+                container=avatar.containerId,
+                peer=_peer(transport),
+                reason=e.reason,
+            )
+            logout()
+            transport.sendDisconnect(DISCONNECT_TOO_MANY_CONNECTIONS, e.reason.encode("ascii"))
+            return
+        if budgets is not None:
+            transport.countedSession = (budgets, avatar.containerId, address)
+        method = self.method.decode("ascii", "replace")
+        avatar.method = method
+        avatar.transport = transport
         super()._cbFinishedAuth(result)
-        self.transport.authenticated(
-            username, avatar.containerId, self.method.decode("ascii", "replace")
-        )
+        transport.authenticated(username, avatar.containerId, method)
 
     def _ebBadAuth(self, reason) -> None:
         if self.method != b"none" and reason.check(UnauthorizedLogin):
@@ -913,6 +947,20 @@ class SSHConnection(connection.SSHConnection):
         self.transport.bytesIn += dataLength
         channel.dataReceived(data)
 
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        # Conch reopens the window for extended data whatever the channel's
+        # state; an ended channel's stays shut (see SessionChannel.ended).
+        if len(packet) >= 12:
+            localChannel, _, dataLength = struct.unpack(">3L", packet[:12])
+            channel = self.channels.get(localChannel)
+            if getattr(channel, "ended", False):
+                if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+                    self.sendClose(channel)
+                else:
+                    channel.localWindowLeft -= dataLength
+                return
+        super().ssh_CHANNEL_EXTENDED_DATA(packet)
+
     def sendData(self, channel, data) -> None:
         """
         Send C{data} (bytes, or a list of parts) as one CHANNEL_DATA message.
@@ -934,6 +982,7 @@ class _Stderr(bytes):
     """Queued output that goes out as extended data (stderr)."""
 
 
+@implementer(IOutputWatcher)
 class SessionChannel(SSHChannel):
     """
     A session channel that serves the C{sftp} subsystem, and as C{exec}
@@ -942,9 +991,16 @@ class SessionChannel(SSHChannel):
     Output is queued as a list of chunks (not Conch's growing byte string,
     twisted#12139) and sent as the client's window and the transport allow:
     nothing more is sent while L{OUTPUT_HIGH_WATER} bytes wait in the
-    transport.  When more than L{highWater} bytes are queued, the SFTP
-    protocol is paused and reads no further requests, and while it is paused
-    this channel does not open its receive window.
+    transport.  When more than L{highWater} bytes are queued, or the queues
+    of all the container's channels together are over its budget (see
+    L{lightd_conch.limits}), the protocol is paused and reads no further
+    requests, and while it is paused this channel does not open its receive
+    window.
+
+    Once the channel has ended (its protocol closed it, or the client sent
+    EOF), what the client sends is dropped and the window stays shut; the
+    channel closes as soon as its queue is sent, or once L{CLOSE_GRACE}
+    seconds pass without any of it going out.
 
     A container's bandwidth limits (its policy's C{bandwidth_up} and
     C{bandwidth_down}) are held here, for every protocol alike: what is sent
@@ -957,16 +1013,42 @@ class SessionChannel(SSHChannel):
     _log = _conchLog
     highWater = 1024 * 1024
     lowWater = 256 * 1024
-    clock = None  # for exec: the reactor unless a test sets one
+    clock = None  # the factory's clock (or the reactor) unless a test sets one
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._queue: Deque[bytes] = deque()
         self._queued = 0
         self._exitStatus: Optional[int] = None
+        self._eofSeen = False
+        self._graceCall = None
+        self._lastProgress = 0.0
         self.protocol: Optional[SFTPServer] = None
         self._state = getattr(self.avatar, "state", None)
         self._throttled = None
+        # The budgets this container's queued output counts against.
+        self._budgets = getattr(self.avatar, "budgets", None)
+        self._owner = getattr(self.avatar, "containerId", None)
+        self._heldByContainer = False
+        if self._budgets is not None:
+            self._budgets.watchOutput(self._owner, self)
+            self._heldByContainer = self._budgets.outputFull(self._owner)
+
+    @property
+    def ended(self) -> bool:
+        """
+        Whether this channel takes no more input: its protocol ended it, or
+        the client sent EOF.
+        """
+        return bool(self.closing) or self._eofSeen
+
+    def _clock(self):
+        clock = self.clock
+        if clock is None:
+            clock = getattr(getattr(self.conn.transport, "factory", None), "clock", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return clock
 
     # -- requests ---------------------------------------------------------
 
@@ -986,10 +1068,7 @@ class SessionChannel(SSHChannel):
         self.protocol = execProtocol(common.getNS(data)[0], self.avatar)
         # Started once the request's reply is out, so no output (or exit
         # status) of the command can overtake it; input meanwhile is kept.
-        clock = self.clock
-        if clock is None:
-            from twisted.internet import reactor as clock
-        clock.callLater(0, self._connectExec, self.protocol)
+        self._clock().callLater(0, self._connectExec, self.protocol)
         return 1
 
     def _connectExec(self, protocol) -> None:
@@ -1013,9 +1092,13 @@ class SessionChannel(SSHChannel):
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.ended:
+            return  # nothing is kept, and the window stays shut
         if self.protocol is None:
             self.loseConnection()  # data before any subsystem: nothing to feed
             return
+        if self._heldByContainer and not self.protocol.paused:
+            self.protocol.pauseProducing()  # started while the container was full
         if not getattr(self.protocol, "acceptsViews", False):
             data = bytes(data)  # exec protocols parse bytes
         state = self._state
@@ -1026,7 +1109,7 @@ class SessionChannel(SSHChannel):
 
     def _openWindow(self) -> None:
         # The window check first: it is the one that fails on most calls.
-        if self.localWindowLeft >= self.localWindowSize // 2 or self.localClosed:
+        if self.localWindowLeft >= self.localWindowSize // 2 or self.ended:
             return
         if self.protocol is not None and self.protocol.paused:
             return
@@ -1046,10 +1129,7 @@ class SessionChannel(SSHChannel):
         if not wait:
             return False
         if self._throttled is None:
-            clock = self.clock
-            if clock is None:
-                from twisted.internet import reactor as clock
-            self._throttled = clock.callLater(wait, self._unthrottle)
+            self._throttled = self._clock().callLater(wait, self._unthrottle)
         return True
 
     def _unthrottle(self) -> None:
@@ -1059,6 +1139,7 @@ class SessionChannel(SSHChannel):
             self._openWindow()
 
     def eofReceived(self) -> None:
+        self._eofSeen = True
         eofReceived = getattr(self.protocol, "eofReceived", None)
         if eofReceived is not None:
             eofReceived()
@@ -1076,17 +1157,34 @@ class SessionChannel(SSHChannel):
         self._openWindow()
 
     def closeReceived(self) -> None:
+        # The client reads nothing more from this channel.
+        self._dropQueue()
         self.loseConnection()
 
     def closed(self) -> None:
         if self._throttled is not None and self._throttled.active():
             self._throttled.cancel()
         self._throttled = None
-        self._queue.clear()
-        self._queued = 0
+        self._dropQueue()
+        self._endProtocol()
+
+    def _endProtocol(self) -> None:
+        if self._graceCall is not None:
+            if self._graceCall.active():
+                self._graceCall.cancel()
+            self._graceCall = None
+        if self._budgets is not None:
+            self._budgets.unwatchOutput(self._owner, self)
         if self.protocol is not None:
             protocol, self.protocol = self.protocol, None
             protocol.connectionLost(None)
+
+    def _dropQueue(self) -> None:
+        self._queue.clear()
+        if self._queued and self._budgets is not None:
+            self._budgets.queueOutput(self._owner, -self._queued)
+        self._queued = 0
+        self._exitStatus = None  # output was lost: no status claims otherwise
 
     # -- output -----------------------------------------------------------
 
@@ -1109,21 +1207,42 @@ class SessionChannel(SSHChannel):
             return
         self._queue.append(data)
         self._queued += size
+        if self._budgets is not None:
+            self._budgets.queueOutput(self._owner, size)
         self._flush()
-        if self._queued > self.highWater and self.protocol is not None:
-            self.protocol.pauseProducing()
+        self._pauseIfFull()
 
     def writeSequence(self, seq) -> None:
         # Queued as they are: _flush cuts packets across them, so a reply's
         # header and its data are never joined into one more copy.
         if self.localClosed:
             return
+        size = 0
         for data in seq:
             self._queue.append(data)
-            self._queued += len(data)
+            size += len(data)
+        self._queued += size
+        if self._budgets is not None:
+            self._budgets.queueOutput(self._owner, size)
         self._flush()
+        self._pauseIfFull()
+
+    def _pauseIfFull(self) -> None:
+        # Paused again even if it says it is: rsync's "paused" also means
+        # its stdin is full, while its output still flows.
         if self._queued > self.highWater and self.protocol is not None:
             self.protocol.pauseProducing()
+
+    # -- the container's budget (IOutputWatcher) ----------------------------
+
+    def containerOutputFull(self) -> None:
+        self._heldByContainer = True
+        if self.protocol is not None:
+            self.protocol.pauseProducing()
+
+    def containerOutputLow(self) -> None:
+        self._heldByContainer = False
+        self.outputDrained()
 
     def writeStderr(self, data: bytes) -> None:
         """
@@ -1144,6 +1263,7 @@ class SessionChannel(SSHChannel):
         transport = self.conn.transport
         state = self._state
         rate = 0 if state is None else state.policy.bandwidth_down
+        before = self._queued
         while queue and self.remoteWindowLeft > 0:
             if transport.outputBuffered() > OUTPUT_HIGH_WATER:
                 break  # outputDrained goes on
@@ -1180,15 +1300,39 @@ class SessionChannel(SSHChannel):
             self._queued -= size
             if rate:
                 state.down.spend(rate, size)
+        sent = before - self._queued
+        if sent:
+            if self._budgets is not None:
+                self._budgets.queueOutput(self._owner, -sent)
+            if self.closing:
+                self._lastProgress = self._clock().seconds()
         if self.closing and not queue:
             self._close()
 
     def _close(self) -> None:
-        if self._exitStatus is not None and not self.localClosed:
+        if self.localClosed:
+            return
+        if self._exitStatus is not None:
             code, self._exitStatus = self._exitStatus, None
             self.conn.sendRequest(self, b"exit-status", struct.pack(">L", code))
             self.conn.sendEOF(self)
         self.conn.sendClose(self)
+        # Nothing more goes out on this channel: its protocol ends now, not
+        # when (if ever) the client answers the close.
+        self._endProtocol()
+
+    def _graceOver(self) -> None:
+        self._graceCall = None
+        if self.localClosed:
+            return
+        clock = self._clock()
+        waited = clock.seconds() - self._lastProgress
+        if self._queue and waited < CLOSE_GRACE:
+            # Some went out meanwhile: a slow reader, not a stalled one.
+            self._graceCall = clock.callLater(CLOSE_GRACE - waited, self._graceOver)
+            return
+        self._dropQueue()
+        self._close()
 
     def addWindowBytes(self, data: int) -> None:
         if self.remoteWindowLeft + data > 0xFFFFFFFF:
@@ -1207,7 +1351,12 @@ class SessionChannel(SSHChannel):
         """
         self._flush()
         protocol = self.protocol
-        if protocol is not None and protocol.paused and self._queued <= self.lowWater:
+        if (
+            protocol is not None
+            and protocol.paused
+            and self._queued <= self.lowWater
+            and not self._heldByContainer
+        ):
             protocol.resumeProducing()
             self._openWindow()
 
@@ -1215,6 +1364,10 @@ class SessionChannel(SSHChannel):
         self.closing = 1
         if not self._queue:
             self._close()
+        elif self._graceCall is None and not self.localClosed:
+            clock = self._clock()
+            self._lastProgress = clock.seconds()
+            self._graceCall = clock.callLater(CLOSE_GRACE, self._graceOver)
 
 
 class SSHFactory(factory.SSHFactory):

@@ -370,8 +370,9 @@ def makeService(options, reactor=None) -> MultiService:
         # logins from queueing behind each other without starving transfers.
         pool = ThreadPool(minthreads=1, maxthreads=2, name="lightd-sftp-bcrypt")
         _ThreadPoolService(pool).setServiceParent(top)
+        realm = ContainerRealm(cfg, states=states, quotas=quotas, clock=reactor)
         portal = Portal(
-            ContainerRealm(cfg, states=states, quotas=quotas),
+            realm,
             [PasswordChecker(store, reactor, pool, cfg.sftp.bcrypt_cost)],
         )
         factory = SSHFactory(portal, hostKey, cfg.sftp, reactor)

@@ -143,7 +143,7 @@ class ScpDriver:
 
     containerId = "c"
 
-    def openVolume(self):
+    def openVolume(self, extraDescriptors=0):
         return Volume.open(self.volume)
 
 
@@ -318,7 +318,7 @@ class _NoVolume:
 
     containerId = "c"
 
-    def openVolume(self):
+    def openVolume(self, extraDescriptors=0):
         raise FileNotFoundError()
 
 
@@ -527,7 +527,7 @@ class ChannelExitTests(TestCase):
         class Avatar:
             containerId = "c"
 
-            def openVolume(self):
+            def openVolume(self, extraDescriptors=0):
                 return Volume.open(volume)
 
         channel = SessionChannel(localWindow=1000, localMaxPacket=100,

@@ -244,6 +244,7 @@ class _Conn:
 
     def sendClose(self, channel):
         self.closed.append(channel)
+        channel.localClosed = True
 
     def adjustWindow(self, channel, amount):
         self.adjusted += amount
@@ -254,6 +255,10 @@ class _Protocol:
     def __init__(self):
         self.paused = False
         self.received = []
+        self.lost = False
+
+    def connectionLost(self, reason=None):
+        self.lost = True
 
     def pauseProducing(self):
         self.paused = True
