@@ -358,6 +358,10 @@ class ShutdownGraceTests(TestCase):
         self.assertEqual(os.path.getsize(self.service.volume("web") / "inflight.bin"), 40 * 32768)
         self.service.process.wait(self.grace + 10)
         self.assertLess(time.monotonic() - sent, self.grace + 1)
+        # The audit log was written at the stop, the last logouts included.
+        logouts = [e for e in audit_entries(self.service) if e["event"] == "logout"]
+        self.assertEqual(len(logouts), 2)
+        self.assertGreater(max(e["bytes_in"] for e in logouts), 40 * 32768)
         # twistd ends by the signal it stopped for, once its services stopped.
         self.assertEqual(self.service.process.returncode, -signal.SIGTERM)
 
