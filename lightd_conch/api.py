@@ -440,6 +440,13 @@ class AdminAPI(Resource):
                 container=containerId,
                 keys=", ".join(sorted(changes)) or "nothing",
             )
+            self._audit.event(
+                "policy_changed",
+                container=containerId,
+                ip=_host(request),
+                via="api",
+                changes={key: result[key] for key in sorted(changes)},
+            )
             self._notifyChanged(containerId)
             return 200, result
 

@@ -126,7 +126,15 @@ def _policySet(accounts, args, stdin, stdout, stderr) -> None:
         except PolicyError as e:
             raise AccountError("invalid", str(e)) from None
         changes[key] = value
-    _printPolicy(accounts.set_policy(args.container, changes), args.json, stdout)
+    policy = accounts.set_policy(args.container, changes)
+    _audit(
+        args.loadedConfig,
+        stderr,
+        "policy_changed",
+        container=args.container,
+        changes={key: policy[key] for key in sorted(changes)},
+    )
+    _printPolicy(policy, args.json, stdout)
 
 
 def _printPolicy(policy: dict, asJSON: bool, stdout) -> None:

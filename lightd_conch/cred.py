@@ -22,6 +22,8 @@ from .policy import Policy
 from .quota import QuotaMeasurer
 from .limits import IContainerBudgets, MemoryContainerBudgets
 from .ssh import SessionChannel
+from .audit import NullAudit
+from .auditing import AuditedVolume
 from .volume import STALE_WRITER, LoginOwner, Volume
 
 BCRYPT_MAX_PASSWORD = 72
@@ -150,21 +152,30 @@ class ContainerAvatar(ConchUser, LoginOwner):
             descriptors left.
         @raise OSError: the volume directory is missing.
         """
+        kind = Volume if self._auditLog() is None else AuditedVolume
         budgets = self.budgets
         if budgets is None:
-            return Volume.open(self.volumePath, self.containerId, state=self.state, owner=self)
+            return kind.open(self.volumePath, self.containerId, state=self.state, owner=self)
         count = 1 + extraDescriptors
         budgets.takeDescriptors(self.containerId, count)
         try:
-            volume = _CountedVolume.open(
-                self.volumePath, self.containerId, state=self.state, owner=self
-            )
+            volume = kind.open(self.volumePath, self.containerId, state=self.state, owner=self)
         except BaseException:
             budgets.giveDescriptors(self.containerId, count)
             raise
-        volume.counted = (budgets, count)
+        volume.whenClosed(lambda: budgets.giveDescriptors(self.containerId, count))
         return volume
 
+    def _auditLog(self):
+        # The service's audit log once logged in, or None where nothing is kept.
+        audit = getattr(getattr(self.transport, "factory", None), "audit", None)
+        return None if audit is None or isinstance(audit, NullAudit) else audit
+
+    def audit(self, event: str, **fields) -> None:
+        audit = self._auditLog()
+        if audit is not None:
+            transport = self.transport
+            audit.event(event, transport.sessionId, **transport._auditFields(), **fields)
 
     # -- LoginOwner: a resumed upload takes over the lock of a dropped session
 
@@ -193,22 +204,6 @@ class ContainerAvatar(ConchUser, LoginOwner):
         transport = self.transport
         if transport is not None:
             transport.endStale(path)
-
-
-class _CountedVolume(Volume):
-    """
-    A volume whose descriptors are given back to its container's budget
-    once, when it is closed.
-    """
-
-    counted = None
-
-    def close(self) -> None:
-        counted, self.counted = self.counted, None
-        super().close()
-        if counted is not None:
-            budgets, count = counted
-            budgets.giveDescriptors(self.containerId, count)
 
 
 @implementer(IRealm)

@@ -1026,6 +1026,10 @@ class SessionChannel(SSHChannel):
         self.protocol: Optional[SFTPServer] = None
         self._state = getattr(self.avatar, "state", None)
         self._throttled = None
+        # An exec's command line, and what it moved, for the audit log.
+        self._command: Optional[bytes] = None
+        self._commandIn = self._commandOut = 0
+        self._commandStatus: Optional[int] = None
         # The budgets this container's queued output counts against.
         self._budgets = getattr(self.avatar, "budgets", None)
         self._owner = getattr(self.avatar, "containerId", None)
@@ -1065,11 +1069,26 @@ class SessionChannel(SSHChannel):
     def _startExec(self, data: bytes) -> int:
         if self.protocol is not None:
             return 0
-        self.protocol = execProtocol(common.getNS(data)[0], self.avatar)
+        self._command = common.getNS(data)[0]
+        self.protocol = execProtocol(self._command, self.avatar)
         # Started once the request's reply is out, so no output (or exit
         # status) of the command can overtake it; input meanwhile is kept.
         self._clock().callLater(0, self._connectExec, self.protocol)
         return 1
+
+    def _auditCommand(self) -> None:
+        # One event per scp or rsync command, once it has ended.
+        audit = getattr(self.avatar, "audit", None)
+        if audit is None:
+            return
+        status = self._commandStatus
+        audit(
+            "exec",
+            command=self._command[:1024].decode("utf-8", "backslashreplace"),
+            bytes_in=self._commandIn,
+            bytes_out=self._commandOut,
+            result="ok" if status == 0 else "ended" if status is None else f"exit status {status}",
+        )
 
     def _connectExec(self, protocol) -> None:
         if self.protocol is protocol and not self.localClosed:
@@ -1104,6 +1123,8 @@ class SessionChannel(SSHChannel):
         state = self._state
         if state is not None and state.policy.bandwidth_up:
             state.up.spend(state.policy.bandwidth_up, len(data))
+        if self._command is not None:
+            self._commandIn += len(data)
         self.protocol.dataReceived(data)
         self._openWindow()
 
@@ -1162,6 +1183,8 @@ class SessionChannel(SSHChannel):
         self.loseConnection()
 
     def closed(self) -> None:
+        if self._command is not None:
+            self._auditCommand()
         if self._throttled is not None and self._throttled.active():
             self._throttled.cancel()
         self._throttled = None
@@ -1192,6 +1215,8 @@ class SessionChannel(SSHChannel):
         if self.localClosed:
             return
         size = len(data)
+        if self._command is not None:
+            self._commandOut += size
         if (
             not self._queue
             and size <= self.remoteWindowLeft
@@ -1255,7 +1280,7 @@ class SessionChannel(SSHChannel):
         End a command: once the output queued so far is out, send its exit
         status, EOF and close.
         """
-        self._exitStatus = code
+        self._exitStatus = self._commandStatus = code
         self.loseConnection()
 
     def _flush(self) -> None:

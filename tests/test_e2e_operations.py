@@ -250,9 +250,11 @@ class AuditTests(TestCase):
         events = [e["event"] for e in entries]
         self.assertEqual(
             events,
-            ["credentials_set", "credentials_set", "login_failed", "login_failed", "login", "logout"],
+            ["credentials_set", "credentials_set", "login_failed", "login_failed", "login",
+             "upload", "logout"],
         )
-        cliSet, apiSet, wrong, unknown, login, logout = entries
+        cliSet, apiSet, wrong, unknown, login, upload, logout = entries
+        self.assertEqual((upload["path"], upload["bytes"]), ("/f.bin", 100000))
         for entry in entries:
             self.assertEqual(
                 list(entry)[:6], ["time", "event", "session", "container", "username", "ip"]
