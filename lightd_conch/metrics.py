@@ -66,8 +66,8 @@ class Metrics:
 
     @ivar sftpRequests: SFTP packets received, by packet type; the SFTP
         server adds to it (L{lightd_conch.sftp.SFTPServer.requestCounts}).
-    @ivar quotaUsed: bytes used per container id, for the quota code to
-        keep up to date.
+    @ivar quotaUsed: returns the bytes used per container id, for the
+        containers whose quota is counted.
     """
 
     def __init__(self) -> None:
@@ -75,7 +75,7 @@ class Metrics:
         self.refused = collections.Counter()  # reason -> count
         self.bans = 0
         self.sftpRequests = collections.Counter()
-        self.quotaUsed: "dict[str, int]" = {}
+        self.quotaUsed = dict
         self._live = set()
         self._endedBytesIn = 0
         self._endedBytesOut = 0
@@ -198,7 +198,7 @@ class _Collector:
             "Bytes used by each container's volume, where a quota counts them.",
             labels=["container"],
         )
-        for container, used in sorted(m.quotaUsed.items()):
+        for container, used in sorted(m.quotaUsed().items()):
             quota.add_metric([container], used)
         yield quota
         buckets, total = m.lagHistogram()

@@ -356,6 +356,7 @@ def makeService(options, reactor=None) -> MultiService:
     _StoreService(store).setServiceParent(top)
     sessions = SessionRegistry()
     states = MemoryContainerStates(reactor)
+    metrics.quotaUsed = states.quotaUsed
     quotas = QuotaMeasurer(
         lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args), reactor
     )

@@ -47,7 +47,7 @@ class MetricsTests(TestCase):
         metrics.connectionRefused("banned")
         metrics.connectionRefused("max_startups")
         metrics.banned()
-        metrics.quotaUsed["web"] = 4096
+        metrics.quotaUsed = lambda: {"web": 4096}
         metrics.reactorLag(0.003)
         metrics.reactorLag(0.2)
         found = samples(metrics.exposition().decode())
