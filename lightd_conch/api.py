@@ -11,6 +11,9 @@ The admin HTTP API, Lightd-compatible JSON on twisted.web:
     DELETE /containers/{id}/sftp/keys/{fp}     remove a key (204), its sessions end
     POST   /containers/{id}/sftp/totp          turn TOTP on (200, shows the secret)
     DELETE /containers/{id}/sftp/totp          turn TOTP off (204)
+    GET    /sftp/sessions                      the live sessions (200)
+    DELETE /sftp/sessions/{id}                 end one (204)
+    GET    /metrics                            Prometheus text format (200)
 
 This module translates HTTP to L{lightd_conch.accounts.Accounts}, the same
 rules the CLI uses, and owns the bearer token.  Every answer is JSON: a body
@@ -30,13 +33,16 @@ import os
 import re
 import secrets
 
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from ._address import formatAddress
 from .accounts import AccountError
+from .audit import NullAudit
 from .config import warnIfExposed
+from .metrics import CONTENT_TYPE
 
 log = Logger()
 
@@ -59,6 +65,22 @@ _ROUTES = {
 }
 # /containers/{id}/sftp/keys/{fingerprint}
 _KEY_ROUTE = {b"DELETE": "_removeKey"}
+# Paths without a container id: the whole path -> {method: handler name}.
+_SERVICE_ROUTES = {
+    (b"sftp", b"sessions"): {b"GET": "_getSessions"},
+    (b"metrics",): {b"GET": "_getMetrics"},
+}
+_SESSION_ROUTE = {b"DELETE": "_deleteSession"}
+
+
+class _Text:
+    """
+    A response body that is not JSON.
+    """
+
+    def __init__(self, data: bytes, contentType: bytes) -> None:
+        self.data = data
+        self.contentType = contentType
 
 
 class TokenError(Exception):
@@ -160,6 +182,10 @@ def _isJSON(contentType: bytes) -> bool:
     )
 
 
+def _host(request) -> "str | None":
+    return getattr(request.getClientAddress(), "host", None)
+
+
 class _Refused(Exception):
     """
     A request refused before it reached L{Accounts}.
@@ -191,14 +217,33 @@ class AdminAPI(Resource):
     @param sftpPort: returns the C{port} to hand out: the SFTP port the
         daemon is bound to, which with C{sftp.port} 0 only the listener
         knows.  None hands out what L{Accounts} reports, C{sftp.port}.
+    @param sessions: the L{lightd_conch.sessions.SessionRegistry} of the
+        live sessions, or None if SFTP is off.
+    @param endSession: C{endSession(id)} disconnects that live session and
+        returns whether there was one.
+    @param metrics: the L{lightd_conch.metrics.Metrics} to show.
+    @param audit: where changes are recorded, with the API client's address.
     """
 
     isLeaf = True
 
     def __init__(
-        self, accounts, token, run, changed=lambda containerId: None, sftpPort=None
+        self,
+        accounts,
+        token,
+        run,
+        changed=lambda containerId: None,
+        sftpPort=None,
+        sessions=None,
+        endSession=None,
+        metrics=None,
+        audit=None,
     ) -> None:
         super().__init__()
+        self._sessions = sessions
+        self._endSession = endSession
+        self._metrics = metrics
+        self._audit = NullAudit() if audit is None else audit
         self._accounts = accounts
         self._token = None if token is None else token.encode("utf-8")
         self._run = run
@@ -224,12 +269,16 @@ class AdminAPI(Resource):
                 return  # the client went away; the change is made all the same
             code, body = result
             try:
-                data = None if body is None else self._json(request, body)
+                data = None if body is None or isinstance(body, _Text) else self._json(request, body)
             except Exception as e:
                 _logUnexpected("cannot answer an admin API request", e)
                 code, data = 500, self._json(request, {"error": _INTERNAL})
             request.setResponseCode(code)
-            if data is not None:
+            if isinstance(body, _Text):
+                request.setHeader(b"Content-Type", body.contentType)
+                request.setHeader(b"Content-Length", b"%d" % len(body.data))
+                request.write(body.data)
+            elif data is not None:
                 request.write(data)
             request.finish()
 
@@ -287,9 +336,13 @@ class AdminAPI(Resource):
 
     def _route(self, request) -> "tuple[str, str]":
         segments = request.postpath
-        methods = None
+        methods = _SERVICE_ROUTES.get(tuple(segments))
         last = -2
-        if len(segments) >= 4 and segments[0] == b"containers":
+        if methods is not None:
+            pass
+        elif len(segments) == 3 and segments[:2] == [b"sftp", b"sessions"]:
+            methods = _SESSION_ROUTE
+        elif len(segments) >= 4 and segments[0] == b"containers":
             methods = _ROUTES.get((segments[-2], segments[-1]))
             if methods is None and len(segments) >= 5 and segments[-3:-1] == [b"sftp", b"keys"]:
                 methods, last = _KEY_ROUTE, -3
@@ -304,6 +357,9 @@ class AdminAPI(Resource):
                 f" use {allowed.decode()}",
                 [(b"Allow", allowed)],
             )
+        if segments[0] != b"containers":
+            # The session id, or nothing.
+            return b"/".join(segments[2:]).decode("utf-8", "replace"), handler
         # Ids are checked by Accounts, like the CLI's: an id of several
         # segments (/containers/a/b/sftp/info) is the invalid id "a/b", and
         # bytes that are not UTF-8 become U+FFFD, which no valid id contains.
@@ -351,6 +407,14 @@ class AdminAPI(Resource):
                 container=containerId,
                 username=result["username"],
             )
+            self._audit.event(
+                "credentials_set",
+                container=containerId,
+                username=result["username"],
+                ip=_host(request),
+                via="api",
+                generated=fields["password"] is None,
+            )
             self._notifyChanged(containerId)
             return 200, self._bound(result)
 
@@ -364,6 +428,12 @@ class AdminAPI(Resource):
     def _revoke(self, request, containerId: str):
         def done(result):
             log.info("admin API: credentials of container {container} revoked", container=containerId)
+            self._audit.event(
+                "credentials_revoked",
+                container=containerId,
+                ip=_host(request),
+                via="api",
+            )
             self._notifyChanged(containerId)
             return 204, None
 
@@ -382,6 +452,13 @@ class AdminAPI(Resource):
                 container=containerId,
                 keys=", ".join(sorted(changes)) or "nothing",
             )
+            self._audit.event(
+                "policy_changed",
+                container=containerId,
+                ip=_host(request),
+                via="api",
+                changes={key: result[key] for key in sorted(changes)},
+            )
             self._notifyChanged(containerId)
             return 200, result
 
@@ -398,6 +475,14 @@ class AdminAPI(Resource):
                 fingerprint=result["fingerprint"],
                 type=result["type"],
                 container=containerId,
+            )
+            self._audit.event(
+                "key_added",
+                container=containerId,
+                fingerprint=result["fingerprint"],
+                type=result["type"],
+                ip=_host(request),
+                via="api",
             )
             return 201, result
 
@@ -417,6 +502,13 @@ class AdminAPI(Resource):
                 fingerprint=result["fingerprint"],
                 container=containerId,
             )
+            self._audit.event(
+                "key_removed",
+                container=containerId,
+                fingerprint=result["fingerprint"],
+                ip=_host(request),
+                via="api",
+            )
             self._notifyChanged(containerId)
             return 204, None
 
@@ -428,6 +520,12 @@ class AdminAPI(Resource):
 
         def done(result):
             log.info("admin API: TOTP turned on for container {container}", container=containerId)
+            self._audit.event(
+                "totp_enabled",
+                container=containerId,
+                ip=_host(request),
+                via="api",
+            )
             return 200, result
 
         return self._run(self._accounts.enable_totp, containerId).addCallback(done)
@@ -435,9 +533,44 @@ class AdminAPI(Resource):
     def _disableTOTP(self, request, containerId: str):
         def done(result):
             log.info("admin API: TOTP turned off for container {container}", container=containerId)
+            self._audit.event(
+                "totp_disabled",
+                container=containerId,
+                ip=_host(request),
+                via="api",
+            )
             return 204, None
 
         return self._run(self._accounts.disable_totp, containerId).addCallback(done)
+
+    def _getSessions(self, request, ignored: str):
+        sessions = [] if self._sessions is None else self._sessions.describe()
+        return succeed((200, sessions))
+
+    def _deleteSession(self, request, sessionId: str):
+        live = [] if self._sessions is None else self._sessions.describe()
+        session = next((s for s in live if s["id"] == sessionId), None)
+        if session is None or self._endSession is None or not self._endSession(sessionId):
+            raise _Refused(404, "no such session")
+        self._audit.event(
+            "session_ended",
+            sessionId,
+            container=session["container"],
+            username=session["username"],
+            ip=_host(request),
+            via="api",
+        )
+        log.info(
+            "admin API: session {session} ended by {peer}",
+            session=sessionId,
+            peer=formatAddress(request.getClientAddress()),
+        )
+        return succeed((204, None))
+
+    def _getMetrics(self, request, ignored: str):
+        if self._metrics is None:
+            raise _Refused(404, "no metrics: SFTP is not enabled")
+        return succeed((200, _Text(self._metrics.exposition(), CONTENT_TYPE)))
 
     def _bound(self, result: dict) -> dict:
         if self._sftpPort is not None:
