@@ -26,6 +26,7 @@ from tests.harness import (
     within,
 )
 from tests.test_e2e_api import APITestCase
+from tests.test_e2e_operations import audit_entries, wait_for
 
 SESSION_END_TIMEOUT = 8
 
@@ -390,6 +391,17 @@ class KeyAPITests(APITestCase):
         self.assertEqual(self.assertJSON(self.request("GET", self.keys_path()), 200), [])
         response = self.request("DELETE", f"{self.keys_path()}/{urlsafe}")
         self.assertJSON(response, 404)
+        # Both changes are in the audit log, with the key, never its body.
+        def keyEvents():
+            found = [e for e in audit_entries(self.service)
+                     if e["event"] in ("key_added", "key_removed")]
+            return found if len(found) == 2 else None
+
+        entries = wait_for(keyEvents, what="both key events in the audit log")
+        self.assertEqual([e["event"] for e in entries], ["key_added", "key_removed"])
+        self.assertEqual({e["fingerprint"] for e in entries}, {added["fingerprint"]})
+        self.assertEqual({e["container"] for e in entries}, {"demo"})
+        self.assertNotIn(line.split()[1], (self.service.storage / "sftp_audit.log").read_text())
 
     def test_refusals_name_why(self):
         weak = keygen(self.service, "weak", "rsa", 1024)
