@@ -1,7 +1,7 @@
 // Drives ssh2-sftp-client (on Node.js's ssh2) for tests/test_e2e_engines.py, as VS Code's SFTP
 // extensions use it. Reads one JSON object on stdin:
 //   {"host", "port", "username", "password" (or "privateKey": a key file), "fingerprint": "SHA256:...",
-//    "ops": [[name, ...args]]}
+//    "keyboard": [answers to keyboard-interactive prompts] (optional), "ops": [[name, ...args]]}
 // runs the operations in order, and prints one JSON line per operation:
 //   {"ok": true, "result": ...} or {"ok": false, "error": "..."}; it stops at the first error.
 // The login itself prints {"login": true} or {"login": false, "error": ...} first.
@@ -69,8 +69,16 @@ const ops = {
 async function main() {
   const request = JSON.parse(fs.readFileSync(0, "utf8"));
   const client = new SftpClient();
+  if (request.keyboard) {
+    // VS Code's SFTP extensions with "interactiveAuth": answer the server's prompts.
+    client.client.on("keyboard-interactive", (name, instructions, lang, prompts, finish) => {
+      out({ prompts: prompts.map((p) => p.prompt) });
+      finish(request.keyboard);
+    });
+  }
   try {
     await client.connect({
+      tryKeyboard: Boolean(request.keyboard),
       host: request.host,
       port: request.port,
       username: request.username,

@@ -7,6 +7,7 @@ offering keys that are not the container's without being counted as failed login
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -14,6 +15,7 @@ import unittest
 
 from tests.harness import (
     HOST,
+    REPO_ROOT,
     _askpass_env,
     _close_quietly,
     _run_client,
@@ -476,3 +478,67 @@ class SSHAuditTests(unittest.TestCase):
         self.assertNotIn("[fail]", result.stdout)
         # Scanning is not logging in: no failed login, no ban.
         self.assertEqual(service.log_lines("failed login"), [])
+
+
+class Ssh2KeyTests(unittest.TestCase):
+    """
+    ssh2 (npm), the engine of VS Code's SFTP extensions, by key ("privateKeyPath") and with a
+    TOTP code ("interactiveAuth"), through tests/ssh2_driver.js.
+    """
+
+    timeout = 180
+
+    def setUp(self):
+        from tests.test_e2e_engines import NODE_MODULES
+
+        self.node = require_binary("node")
+        if not (NODE_MODULES / "ssh2-sftp-client").is_dir():
+            raise unittest.SkipTest(f"ssh2-sftp-client is not installed in {NODE_MODULES} "
+                                    "(.ci/run installs it with npm)")
+        self.modules = NODE_MODULES
+        self.service = start_service(self)
+        self.creds = make_credentials(self.service)
+        self.fingerprint = subprocess.run(
+            [require_binary("ssh-keygen"), "-lf", str(self.service.host_key_path)],
+            check=True, capture_output=True, text=True, timeout=30,
+        ).stdout.split()[1]
+
+    def ssh2(self, **request):
+        request = {"host": HOST, "port": self.service.port, "username": "demo",
+                   "fingerprint": self.fingerprint, "ops": [["list", "/"]], **request}
+        result = subprocess.run(
+            [self.node, str(REPO_ROOT / "tests" / "ssh2_driver.js")],
+            input=json.dumps(request), capture_output=True, text=True, timeout=120,
+            env={**os.environ, "NODE_PATH": str(self.modules)}, cwd=self.service.client_dir,
+        )
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        self.assertTrue(lines, result.stderr)
+        return lines
+
+    def test_key(self):
+        for name, keyType, bits in [("s-ed25519", "ed25519", None), ("s-rsa", "rsa", 3072)]:
+            with self.subTest(key=name):
+                path = keygen(self.service, name, keyType, bits)
+                add_key(self, self.service, "demo", path)
+                lines = self.ssh2(privateKey=str(path))
+                self.assertEqual(lines[0], {"login": True}, lines)
+                self.assertTrue(lines[1]["ok"], lines)
+        self.assertEqual(self.service.log_lines("failed login"), [])
+
+    def test_key_and_code(self):
+        import base64 as b64
+
+        from lightd_conch.totp import STEP, code
+
+        path = keygen(self.service, "s-totp", "ed25519")
+        add_key(self, self.service, "demo", path)
+        result = self.service.cli("totp", "enable", "demo", "--json")
+        secret = json.loads(result.stdout)["secret"]
+        now = code(b64.b32decode(secret + "=" * (-len(secret) % 8)), int(time.time() // STEP))
+        lines = self.ssh2(privateKey=str(path), keyboard=[now])
+        self.assertEqual(lines[0], {"prompts": ["Verification code: "]}, lines)
+        self.assertEqual(lines[1], {"login": True}, lines)
+        self.assertTrue(lines[2]["ok"], lines)
+        self.assertEqual(
+            len(self.service.log_lines("login: user demo", "by publickey", "and code")), 1
+        )
