@@ -216,6 +216,31 @@ class SessionLimitTests(SSHAbuseTestCase):
         self.assertRefused(third, b"too many sessions from this address")
         self.assertRecovered(*held)
 
+    def test_policy_lowers_the_limit(self):
+        """
+        A container's policy max_sessions lowers the service's limit for it
+        (and a higher one does not raise it); the change holds for the next
+        login, with the sessions already in.
+        """
+        result = self.service.cli("policy", "set", self.creds["username"], "max_sessions=1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        held = [self.rawLogin(self.creds)]
+        self.assertRefused(self.creds, b"too many sessions for this container")
+        result = self.service.cli("policy", "set", self.creds["username"], "max_sessions=10")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                held.append(self.rawLogin(self.creds))
+                break
+            except Disconnected:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        held.append(self.rawLogin(self.creds))
+        self.assertRefused(self.creds, b"too many sessions for this container")
+        self.assertRecovered(*held)
+
     def test_openssh_client_is_told(self):
         require_binary("sftp")
         held = [self.rawLogin(self.creds) for _ in range(3)]
