@@ -1,16 +1,65 @@
 """
-What an ``exec`` request may run: legacy scp (in-process, L{lightd_conch.scp})
-and rsync's server (sandboxed, L{lightd_conch.rsync}).  Anything else gets one
-line on stderr and exit status 127, as a shell says "command not found".
+What a session channel runs, built in one place: the C{sftp} subsystem, and as
+C{exec} legacy scp (in-process, L{lightd_conch.scp}) and rsync's server
+(sandboxed, L{lightd_conch.rsync}).  Every protocol gets the login's
+L{lightd_conch.volume.Volume}, the one gate for what it may do; every refusal
+of what is not served is made here.
+
+The channel (L{lightd_conch.ssh.SessionChannel}) only moves bytes and flow
+control; L{ISessionChannel} is what a protocol may ask of it.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import Interface
 
 from . import rsync, scp
+from .sftp import SFTPServer
 
 NOT_SERVED = "lightd-sftp: only sftp, scp and rsync are served"
+VOLUME_MISSING = "lightd-sftp: the volume is missing"
+
+log = Logger()
+
+
+class ISessionChannel(Interface):
+    """
+    What a protocol run by a session channel sees as its transport.
+    """
+
+    def write(data):
+        """
+        Queue C{data} (bytes or a memoryview) as channel data, in order.
+        """
+
+    def writeSequence(seq):
+        """
+        Queue each of C{seq}, in order, without joining them.
+        """
+
+    def writeStderr(data):
+        """
+        Queue C{data} as extended data of type stderr, in order with output.
+        """
+
+    def exit(code):
+        """
+        Once what is queued is sent, send exit status C{code}, EOF and close.
+        """
+
+    def loseConnection():
+        """
+        Close once what is queued is sent, without an exit status.
+        """
+
+    def resumeInput():
+        """
+        The protocol can take input again: reopen the receive window.
+        """
 
 
 class Refusal(Protocol):
@@ -41,20 +90,60 @@ class Refusal(Protocol):
         pass
 
 
+def subsystemProtocol(name: bytes, avatar, clientVersion: bytes = b"") -> Optional[Protocol]:
+    """
+    The protocol serving subsystem C{name} for C{avatar}, or None to refuse
+    the request (anything but C{sftp}, or a missing volume).
+    """
+    if name != b"sftp":
+        return None
+    try:
+        volume = avatar.openVolume()
+    except OSError:
+        log.warn("volume of container {container} is missing", container=avatar.containerId)
+        return None
+    return SFTPServer(
+        volume,
+        avatar.settings.max_handles,
+        clientVersion=clientVersion,
+        budget=avatar.handles,
+        owner=avatar.containerId,
+    )
+
+
 def execProtocol(command: bytes, avatar) -> Protocol:
     """
-    The protocol that serves C{command} for C{avatar}'s volume.
+    The protocol that serves C{command} for C{avatar}'s volume, or a
+    L{Refusal} that says why.
     """
     try:
         parsed = scp.parseCommand(command)
     except scp.ScpUsageError as e:
         return Refusal(str(e), 1)
-    if parsed is not None:
-        try:
-            filesystem = avatar.openFilesystem()
-        except OSError:
-            return Refusal("lightd-sftp: the volume is missing", 1)
-        return scp.scpProtocol(filesystem, parsed)
-    if rsync.isRsyncCommand(command):
-        return rsync.rsyncProtocol(command, avatar.volumePath)
-    return Refusal(NOT_SERVED, 127)
+    if parsed is None and not rsync.isRsyncCommand(command):
+        return Refusal(NOT_SERVED, 127)
+    if parsed is None:
+        return _rsyncProtocol(command, avatar)
+    try:
+        volume = avatar.openVolume()
+    except OSError:
+        return Refusal(VOLUME_MISSING, 1)
+    return scp.scpProtocol(volume, parsed)
+
+
+def _rsyncProtocol(command: bytes, avatar) -> Protocol:
+    sandbox = rsync.findSandbox()
+    if sandbox is None:
+        return Refusal(
+            "lightd-sftp: rsync is not available on this server (bubblewrap or rsync missing)",
+            127,
+        )
+    try:
+        argv = rsync.parseCommand(command)
+    except rsync.RsyncRefused as e:
+        return Refusal(f"lightd-sftp: rsync refused: {e}", 1)
+    try:
+        volume = avatar.openVolume()
+    except OSError:
+        return Refusal(VOLUME_MISSING, 1)
+    return rsync.RsyncServer(sandbox, volume, rsync.enforced(argv))

@@ -17,8 +17,9 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from .defender import UnknownUser
-from .fs import ConfinedFilesystem
+from .sftp import HandleBudget
 from .ssh import SessionChannel
+from .volume import Volume
 
 BCRYPT_MAX_PASSWORD = 72
 
@@ -85,19 +86,24 @@ class PasswordChecker:
 
 class ContainerAvatar(ConchUser):
     """
-    A logged-in user of one container: session channels only, rooted at the
-    container's volume.
+    A logged-in user of one container: session channels only, each given
+    the container's volume (L{openVolume}) by L{lightd_conch.commands}.
 
     @ivar credential: the credential record the login was checked against,
         or None if unknown.
+    @ivar handles: the L{HandleBudget} shared by all the sessions of all
+        containers, or None for no limit across sessions.
     """
 
-    def __init__(self, containerId: str, volumePath: str, settings, credential=None) -> None:
+    def __init__(
+        self, containerId: str, volumePath: str, settings, credential=None, handles=None
+    ) -> None:
         super().__init__()
         self.containerId = str(containerId)
         self.volumePath = volumePath
         self.settings = settings
         self.credential = credential
+        self.handles = handles
 
     def lookupChannel(self, channelType, windowSize, maxPacket, data):
         return SessionChannel(
@@ -109,18 +115,29 @@ class ContainerAvatar(ConchUser):
             avatar=self,
         )
 
-    def openFilesystem(self) -> ConfinedFilesystem:
-        return ConfinedFilesystem(self.volumePath)
+    def openVolume(self) -> Volume:
+        """
+        The container's volume, for one protocol run by one channel.
+
+        @raise OSError: the volume directory is missing.
+        """
+        return Volume.open(self.volumePath, self.containerId)
 
 
 @implementer(IRealm)
 class ContainerRealm:
     """
     Gives each container id an avatar rooted at its volume directory.
+
+    @param handles: the L{HandleBudget} of open handles per container; by
+        default one at C{sftp.max_handles_per_container}.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, handles: "HandleBudget | None" = None) -> None:
         self._config = config
+        if handles is None:
+            handles = HandleBudget(config.sftp.max_handles_per_container)
+        self._handles = handles
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         avatar = ContainerAvatar(
@@ -128,5 +145,6 @@ class ContainerRealm:
             self._config.volume_path(avatarId),
             self._config.sftp,
             getattr(avatarId, "credential", None),
+            self._handles,
         )
         return interfaces[0], avatar, lambda: None

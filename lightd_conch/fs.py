@@ -137,6 +137,17 @@ def normalize(path: bytes) -> Parts:
     return tuple(parts)
 
 
+def expandHome(path: bytes) -> bytes:
+    """
+    C{path} with a leading C{~}, C{~/x} or C{~user/x} made absolute: the
+    volume is every user's home.
+    """
+    if path.startswith(b"~"):
+        slash = path.find(b"/")
+        return b"/" if slash < 0 else path[slash:]
+    return path
+
+
 def namesAFolder(path: bytes) -> bool:
     """
     Whether a client path below the root ends as only a folder's can:

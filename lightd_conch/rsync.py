@@ -47,7 +47,8 @@ from typing import List, Optional, Sequence, Tuple
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 
-from .fs import normalize
+from .fs import expandHome, normalize
+from .volume import Volume
 
 SANDBOX_VOLUME = b"/volume"
 """
@@ -177,10 +178,7 @@ def _mapPath(value: str) -> str:
     trailing slash (rsync's "the contents of") is kept.  Relative, so rsync's
     messages name the path as the client sees it.
     """
-    raw = os.fsencode(value)
-    if raw.startswith(b"~"):
-        slash = raw.find(b"/")
-        raw = b"/" if slash < 0 else raw[slash:]
+    raw = expandHome(os.fsencode(value))
     parts = normalize(raw)
     mapped = b"/".join(parts) or b"."
     if parts and (raw.endswith(b"/") or raw.endswith(b"/.")):
@@ -550,9 +548,9 @@ class RsyncServer(Protocol):
 
     reactor = None
 
-    def __init__(self, sandbox: Sandbox, volumePath: str, argv: List[str]) -> None:
+    def __init__(self, sandbox: Sandbox, volume: Volume, argv: List[str]) -> None:
         self.sandbox = sandbox
-        self.volumePath = volumePath
+        self.volume = volume
         self.argv = argv
         self.process = None
         self._early: List[bytes] = []
@@ -576,12 +574,8 @@ class RsyncServer(Protocol):
         reactor = self.reactor
         if reactor is None:
             from twisted.internet import reactor
-        try:
-            volumeFD = os.open(self.volumePath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            self._refuse("lightd-sftp: the volume is missing\n", 1)
-            return
-        if _mountsInside(self.volumePath):
+        volumeFD = self.volume.sandboxRoot()
+        if _mountsInside(self.volume.hostPath):
             # bwrap binds the volume with everything mounted below it, and
             # rsync would reach into those mounts (SFTP and scp refuse them).
             os.close(volumeFD)
@@ -728,23 +722,4 @@ class RsyncServer(Protocol):
         self._early = []
         self._cancelRootTimeout()
         self._kill()
-
-
-def rsyncProtocol(command: bytes, volumePath: str) -> Protocol:
-    """
-    The protocol serving C{command} (an ``rsync --server`` line), or a
-    refusal that says why on stderr.
-    """
-    from .commands import Refusal
-
-    sandbox = findSandbox()
-    if sandbox is None:
-        return Refusal(
-            "lightd-sftp: rsync is not available on this server (bubblewrap or rsync missing)",
-            127,
-        )
-    try:
-        argv = parseCommand(command)
-    except RsyncRefused as e:
-        return Refusal(f"lightd-sftp: rsync refused: {e}", 1)
-    return RsyncServer(sandbox, volumePath, enforced(argv))
+        self.volume.close()

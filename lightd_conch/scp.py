@@ -39,7 +39,8 @@ from typing import Generator, List, Optional, Set, Tuple, Union
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from .fs import ConfinedFilesystem, normalize, virtualPath
+from .fs import expandHome, normalize, virtualPath
+from .volume import OpenFile, Volume
 
 CHUNK = 256 * 1024
 MAX_LINE = 4096
@@ -75,13 +76,6 @@ class ScpCommand:
     preserve: bool = False
     targetIsDirectory: bool = False
     paths: List[bytes] = field(default_factory=list)
-
-
-def _expandTilde(path: bytes) -> bytes:
-    if path.startswith(b"~"):
-        slash = path.find(b"/")
-        return b"/" if slash < 0 else path[slash:]
-    return path
 
 
 def parseCommand(command: bytes) -> Optional[ScpCommand]:
@@ -129,7 +123,7 @@ def parseCommand(command: bytes) -> Optional[ScpCommand]:
         recursive=ord("r") in flags,
         preserve=ord("p") in flags,
         targetIsDirectory=ord("d") in flags,
-        paths=[_expandTilde(path)],
+        paths=[expandHome(path)],
     )
 
 
@@ -416,21 +410,21 @@ class ScpSink(_Exchange):
     ``scp -t TARGET``: receive files (and with -r, directories) into the volume.
     """
 
-    def __init__(self, filesystem: ConfinedFilesystem, command: ScpCommand) -> None:
+    def __init__(self, volume: Volume, command: ScpCommand) -> None:
         super().__init__()
-        self.filesystem = filesystem
+        self.volume = volume
         self.command = command
-        self._fd: Optional[int] = None
+        self._file: Optional[OpenFile] = None
 
     def _cleanup(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self.filesystem.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.volume.close()
 
     def _isDirectory(self, path: bytes) -> bool:
         try:
-            return stat.S_ISDIR(self.filesystem.stat(path).st_mode)
+            return stat.S_ISDIR(self.volume.stat(path).st_mode)
         except OSError:
             return False
 
@@ -493,7 +487,7 @@ class ScpSink(_Exchange):
 
     def _makeDirectory(self, path: bytes, mode: int) -> None:
         try:
-            self.filesystem.mkdir(path, mode | 0o700)
+            self.volume.mkdir(path, mode | 0o700)
         except FileExistsError:
             if not self._isDirectory(path):
                 raise _Fatal(f"{_display(path)}: Not a directory")
@@ -505,7 +499,7 @@ class ScpSink(_Exchange):
         self, path: bytes, mode: int, times: Optional[Tuple[int, int]]
     ) -> None:
         try:
-            self.filesystem.setattrs(
+            self.volume.setattrs(
                 path,
                 mode=mode if self.command.preserve else None,
                 times=times if self.command.preserve else None,
@@ -517,7 +511,7 @@ class ScpSink(_Exchange):
         self, path: bytes, mode: int, size: int, times: Optional[Tuple[int, int]]
     ) -> Generator[_Request, object, None]:
         try:
-            self._fd = self.filesystem.openFile(path, os.O_WRONLY | os.O_CREAT, mode | 0o200)
+            self._file = self.volume.openFile(path, os.O_WRONLY | os.O_CREAT, mode | 0o200)
         except OSError as e:
             # The client sends no data after an error in place of the ack.
             self.error(f"{_display(path)}: {os.strerror(e.errno)}")
@@ -531,10 +525,7 @@ class ScpSink(_Exchange):
                 raise _Fatal("unexpected end of input")
             if problem is None:
                 try:
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.pwrite(self._fd, view, offset + len(chunk) - len(view))
-                        view = view[written:]
+                    self._file.write(chunk, offset)
                 except OSError as e:
                     problem = e
             offset += len(chunk)
@@ -546,19 +537,18 @@ class ScpSink(_Exchange):
                 raise _Fatal((message or b"").decode("utf-8", "replace"))
         elif status != b"\0":
             raise _Fatal("protocol error: expected end of file")
-        fd, self._fd = self._fd, None
+        file, self._file = self._file, None
         try:
             if problem is None:
-                os.ftruncate(fd, size)
-                self.filesystem.fsetattrs(
-                    fd,
+                file.truncate(size)
+                file.setattrs(
                     mode=mode if self.command.preserve else None,
                     times=times if self.command.preserve else None,
                 )
         except OSError as e:
             problem = e
         finally:
-            os.close(fd)
+            file.close()
         if problem is not None:
             self.error(f"{_display(path)}: {os.strerror(problem.errno)}")
         else:
@@ -570,13 +560,13 @@ class ScpSource(_Exchange):
     ``scp -f PATH``: send a file (with -r, a tree) from the volume.
     """
 
-    def __init__(self, filesystem: ConfinedFilesystem, command: ScpCommand) -> None:
+    def __init__(self, volume: Volume, command: ScpCommand) -> None:
         super().__init__()
-        self.filesystem = filesystem
+        self.volume = volume
         self.command = command
 
     def _cleanup(self) -> None:
-        self.filesystem.close()
+        self.volume.close()
 
     def _response(self) -> Generator[_Request, object, bool]:
         status = yield 1
@@ -599,19 +589,15 @@ class ScpSource(_Exchange):
         if not parts or not _GLOB.search(parts[-1]):
             return [path]
         try:
-            self.filesystem.lstat(path)
+            self.volume.lstat(path)
             return [path]
         except OSError:
             pass
         directory = virtualPath(parts[:-1])
         try:
-            fd = self.filesystem.openDirectory(directory)
+            names = self.volume.names(directory)
         except OSError:
             return [path]
-        try:
-            names = sorted(os.fsencode(n) for n in os.listdir(fd))
-        finally:
-            os.close(fd)
         pattern = parts[-1]
         matches = [
             _join(directory, n)
@@ -635,7 +621,7 @@ class ScpSource(_Exchange):
             self.error(f"{_display(path)}: skipping, filename contains a newline")
             return
         try:
-            st = self.filesystem.stat(path)
+            st = self.volume.stat(path)
         except OSError as e:
             self.error(f"{_display(path)}: {os.strerror(e.errno)}")
             return
@@ -661,12 +647,12 @@ class ScpSource(_Exchange):
 
     def _sendFile(self, path: bytes) -> Generator[_Request, object, None]:
         try:
-            fd = self.filesystem.openFile(path, os.O_RDONLY)
+            file = self.volume.openFile(path, os.O_RDONLY)
         except OSError as e:
             self.error(f"{_display(path)}: {os.strerror(e.errno)}")
             return
         try:
-            st = os.fstat(fd)
+            st = file.stat()
             if not (yield from self._timeRecord(st)):
                 return
             size = st.st_size
@@ -680,7 +666,7 @@ class ScpSource(_Exchange):
             while offset < size:
                 want = min(CHUNK, size - offset)
                 try:
-                    chunk = os.pread(fd, want, offset) if problem is None else b""
+                    chunk = file.read(want, offset) if problem is None else b""
                 except OSError as e:
                     problem, chunk = os.strerror(e.errno), b""
                 if not chunk:
@@ -691,7 +677,7 @@ class ScpSource(_Exchange):
                 offset += len(chunk)
                 yield _YIELD
         finally:
-            os.close(fd)
+            file.close()
         if problem is None:
             self.transport.write(b"\0")
         else:
@@ -710,11 +696,7 @@ class ScpSource(_Exchange):
             self.error(f"{_display(path)}: directory loop")
             return
         try:
-            fd = self.filesystem.openDirectory(path)
-            try:
-                names = sorted(os.fsencode(n) for n in os.listdir(fd))
-            finally:
-                os.close(fd)
+            names = self.volume.names(path)
         except OSError as e:
             self.error(f"{_display(path)}: {os.strerror(e.errno)}")
             return
@@ -729,5 +711,5 @@ class ScpSource(_Exchange):
         yield from self._response()
 
 
-def scpProtocol(filesystem: ConfinedFilesystem, command: ScpCommand) -> _Exchange:
-    return (ScpSink if command.sink else ScpSource)(filesystem, command)
+def scpProtocol(volume: Volume, command: ScpCommand) -> _Exchange:
+    return (ScpSink if command.sink else ScpSource)(volume, command)

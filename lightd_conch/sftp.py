@@ -8,21 +8,19 @@ v3 status code, packets over 256 KiB close the channel, READ lengths are capped,
 READDIR replies are bounded, and replies are never held unboundedly: while the
 transport is full, no further request is read (see L{SFTPServer.pauseProducing}).
 
-The protocol translates bytes; what the bytes ask for is done by
-L{lightd_conch.fs.ConfinedFilesystem}, and L{statusForError} is the one place
-that maps an C{OSError} to an SFTP status.
+The protocol translates bytes; what the bytes ask for is done, and allowed or
+refused, by the session's L{lightd_conch.volume.Volume}, and L{statusForError}
+is the one place that maps an C{OSError} to an SFTP status.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 import struct
-import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Cooperator, CooperativeTask, TaskStopped, cooperate
@@ -30,7 +28,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .fs import ConfinedFilesystem, normalize, virtualPath
+from .fs import expandHome
+from .volume import Directory, OpenFile, SameFile, Volume
 
 # Packet types.
 FXP_INIT = 1
@@ -99,9 +98,6 @@ MAX_WRITE_LENGTH = MAX_READ_LENGTH
 """The WRITE payload clients are told to stay under (limits@openssh.com)."""
 MAX_COPIES = 4
 """copy-data requests of one session running at once."""
-COPY_CHUNK = 8 * 1024 * 1024
-"""Bytes one copy-data step moves in the kernel before other work gets a turn."""
-_COPY_FALLBACK_CHUNK = 256 * 1024
 _MAX_OFFSET = 2**63 - 1
 """The largest file offset or size the kernel takes (off_t); SFTP's are uint64."""
 
@@ -317,7 +313,6 @@ _LINK_FIRST_CLIENTS = (b"SSH-2.0-AsyncSSH_", b"SSH-2.0-WinSCP_", b"SSH-2.0-ssh2j
 
 _SIX_MONTHS = 182 * 24 * 3600
 # os.fsencode, without its call: scandir decodes names this way.
-_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _MODE_STRINGS: Dict[int, bytes] = {}
 
 
@@ -378,136 +373,7 @@ class _Listing:
         )
 
 
-class _FileHandle:
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class _DirectoryHandle:
-    __slots__ = ("fd", "path", "_entries", "_dots", "_held")
-
-    def __init__(self, fd: int, path: bytes) -> None:
-        self.fd = fd
-        self.path = path
-        self._entries: Optional[Iterator[os.DirEntry]] = None
-        self._dots = True
-        self._held: List[Tuple[bytes, os.stat_result]] = []
-
-    def unread(self, entries: List[Tuple[bytes, os.stat_result]]) -> None:
-        """
-        Give back entries read but not sent: the next read starts with them.
-        """
-        self._held = entries + self._held
-
-    def read(
-        self, filesystem: ConfinedFilesystem, limit: int
-    ) -> List[Tuple[bytes, os.stat_result]]:
-        """
-        The next entries with their lstat, at most C{limit}; empty at the end.
-
-        "." and ".." come first, as from OpenSSH's server; ".." of the root is
-        the root itself.
-        """
-        batch, self._held = self._held[:limit], self._held[limit:]
-        if len(batch) >= limit:
-            return batch
-        if self._dots:
-            self._dots = False
-            batch.append((b".", os.fstat(self.fd)))
-            parent = virtualPath(normalize(self.path)[:-1])
-            try:
-                batch.append((b"..", filesystem.stat(parent)))
-            except OSError:
-                pass
-            self._entries = os.scandir(self.fd)
-        assert self._entries is not None
-        for entry in self._entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue  # removed since it was listed
-            batch.append((entry.name.encode(_FS_ENCODING, _FS_ERRORS), st))
-            if len(batch) >= limit:
-                break
-        return batch
-
-    def close(self) -> None:
-        if self._entries is not None:
-            self._entries.close()
-        os.close(self.fd)
-
-
-_Handle = Union[_FileHandle, _DirectoryHandle]
-
-
-class _Copy:
-    """
-    One copy-data request: bytes moved from one fd to another in bounded
-    steps, in the kernel (copy_file_range) where it can, else by pread and
-    write.
-
-    @ivar shortRead: the source ended before C{length} bytes were copied.
-    """
-
-    def __init__(
-        self, source: int, readOffset: int, length: int, target: int, writeOffset: int
-    ) -> None:
-        self.source = source
-        self.readOffset = readOffset
-        self.remaining: Optional[int] = length or None  # 0 means "to the end"
-        self.target = target
-        self.writeOffset = writeOffset
-        self.shortRead = False
-
-    def steps(self) -> Iterator[None]:
-        appending = bool(fcntl.fcntl(self.target, fcntl.F_GETFL) & os.O_APPEND)
-        # copy_file_range cannot append, nor cross some filesystems.
-        inKernel = not appending
-        while self.remaining is None or self.remaining > 0:
-            want = COPY_CHUNK if self.remaining is None else min(COPY_CHUNK, self.remaining)
-            if inKernel:
-                try:
-                    moved = os.copy_file_range(
-                        self.source, self.target, want, self.readOffset, self.writeOffset
-                    )
-                except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                        raise
-                    inKernel = False
-                    continue
-            else:
-                data = os.pread(self.source, min(want, _COPY_FALLBACK_CHUNK), self.readOffset)
-                moved = len(data)
-                self._writeAll(data, appending)
-            if not moved:
-                self.shortRead = self.remaining is not None
-                return
-            self.readOffset += moved
-            self.writeOffset += moved
-            if self.remaining is not None:
-                self.remaining -= moved
-            yield None
-
-    def _writeAll(self, data: bytes, appending: bool) -> None:
-        view = memoryview(data)
-        while view:
-            if appending:
-                written = os.write(self.target, view)
-            else:
-                written = os.pwrite(self.target, view, self.writeOffset + len(data) - len(view))
-            view = view[written:]
-
-    def close(self) -> None:
-        for fd in (self.source, self.target):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+_Handle = Union[OpenFile, Directory]
 
 
 class HandleBudget:
@@ -550,14 +416,14 @@ class SFTPServer(Protocol):
 
     def __init__(
         self,
-        filesystem: ConfinedFilesystem,
+        volume: Volume,
         maxHandles: int = 512,
         cooperator: Optional[Cooperator] = None,
         clientVersion: bytes = b"",
         budget: Optional[HandleBudget] = None,
         owner: str = "",
     ) -> None:
-        self.filesystem = filesystem
+        self.volume = volume
         self.maxHandles = maxHandles
         self._budget = budget
         self._owner = owner
@@ -789,8 +655,7 @@ class SFTPServer(Protocol):
             flags |= os.O_TRUNC
         if pflags & FXF_EXCL:
             flags |= os.O_EXCL
-        fd = self.filesystem.openFile(path, flags, attrs.permissions)
-        return self._addHandle(requestId, _FileHandle(fd))
+        return self._addHandle(requestId, self.volume.openFile(path, flags, attrs.permissions))
 
     def _close(self, requestId: int, reader: _Reader) -> bytes:
         key = reader.string()
@@ -804,9 +669,9 @@ class SFTPServer(Protocol):
         key = reader.string()
         offset = reader.uint64()
         length = min(reader.uint32(), MAX_READ_LENGTH)
-        handle = self._handle(key, _FileHandle)
+        handle = self._handle(key, OpenFile)
         _checkOffsets(offset)
-        data = os.pread(handle.fd, length, offset)
+        data = handle.read(length, offset)
         if not data and length:
             return self._statusPacket(requestId, FX_EOF)
         # Header and data go out as two parts: the data is never copied
@@ -820,25 +685,22 @@ class SFTPServer(Protocol):
         key = reader.string()
         offset = reader.uint64()
         data = memoryview(reader.view())
-        handle = self._handle(key, _FileHandle)
+        handle = self._handle(key, OpenFile)
         _checkOffsets(offset)
-        while data:
-            written = os.pwrite(handle.fd, data, offset)
-            data = data[written:]
-            offset += written
+        handle.write(data, offset)
         return self._ok(requestId)
 
     def _attrsReply(self, requestId: int, st: os.stat_result) -> bytes:
         return self._packet(FXP_ATTRS, requestId, encodeAttrs(st))
 
     def _lstat(self, requestId: int, reader: _Reader) -> bytes:
-        return self._attrsReply(requestId, self.filesystem.lstat(reader.string()))
+        return self._attrsReply(requestId, self.volume.lstat(reader.string()))
 
     def _stat(self, requestId: int, reader: _Reader) -> bytes:
-        return self._attrsReply(requestId, self.filesystem.stat(reader.string()))
+        return self._attrsReply(requestId, self.volume.stat(reader.string()))
 
     def _fstat(self, requestId: int, reader: _Reader) -> bytes:
-        return self._attrsReply(requestId, os.fstat(self._anyHandle(reader.string()).fd))
+        return self._attrsReply(requestId, self._anyHandle(reader.string()).stat())
 
     def _checkOwnership(self, attrs: Attributes, st: os.stat_result) -> None:
         # Ownership belongs to the host: a client may restate it, not change it.
@@ -849,9 +711,9 @@ class SFTPServer(Protocol):
         path = reader.string()
         attrs = reader.attrs()
         if attrs.uid is not None:
-            self._checkOwnership(attrs, self.filesystem.stat(path))
+            self._checkOwnership(attrs, self.volume.stat(path))
         _checkOffsets(attrs.size)
-        self.filesystem.setattrs(path, attrs.size, attrs.permissions, attrs.times)
+        self.volume.setattrs(path, attrs.size, attrs.permissions, attrs.times)
         return self._ok(requestId)
 
     def _fsetstat(self, requestId: int, reader: _Reader) -> bytes:
@@ -859,20 +721,19 @@ class SFTPServer(Protocol):
         attrs = reader.attrs()
         handle = self._anyHandle(key)
         if attrs.uid is not None:
-            self._checkOwnership(attrs, os.fstat(handle.fd))
+            self._checkOwnership(attrs, handle.stat())
         _checkOffsets(attrs.size)
-        self.filesystem.fsetattrs(handle.fd, attrs.size, attrs.permissions, attrs.times)
+        handle.setattrs(attrs.size, attrs.permissions, attrs.times)
         return self._ok(requestId)
 
     def _opendir(self, requestId: int, reader: _Reader) -> bytes:
         path = reader.string()
         self._checkHandleRoom()
-        fd = self.filesystem.openDirectory(path)
-        return self._addHandle(requestId, _DirectoryHandle(fd, path))
+        return self._addHandle(requestId, self.volume.openDirectory(path))
 
     def _readdir(self, requestId: int, reader: _Reader) -> bytes:
-        handle = self._handle(reader.string(), _DirectoryHandle)
-        batch = handle.read(self.filesystem, MAX_READDIR_ENTRIES)
+        handle = self._handle(reader.string(), Directory)
+        batch = handle.read(MAX_READDIR_ENTRIES)
         if not batch:
             return self._statusPacket(requestId, FX_EOF)
         listing = _Listing()
@@ -890,31 +751,31 @@ class SFTPServer(Protocol):
         )
 
     def _remove(self, requestId: int, reader: _Reader) -> bytes:
-        self.filesystem.remove(reader.string())
+        self.volume.remove(reader.string())
         return self._ok(requestId)
 
     def _mkdir(self, requestId: int, reader: _Reader) -> bytes:
         path = reader.string()
         attrs = reader.attrs()
-        self.filesystem.mkdir(path, attrs.permissions)
+        self.volume.mkdir(path, attrs.permissions)
         return self._ok(requestId)
 
     def _rmdir(self, requestId: int, reader: _Reader) -> bytes:
-        self.filesystem.rmdir(reader.string())
+        self.volume.rmdir(reader.string())
         return self._ok(requestId)
 
     def _realpath(self, requestId: int, reader: _Reader) -> bytes:
-        path = self.filesystem.realpath(reader.string())
+        path = self.volume.realpath(reader.string())
         return self._names(requestId, [(path, path, _NO_ATTRS)])
 
     def _rename(self, requestId: int, reader: _Reader) -> bytes:
         old = reader.string()
         new = reader.string()
-        self.filesystem.rename(old, new)
+        self.volume.rename(old, new)
         return self._ok(requestId)
 
     def _readlink(self, requestId: int, reader: _Reader) -> bytes:
-        target = self.filesystem.readlink(reader.string())
+        target = self.volume.readlink(reader.string())
         return self._names(requestId, [(target, target, _NO_ATTRS)])
 
     def _symlink(self, requestId: int, reader: _Reader) -> bytes:
@@ -925,7 +786,7 @@ class SFTPServer(Protocol):
         linkpath = reader.string()
         if self._linkFirst:
             target, linkpath = linkpath, target
-        self.filesystem.symlink(target, linkpath)
+        self.volume.symlink(target, linkpath)
         return self._ok(requestId)
 
     def _extended(self, requestId: int, reader: _Reader) -> Optional[bytes]:
@@ -943,7 +804,7 @@ class SFTPServer(Protocol):
     def _posixRename(self, requestId: int, reader: _Reader) -> bytes:
         old = reader.string()
         new = reader.string()
-        self.filesystem.rename(old, new, replace=True)
+        self.volume.rename(old, new, replace=True)
         return self._ok(requestId)
 
     def _statvfsReply(self, requestId: int, st: os.statvfs_result) -> bytes:
@@ -971,19 +832,19 @@ class SFTPServer(Protocol):
         )
 
     def _statvfs(self, requestId: int, reader: _Reader) -> bytes:
-        return self._statvfsReply(requestId, self.filesystem.statvfs(reader.string()))
+        return self._statvfsReply(requestId, self.volume.statvfs(reader.string()))
 
     def _fstatvfs(self, requestId: int, reader: _Reader) -> bytes:
-        return self._statvfsReply(requestId, os.fstatvfs(self._anyHandle(reader.string()).fd))
+        return self._statvfsReply(requestId, self._anyHandle(reader.string()).statvfs())
 
     def _hardlink(self, requestId: int, reader: _Reader) -> bytes:
         old = reader.string()
         new = reader.string()
-        self.filesystem.hardlink(old, new)
+        self.volume.hardlink(old, new)
         return self._ok(requestId)
 
     def _fsync(self, requestId: int, reader: _Reader) -> bytes:
-        os.fsync(self._handle(reader.string(), _FileHandle).fd)
+        self._handle(reader.string(), OpenFile).fsync()
         return self._ok(requestId)
 
     def _lsetstat(self, requestId: int, reader: _Reader) -> bytes:
@@ -993,8 +854,8 @@ class SFTPServer(Protocol):
             # A size means nothing for a link; OpenSSH answers the same.
             raise SFTPError(FX_BAD_MESSAGE, "lsetstat cannot set a size")
         if attrs.uid is not None:
-            self._checkOwnership(attrs, self.filesystem.lstat(path))
-        self.filesystem.lsetattrs(path, attrs.permissions, attrs.times)
+            self._checkOwnership(attrs, self.volume.lstat(path))
+        self.volume.lsetattrs(path, attrs.permissions, attrs.times)
         return self._ok(requestId)
 
     def _limits(self, requestId: int, reader: _Reader) -> bytes:
@@ -1006,13 +867,9 @@ class SFTPServer(Protocol):
         )
 
     def _expandPath(self, requestId: int, reader: _Reader) -> bytes:
-        # The volume is every user's home here: "~", "~/x" and "~user/x"
-        # all start at the root.  Otherwise REALPATH's lexical rules apply.
-        path = reader.string()
-        if path.startswith(b"~"):
-            slash = path.find(b"/")
-            path = b"/" if slash < 0 else path[slash:]
-        resolved = self.filesystem.realpath(path)
+        # The volume is every user's home (L{expandHome}); otherwise
+        # REALPATH's lexical rules apply.
+        resolved = self.volume.realpath(expandHome(reader.string()))
         return self._names(requestId, [(resolved, resolved, _NO_ATTRS)])
 
     def _homeDirectory(self, requestId: int, reader: _Reader) -> bytes:
@@ -1043,19 +900,18 @@ class SFTPServer(Protocol):
         source = self._handles.get(readKey)
         target = self._handles.get(writeKey)
         if (
-            not isinstance(source, _FileHandle)
-            or not isinstance(target, _FileHandle)
+            source.__class__ is not OpenFile
+            or target.__class__ is not OpenFile
             or readKey == writeKey
         ):
             raise SFTPError(FX_FAILURE, "Invalid handle")
-        sourceStat, targetStat = os.fstat(source.fd), os.fstat(target.fd)
-        if (sourceStat.st_dev, sourceStat.st_ino) == (targetStat.st_dev, targetStat.st_ino):
-            raise SFTPError(FX_FAILURE, "Source and destination are the same file")
+        try:
+            job = self.volume.copy(source, readOffset, length, target, writeOffset)
+        except SameFile as e:
+            raise SFTPError(FX_FAILURE, str(e))
         if len(self._copies) >= MAX_COPIES:
+            job.close()
             raise SFTPError(FX_FAILURE, "Too many copies in progress")
-        # The copy owns duplicates of both fds: a CLOSE meanwhile cannot make
-        # it write into whatever file reuses the number.
-        job = _Copy(os.dup(source.fd), readOffset, length, os.dup(target.fd), writeOffset)
         task = self._cooperate(job.steps())
         self._copies.add(task)
 
@@ -1136,4 +992,4 @@ class SFTPServer(Protocol):
                 handle.close()
             except OSError:
                 pass
-        self.filesystem.close()
+        self.volume.close()

@@ -2,8 +2,8 @@
 The SSH side: host key, factory, transport, user authentication, connection
 and the session channel that carries the SFTP subsystem.
 
-These classes translate SSH messages; the files are served by
-L{lightd_conch.sftp.SFTPServer} over L{lightd_conch.fs.ConfinedFilesystem}.
+These classes translate SSH messages; what a session channel runs is built by
+L{lightd_conch.commands}.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from twisted.logger import (
 
 from ._address import formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
-from .commands import execProtocol
+from .commands import execProtocol, subsystemProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
-from .sftp import HandleBudget, SFTPServer
+from .sftp import SFTPServer
 
 log = Logger()
 
@@ -868,26 +868,15 @@ class SessionChannel(SSHChannel):
             protocol.makeConnection(self)
 
     def _startSubsystem(self, data: bytes) -> int:
-        name = common.getNS(data)[0]
-        if name != b"sftp" or self.protocol is not None:
+        if self.protocol is not None:
             return 0
-        try:
-            filesystem = self.avatar.openFilesystem()
-        except OSError:
-            log.warn(
-                "volume of container {container} is missing",
-                container=self.avatar.containerId,
-            )
-            return 0
-        transport = self.conn.transport
-        self.protocol = SFTPServer(
-            filesystem,
-            self.avatar.settings.max_handles,
-            clientVersion=transport.otherVersionString,
-            budget=transport.factory.handles,
-            owner=self.avatar.containerId,
+        protocol = subsystemProtocol(
+            common.getNS(data)[0], self.avatar, self.conn.transport.otherVersionString
         )
-        self.protocol.makeConnection(self)
+        if protocol is None:
+            return 0
+        self.protocol = protocol
+        protocol.makeConnection(self)
         return 1
 
     # -- input ------------------------------------------------------------
@@ -1095,7 +1084,6 @@ class SSHFactory(factory.SSHFactory):
         self.startups = StartupLimiter(
             settings.max_startups, settings.max_startups_per_ip
         )
-        self.handles = HandleBudget(settings.max_handles_per_container)
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None

@@ -6,6 +6,7 @@ import threading
 
 from zope.interface import implementer
 
+from lightd_conch.commands import ISessionChannel
 from lightd_conch.store import Credential, ICredentialStore, UsernameTaken
 
 
@@ -59,3 +60,61 @@ class MemoryCredentialStore:
 
     def close(self) -> None:
         self.closed = True
+
+
+@implementer(ISessionChannel)
+class FakeSessionChannel:
+    """
+    An L{ISessionChannel} that keeps what a protocol sends, for tests of the
+    protocols a session channel runs (SFTP, scp, rsync, refusals).
+
+    @ivar out: the channel data written, in order (as bytes).
+    @ivar err: the stderr data written, in order.
+    @ivar exitCode: the status given to L{exit}, or None.
+    @ivar lost: whether L{loseConnection} was called.
+    @ivar resumed: how many times the protocol asked for input again.
+    """
+
+    def __init__(self) -> None:
+        self.out: list = []
+        self.err: list = []
+        self.exitCode = None
+        self.lost = False
+        self.resumed = 0
+
+    def write(self, data) -> None:
+        self.out.append(bytes(data))
+
+    def writeSequence(self, seq) -> None:
+        for data in seq:
+            self.write(data)
+
+    def writeStderr(self, data) -> None:
+        self.err.append(bytes(data))
+
+    def exit(self, code: int) -> None:
+        self.exitCode = code
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+    def resumeInput(self) -> None:
+        self.resumed += 1
+
+    def value(self) -> bytes:
+        """
+        Everything written so far as channel data.
+        """
+        return b"".join(self.out)
+
+    def clear(self) -> None:
+        self.out = []
+
+    def output(self) -> bytes:
+        """
+        The channel data written since the last call.
+        """
+        data = self.value()
+        self.clear()
+        return data
+

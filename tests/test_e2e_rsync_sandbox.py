@@ -17,7 +17,9 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from lightd_conch import rsync
+from lightd_conch import commands, rsync
+from lightd_conch.testing import FakeSessionChannel
+from lightd_conch.volume import Volume
 
 from tests.harness import (
     HOST,
@@ -29,7 +31,6 @@ from tests.harness import (
     within,
 )
 from tests.test_e2e_clients import run, ssh_command
-from tests.test_exec import _Channel
 
 # A security.capability value (VFS_CAP_REVISION_2, effective) granting
 # cap_dac_override and cap_sys_admin: what `setcap cap_dac_override,cap_sys_admin+ep` writes.
@@ -88,7 +89,17 @@ class ArgvTests(TestCase):
 
     def test_servedArgvIsEnforced(self):
         self.patch(rsync, "findSandbox", lambda: rsync.Sandbox("/bwrap", "/rsync", [], []))
-        protocol = rsync.rsyncProtocol(b"rsync --server -pe.LsfxCIvu . -x", "/nonexistent")
+        volume = self.mktemp()
+        os.makedirs(volume)
+
+        class Avatar:
+            containerId = "c"
+
+            def openVolume(self):
+                return Volume.open(volume)
+
+        protocol = commands.execProtocol(b"rsync --server -pe.LsfxCIvu . -x", Avatar())
+        self.addCleanup(protocol.volume.close)
         self.assertEqual(
             protocol.argv,
             ["rsync", "--server", "--no-super", "-pe.LsfxCIvu", "--chmod=a-st", ".", "./-x"],
@@ -181,9 +192,10 @@ class SandboxCredentialsTests(TestCase):
         if serviceUid is not None:
             self.patch(os, "geteuid", lambda: serviceUid)
         reactor = _ProbeReactor()
-        server = rsync.RsyncServer(self.probe, str(self.volume), ["cat", "/proc/self/status"])
+        server = rsync.RsyncServer(self.probe, Volume.open(str(self.volume)), ["cat", "/proc/self/status"])
+        self.addCleanup(server.volume.close)
         server.reactor = reactor
-        server.makeConnection(_Channel())
+        server.makeConnection(FakeSessionChannel())
         self.assertIsNotNone(reactor.result, "nothing was started")
         self.assertEqual(reactor.result.returncode, 0, reactor.result.stderr)
         fields = {}

@@ -12,7 +12,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lightd_conch import commands, rsync, scp
-from lightd_conch.fs import ConfinedFilesystem
+from lightd_conch.testing import FakeSessionChannel
+from lightd_conch.volume import Volume
 
 from .test_ssh import _Buffered
 
@@ -123,32 +124,6 @@ class RsyncCommandTests(TestCase):
             self.assertRaises(rsync.RsyncRefused, rsync.parseCommand, line)
 
 
-class _Channel:
-    """What an exec protocol sees of its session channel."""
-
-    def __init__(self):
-        self.out = []
-        self.err = []
-        self.exitCode = None
-        self.window = 0
-
-    def write(self, data):
-        self.out.append(bytes(data))
-
-    def writeStderr(self, data):
-        self.err.append(bytes(data))
-
-    def exit(self, code):
-        self.exitCode = code
-
-    def resumeInput(self):
-        pass
-
-    def output(self):
-        data, self.out = b"".join(self.out), []
-        return data
-
-
 class ScpDriver:
     """
     Drives scp's protocol object over a fake channel, on a real volume; the
@@ -162,12 +137,14 @@ class ScpDriver:
     def start(self, line):
         protocol = commands.execProtocol(line, self)
         protocol.clock = Clock()
-        channel = _Channel()
+        channel = FakeSessionChannel()
         protocol.makeConnection(channel)
         return protocol, channel
 
-    def openFilesystem(self):
-        return ConfinedFilesystem(self.volume)
+    containerId = "c"
+
+    def openVolume(self):
+        return Volume.open(self.volume)
 
 
 class ScpProtocolTests(ScpDriver, TestCase):
@@ -336,19 +313,28 @@ class ScpProtocolTests(ScpDriver, TestCase):
         self.assertEqual(channel.exitCode, 127)
 
 
+class _NoVolume:
+    """An avatar whose volume is missing."""
+
+    containerId = "c"
+
+    def openVolume(self):
+        raise FileNotFoundError()
+
+
 class RsyncSandboxTests(TestCase):
     def test_missingSandboxRefused(self):
         self.patch(rsync, "findSandbox", lambda: None)
-        protocol = rsync.rsyncProtocol(b"rsync --server -r . d", "/nonexistent")
-        channel = _Channel()
+        protocol = commands.execProtocol(b"rsync --server -r . d", _NoVolume())
+        channel = FakeSessionChannel()
         protocol.makeConnection(channel)
         self.assertEqual(channel.exitCode, 127)
         self.assertIn(b"rsync is not available on this server", b"".join(channel.err))
 
     def test_refusedArgvExitsOne(self):
         self.patch(rsync, "findSandbox", lambda: rsync.Sandbox("/bwrap", "/rsync", [], []))
-        protocol = rsync.rsyncProtocol(b"rsync --server --rsync-path=sh . d", "/nonexistent")
-        channel = _Channel()
+        protocol = commands.execProtocol(b"rsync --server --rsync-path=sh . d", _NoVolume())
+        channel = FakeSessionChannel()
         protocol.makeConnection(channel)
         self.assertEqual(channel.exitCode, 1)
         self.assertIn(b"--rsync-path", b"".join(channel.err))
@@ -539,10 +525,10 @@ class ChannelExitTests(TestCase):
         os.makedirs(volume)
 
         class Avatar:
-            volumePath = volume
+            containerId = "c"
 
-            def openFilesystem(self):
-                return ConfinedFilesystem(volume)
+            def openVolume(self):
+                return Volume.open(volume)
 
         channel = SessionChannel(localWindow=1000, localMaxPacket=100,
                                  remoteWindow=1000, remoteMaxPacket=100, avatar=Avatar())

@@ -5,7 +5,7 @@ at the end).
 
 Generated packets, well-formed or truncated, padded, pipelined with repeated ids
 and cut into arbitrary chunks (with the protocol paused and resumed between
-them), are fed to a server over a C{StringTransport}, on a fresh volume holding
+them), are fed to a server over a fake session channel, on a fresh volume holding
 hostile links, a FIFO and a loop, next to an outside sentinel.  For every
 example:
 
@@ -37,11 +37,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, multiple, rule, run_state_machine_as_test
 from twisted.internet.task import Clock, Cooperator
 from twisted.logger import Logger
-from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from lightd_conch import sftp
-from lightd_conch.fs import ConfinedFilesystem
+from lightd_conch.testing import FakeSessionChannel
+from lightd_conch.volume import Volume
 
 # The contract, written out here rather than read from the module under test.
 MAX_PACKET_LENGTH = 256 * 1024
@@ -323,15 +323,6 @@ def require(condition, message):
         raise AssertionError(message)
 
 
-class _Transport(StringTransport):
-    def __init__(self):
-        super().__init__()
-        self.lost = False
-
-    def loseConnection(self):
-        self.lost = True
-
-
 class _Body:
     def __init__(self, data):
         self.data, self.pos = data, 0
@@ -438,7 +429,7 @@ def scratch_folder(testcase):
 class Session:
     """
     A fresh volume (with links to the outside planted in it) next to an
-    outside sentinel, and one SFTP server on it over a StringTransport.
+    outside sentinel, and one SFTP server on it over a fake session channel.
     """
 
     def __init__(self, workdir, useOpenat2):
@@ -456,12 +447,12 @@ class Session:
         )
         self.events = []
         self.server = sftp.SFTPServer(
-            ConfinedFilesystem(self.volume, useOpenat2=useOpenat2),
+            Volume.open(self.volume, useOpenat2=useOpenat2),
             maxHandles=8,
             cooperator=cooperator,
         )
         self.server._log = Logger(observer=self.events.append)
-        self.transport = _Transport()
+        self.transport = FakeSessionChannel()
         self.server.makeConnection(self.transport)
 
     def _makeTree(self):

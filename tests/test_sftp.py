@@ -7,12 +7,11 @@ import time
 import stat
 import struct
 
-from twisted.internet.address import IPv4Address
-from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import TestCase
 
 from lightd_conch import sftp
-from lightd_conch.fs import ConfinedFilesystem
+from lightd_conch.testing import FakeSessionChannel
+from lightd_conch.volume import Volume
 
 
 def string(value):
@@ -78,19 +77,6 @@ class Reply:
         return result
 
 
-class _Transport(StringTransport):
-    def __init__(self):
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
-        self.lost = False
-        self.exitCode = None
-
-    def loseConnection(self):
-        self.lost = True
-
-    def exit(self, code):
-        self.exitCode = code
-
-
 class PacketDriver:
     """
     Feeds packets to C{self.server} and parses what it wrote to
@@ -116,8 +102,8 @@ class ProtocolTests(PacketDriver, TestCase):
     def setUp(self):
         self.volume = os.path.abspath(self.mktemp())
         os.makedirs(self.volume)
-        self.server = sftp.SFTPServer(ConfinedFilesystem(self.volume), maxHandles=8)
-        self.transport = _Transport()
+        self.server = sftp.SFTPServer(Volume.open(self.volume), maxHandles=8)
+        self.transport = FakeSessionChannel()
         self.server.makeConnection(self.transport)
         self.addCleanup(self.server.connectionLost, None)
         self.nextId = 0
@@ -513,7 +499,7 @@ class ProtocolTests(PacketDriver, TestCase):
         first (OpenSSH's order); either way the link it asks for is made.
         """
         for number, version in enumerate(versions):
-            self.server = sftp.SFTPServer(ConfinedFilesystem(self.volume), clientVersion=version)
+            self.server = sftp.SFTPServer(Volume.open(self.volume), clientVersion=version)
             self.server.makeConnection(self.transport)
             self.addCleanup(self.server.connectionLost, None)
             self.init()

@@ -12,8 +12,10 @@ from twisted.internet.task import Clock, Cooperator
 from twisted.trial.unittest import TestCase
 
 from lightd_conch import sftp
-from lightd_conch.fs import ConfinedFilesystem
-from tests.test_sftp import PacketDriver, _Transport, attrs, packet, string
+from lightd_conch import volume as volumeModule
+from lightd_conch.volume import Volume
+from lightd_conch.testing import FakeSessionChannel
+from tests.test_sftp import PacketDriver, attrs, packet, string
 
 EXPECTED_EXTENSIONS = [
     (b"posix-rename@openssh.com", b"1"),
@@ -46,9 +48,9 @@ class ExtensionTestCase(PacketDriver, TestCase):
             scheduler=lambda step: self.clock.callLater(0, step),
         )
         self.server = sftp.SFTPServer(
-            ConfinedFilesystem(self.volume), maxHandles=8, cooperator=cooperator
+            Volume.open(self.volume), maxHandles=8, cooperator=cooperator
         )
-        self.transport = _Transport()
+        self.transport = FakeSessionChannel()
         self.server.makeConnection(self.transport)
         self.addCleanup(self.server.connectionLost, None)
         self.nextId = 0
@@ -412,7 +414,7 @@ class CopyDataTests(ExtensionTestCase):
         self.write("src", data)
         source = self.open(b"src", sftp.FXF_READ)
         target = self.open(b"dst", sftp.FXF_WRITE | sftp.FXF_CREAT)
-        self.patch(sftp, "COPY_CHUNK", 1024 * 1024)
+        self.patch(volumeModule, "COPY_CHUNK", 1024 * 1024)
         self.assertStatus(self.copy(source, 0, 0, target, 0), sftp.FX_OK)
         self.assertEqual(self.read("dst"), data)
 
@@ -481,7 +483,7 @@ class CopyDataTests(ExtensionTestCase):
         """
         data = os.urandom(4 * 1024 * 1024)
         self.write("src", data)
-        self.patch(sftp, "COPY_CHUNK", 64 * 1024)
+        self.patch(volumeModule, "COPY_CHUNK", 64 * 1024)
         source = self.open(b"src", sftp.FXF_READ)
         target = self.open(b"dst", sftp.FXF_WRITE | sftp.FXF_CREAT)
         self.nextId += 1
@@ -507,7 +509,7 @@ class CopyDataTests(ExtensionTestCase):
 
     def test_connectionLostStopsCopy(self):
         self.write("src", os.urandom(1024 * 1024))
-        self.patch(sftp, "COPY_CHUNK", 4096)
+        self.patch(volumeModule, "COPY_CHUNK", 4096)
         source = self.open(b"src", sftp.FXF_READ)
         target = self.open(b"dst", sftp.FXF_WRITE | sftp.FXF_CREAT)
         self.feed(packet(
