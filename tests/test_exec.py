@@ -289,7 +289,7 @@ class ScpProtocolTests(ScpDriver, TestCase):
         def broken(*args, **kwargs):
             raise RuntimeError("something nobody foresaw")
 
-        self.patch(ConfinedFilesystem, "openFile", broken)
+        self.patch(Volume, "openFile", broken)
         protocol, channel = self.start(b"scp -t /")
         channel.output()
         protocol.dataReceived(b"C0644 2 f\nhi\0")
@@ -404,9 +404,11 @@ class RsyncRootTests(TestCase):
         volume = os.path.abspath(self.mktemp())
         os.makedirs(volume)
         sandbox = rsync.Sandbox("/bwrap", "/rsync", [], [], "/setpriv")
-        self.server = rsync.RsyncServer(sandbox, volume, ["rsync", "--server", ".", "d"])
+        opened = Volume.open(volume)
+        self.addCleanup(opened.close)
+        self.server = rsync.RsyncServer(sandbox, opened, ["rsync", "--server", ".", "d"])
         self.reactor = self.server.reactor = _SpawningReactor()
-        self.channel = _Channel()
+        self.channel = FakeSessionChannel()
         self.server.makeConnection(self.channel)
         self.bwrap, argv, childFDs, self.process = self.reactor.spawned[0]
         self.assertEqual(argv[argv.index("--info-fd") + 1], "4")

@@ -826,8 +826,8 @@ class ScpFuzzTests(SynchronousTestCase):
 
     def run_exchange(self, command, chunks):
         from lightd_conch import commands
-
-        from .test_exec import _Channel
+        from lightd_conch.testing import FakeSessionChannel
+        from lightd_conch.volume import Volume
 
         session = Session(self.workdir, True)  # its volume and outside sentinel
         session.server.connectionLost(None)
@@ -835,15 +835,15 @@ class ScpFuzzTests(SynchronousTestCase):
         fdsBefore = open_fds()
 
         class Avatar:
-            volumePath = session.volume
+            containerId = "demo"
 
-            def openFilesystem(self):
-                return ConfinedFilesystem(session.volume)
+            def openVolume(self):
+                return Volume.open(session.volume, "demo")
 
         try:
             protocol = commands.execProtocol(command, Avatar())
             protocol.clock = session.clock
-            channel = _Channel()
+            channel = FakeSessionChannel()
             protocol.makeConnection(channel)
             for chunk in chunks:
                 protocol.dataReceived(chunk)
