@@ -835,7 +835,7 @@ class ScpFuzzTests(SynchronousTestCase):
         class Avatar:
             containerId = "demo"
 
-            def openVolume(self):
+            def openVolume(self, extraDescriptors=0):
                 return Volume.open(session.volume, "demo")
 
         try:
