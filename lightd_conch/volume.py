@@ -38,6 +38,11 @@ _COPY_FALLBACK_CHUNK = 256 * 1024
 
 Times = Optional[Tuple[int, int]]
 
+MAX_UNCOVER_CHECK = 10_000
+"""Entries read under a folder to be renamed, with a denylist of nested
+patterns, to be sure none is hidden; a folder holding more is not moved."""
+_MAX_UNCOVER_DEPTH = 64
+
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _WRITE_LOCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
 """A struct flock for the whole file (l_len 0), l_pid 0 as OFD locks need."""
@@ -200,6 +205,66 @@ class Volume:
             except OSError:
                 return False
         return False
+
+    def _refuseUncovering(self, policy: Policy, path: bytes, new: bytes) -> None:
+        """
+        Refuse to move the folder C{path} to C{new} if something under it
+        that is hidden would not be once moved: it would leave its pattern
+        (C{config/secrets/} once C{config} is C{cfg}).  Reads at most
+        L{MAX_UNCOVER_CHECK} entries.
+
+        @raise PermissionError: something under it would be uncovered, or
+            it holds too much to tell.
+        """
+        old = self._fs.located(path, follow=False)
+        moved = self._fs.located(new, follow=False)
+        top = self._fs.openDirectory(path)
+        stack = [(top, old, os.scandir(top))]
+        left = MAX_UNCOVER_CHECK
+        try:
+            while stack:
+                fd, where, entries = stack[-1]
+                entry = next(entries, None)
+                if entry is None:
+                    entries.close()
+                    os.close(fd)
+                    stack.pop()
+                    continue
+                left -= 1
+                if left < 0:
+                    raise PermissionError(
+                        errno.EACCES, "too many entries to check against the denylist"
+                    )
+                isFolder = entry.is_dir(follow_symlinks=False)
+                parts = where + (os.fsencode(entry.name),)
+                if policy.denies(parts, isFolder) and not policy.denies(
+                    moved + parts[len(old):], isFolder
+                ):
+                    raise PermissionError(
+                        errno.EACCES, "the folder holds entries the denylist hides"
+                    )
+                if isFolder:
+                    if len(stack) >= _MAX_UNCOVER_DEPTH:
+                        raise PermissionError(
+                            errno.EACCES, "too many entries to check against the denylist"
+                        )
+                    try:
+                        child = os.open(
+                            entry.name,
+                            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=fd,
+                        )
+                    except OSError:
+                        continue
+                    try:
+                        stack.append((child, parts, os.scandir(child)))
+                    except BaseException:
+                        os.close(child)
+                        raise
+        finally:
+            for fd, _, entries in stack:
+                entries.close()
+                os.close(fd)
 
     def _checkOpened(self, policy: Policy, fd: int) -> None:
         # Where an opened file or folder truly is, whatever led to it.
@@ -376,6 +441,9 @@ class Volume:
 
     def rename(self, old: bytes, new: bytes, replace: bool = False) -> None:
         self.mayChange(old, new)
+        policy = self._state.policy
+        if policy.denylistNested and stat.S_ISDIR(self._fs.lstat(old).st_mode):
+            self._refuseUncovering(policy, old, new)
         replaced = None
         if replace and self._quotaOn:
             try:
