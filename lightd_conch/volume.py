@@ -297,10 +297,46 @@ class Volume:
         if delta:
             self._state.quota.charge(self._state.policy.quota_bytes, delta)
 
+    def _mayWrite(self) -> None:
+        """
+        The check of each write into a file already open for writing (a
+        WRITE, a copy step): the policy may have changed since the open.
+
+        @raise ReadOnly: the volume became read-only.
+        """
+        if self._state.policy.read_only:
+            raise ReadOnly()
+
     def _freeEntry(self, st: os.stat_result) -> None:
         # What removing an entry gives back: its blocks, once its last name goes.
         if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
             self._state.quota.free(st.st_blocks * 512)
+
+    def _chargeGrowth(self, before: os.stat_result, size: int) -> None:
+        # What making a file of before's size size bytes long is charged.
+        grow = allocated(size) - allocated(before.st_size)
+        if grow > 0:
+            self._charge(grow)
+
+    def _freeShrink(self, before: os.stat_result, after: os.stat_result) -> None:
+        # What a truncation gives back: the blocks it released, as du
+        # counts them (a sparse file's size was never all on disk).
+        self._state.quota.free((before.st_blocks - after.st_blocks) * 512)
+
+    def _truncate(self, fd: int, size: int) -> None:
+        """
+        Truncate the file open as C{fd} to C{size}, charging its growth
+        first.
+
+        @raise QuotaExceeded: nothing was changed.
+        """
+        if not self._quotaOn:
+            os.ftruncate(fd, size)
+            return
+        before = os.fstat(fd)
+        self._chargeGrowth(before, size)
+        os.ftruncate(fd, size)
+        self._freeShrink(before, os.fstat(fd))
 
     @property
     def _quotaOn(self) -> bool:
@@ -385,6 +421,10 @@ class Volume:
 
         @raise FileLocked: another writer holds it.
         """
+        if flags & os.O_TRUNC and not flags & (os.O_WRONLY | os.O_RDWR):
+            # Linux truncates on O_RDONLY | O_TRUNC too: a write like any
+            # other, so it takes the lock first (which needs write access).
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         writing = flags & (os.O_WRONLY | os.O_RDWR)
         if flags & _WRITING:
             self.mayChange(path)
@@ -404,10 +444,7 @@ class Volume:
                         raise FileLocked() from None
                     raise
                 if truncate:
-                    size = os.fstat(fd).st_size
-                    os.ftruncate(fd, 0)
-                    if policy.quota_bytes:
-                        self._state.quota.free(allocated(size))
+                    self._truncate(fd, 0)
         except BaseException:
             os.close(fd)
             raise
@@ -461,7 +498,20 @@ class Volume:
 
     def symlink(self, target: bytes, linkpath: bytes) -> None:
         self.mayChange(linkpath)
-        self._fs.symlink(target, linkpath)
+        if not self._quotaOn:
+            self._fs.symlink(target, linkpath)
+            return
+        # A long target takes a block of its own: charged as if it did,
+        # then what it really took is kept.
+        charged = allocated(len(target))
+        self._charge(charged)
+        try:
+            self._fs.symlink(target, linkpath)
+            taken = self._fs.lstat(linkpath).st_blocks * 512
+        except BaseException:
+            self._state.quota.free(charged)
+            raise
+        self._state.quota.free(charged - taken)
 
     def setattrs(
         self,
@@ -472,10 +522,13 @@ class Volume:
     ) -> None:
         self.mayChange(path)
         self._mayQuery(path)
-        if size is not None and self._quotaOn:
-            current = self._fs.stat(path).st_size
-            self._charge(allocated(size) - allocated(current))
+        if size is None or not self._quotaOn:
+            self._fs.setattrs(path, size, mode, times)
+            return
+        before = self._fs.stat(path)
+        self._chargeGrowth(before, size)
         self._fs.setattrs(path, size, mode, times)
+        self._freeShrink(before, self._fs.stat(path))
 
     def lsetattrs(self, path: bytes, mode: Optional[int] = None, times: Times = None) -> None:
         self.mayChange(path)
@@ -504,8 +557,14 @@ class Volume:
         # cannot make it write into whatever file reuses the number.
         return Copy(
             os.dup(source._fd), readOffset, length, os.dup(target._fd), writeOffset,
-            self._charge if self._quotaOn else None,
+            self._chargeCopyStep,
         )
+
+    def _chargeCopyStep(self, delta: int) -> None:
+        # Each step of a copy is a write: the policy of now applies to it.
+        self._mayWrite()
+        if self._quotaOn:
+            self._charge(delta)
 
 
 class SameFile(OSError):
@@ -539,7 +598,9 @@ class OpenFile:
         quota, only if the file's growth fits in it.
         """
         fd = self._fd
-        if self._volume._state.policy.quota_bytes:
+        volume = self._volume
+        volume._mayWrite()
+        if volume._state.policy.quota_bytes:
             self._reserve(offset, len(data))
         while data:
             written = os.pwrite(fd, data, offset)
@@ -555,10 +616,8 @@ class OpenFile:
 
     def truncate(self, size: int) -> None:
         volume = self._volume
-        if volume._state.policy.quota_bytes:
-            current = os.fstat(self._fd).st_size
-            volume._charge(allocated(size) - allocated(current))
-        os.ftruncate(self._fd, size)
+        volume._mayWrite()
+        volume._truncate(self._fd, size)
 
     def setattrs(
         self, size: Optional[int] = None, mode: Optional[int] = None, times: Times = None
@@ -662,6 +721,9 @@ class Copy:
     """
     One copy between two open files: bytes moved in bounded steps, in the
     kernel (copy_file_range) where it can, else by pread and write.
+    C{charge}, if given, is called before each step with what the step may
+    add to the target's allocated size (0 for none), and stops the copy by
+    raising.
 
     @ivar shortRead: the source ended before C{length} bytes were copied.
     """
@@ -721,8 +783,7 @@ class Copy:
         want = max(0, min(want, os.fstat(self.source).st_size - self.readOffset))
         size = os.fstat(self.target).st_size
         end = size + want if appending else self.writeOffset + want
-        if end > size:
-            self._charge(allocated(end) - allocated(size))
+        self._charge(max(0, allocated(end) - allocated(size)))
         return want
 
     def _writeAll(self, data: bytes, appending: bool) -> None:
