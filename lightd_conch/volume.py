@@ -19,12 +19,12 @@ import os
 import stat
 import struct
 import sys
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
 
 from .containers import ContainerState
 from .fs import ConfinedFilesystem, Parts, namesAFolder, normalize, virtualPath
 from .policy import Policy
-from .quota import QuotaExceeded, allocated
+from .quota import BLOCK, QuotaExceeded, allocated
 
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
@@ -37,6 +37,7 @@ COPY_CHUNK = 8 * 1024 * 1024
 _COPY_FALLBACK_CHUNK = 256 * 1024
 
 Times = Optional[Tuple[int, int]]
+_T = TypeVar("_T")
 
 MAX_UNCOVER_CHECK = 10_000
 """Entries read under a folder to be renamed, with a denylist of nested
@@ -338,6 +339,42 @@ class Volume:
         os.ftruncate(fd, size)
         self._freeShrink(before, os.fstat(fd))
 
+    def _naming(self, path: bytes, make: Callable[[], _T]) -> _T:
+        """
+        C{make()}, which adds the name C{path} to its folder.  With a quota,
+        what the folder's own blocks grow by is counted (du counts them:
+        thousands of long names fill blocks), and no name is added once
+        less than a block is left.
+
+        @raise QuotaExceeded: nothing was made.
+        """
+        if not self._quotaOn:
+            return make()
+        if self._state.quota.room(self._state.policy.quota_bytes) < BLOCK:
+            raise QuotaExceeded()
+        folder = virtualPath(normalize(path)[:-1])
+        try:
+            before = self._fs.stat(folder).st_blocks
+        except OSError:
+            return make()  # the call fails on its own
+        result = make()
+        try:
+            grown = (self._fs.stat(folder).st_blocks - before) * 512
+        except OSError:
+            grown = 0
+        if grown > 0:
+            # Made already: counted even past the quota, which then
+            # refuses what comes next.
+            self._state.quota.charge(0, grown)
+        return result
+
+    def _exists(self, path: bytes) -> bool:
+        try:
+            self._fs.lstat(path)
+        except OSError:
+            return False
+        return True
+
     @property
     def _quotaOn(self) -> bool:
         return self._state.policy.quota_bytes > 0
@@ -432,7 +469,13 @@ class Volume:
         else:
             self._mayQuery(path)
         truncate = flags & os.O_TRUNC
-        fd = self._fs.openFile(path, flags & ~os.O_TRUNC if writing else flags, mode)
+        def opening() -> int:
+            return self._fs.openFile(path, flags & ~os.O_TRUNC if writing else flags, mode)
+
+        if flags & os.O_CREAT and self._quotaOn and not self._exists(path):
+            fd = self._naming(path, opening)
+        else:
+            fd = opening()
         try:
             policy = self._state.policy
             self._checkOpened(policy, fd)
@@ -456,7 +499,7 @@ class Volume:
         if quota:
             self._charge(allocated(1))
         try:
-            self._fs.mkdir(path, mode)
+            self._naming(path, lambda: self._fs.mkdir(path, mode))
         except BaseException:
             if quota:
                 self._state.quota.free(allocated(1))
@@ -487,14 +530,14 @@ class Volume:
                 replaced = self._fs.lstat(new)
             except OSError:
                 pass
-        self._fs.rename(old, new, replace)
+        self._naming(new, lambda: self._fs.rename(old, new, replace))
         if replaced is not None and not stat.S_ISDIR(replaced.st_mode):
             self._freeEntry(replaced)
 
     def hardlink(self, old: bytes, new: bytes) -> None:
         # Another name of the same blocks: du counts them once.
         self.mayChange(old, new)
-        self._fs.hardlink(old, new)
+        self._naming(new, lambda: self._fs.hardlink(old, new))
 
     def symlink(self, target: bytes, linkpath: bytes) -> None:
         self.mayChange(linkpath)
@@ -506,7 +549,7 @@ class Volume:
         charged = allocated(len(target))
         self._charge(charged)
         try:
-            self._fs.symlink(target, linkpath)
+            self._naming(linkpath, lambda: self._fs.symlink(target, linkpath))
             taken = self._fs.lstat(linkpath).st_blocks * 512
         except BaseException:
             self._state.quota.free(charged)
