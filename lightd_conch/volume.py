@@ -426,7 +426,7 @@ class Volume:
         fd = self._fs.openDirectory(path)
         try:
             self._checkOpened(self._state.policy, fd)
-            where = self._fs.partsOf(fd) if self._state.policy.denylist else ()
+            where = self._fs.partsOf(fd) if self._state.policy.denylist else None
         except BaseException:
             os.close(fd)
             raise
@@ -693,7 +693,9 @@ class Directory:
 
     __slots__ = ("_volume", "_fd", "path", "_where", "_entries", "_dots", "_held")
 
-    def __init__(self, volume: Volume, fd: int, path: bytes, where: Parts = ()) -> None:
+    def __init__(
+        self, volume: Volume, fd: int, path: bytes, where: Optional[Parts] = None
+    ) -> None:
         self._volume = volume
         self._fd = fd
         self.path = path
@@ -735,12 +737,24 @@ class Directory:
             except OSError:
                 continue  # removed since it was listed
             name = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
-            if not volume.visible(self._where, name, st):
+            if not volume.visible(self._place(), name, st):
                 continue
             batch.append((name, st))
             if len(batch) >= limit:
                 break
         return batch
+
+    def _place(self) -> Parts:
+        # Where the folder is, which the denylist compares: learnt once a
+        # denylist needs it, even one set after the folder was opened.
+        if self._where is None:
+            if not self._volume.policy.denylist:
+                return ()
+            try:
+                self._where = self._volume._fs.partsOf(self._fd)
+            except OSError:
+                self._where = normalize(self.path)
+        return self._where
 
     def setattrs(
         self, size: Optional[int] = None, mode: Optional[int] = None, times: Times = None
