@@ -333,6 +333,12 @@ class Raw(RawSFTP):
 
     def listing(self, path):
         handle = self.opendir(path)
+        names = self.read_names(handle)
+        self.close(handle)
+        return names
+
+    def read_names(self, handle):
+        """The names READDIR of ``handle`` gives until its end, sorted, without . and .."""
         names = []
         while True:
             ptype, reader = self.ask(FXP_READDIR, string(handle))
@@ -350,7 +356,6 @@ class Raw(RawSFTP):
                     reader.uint32()
                 if flags & 8:
                     reader.uint32(), reader.uint32()
-        self.close(handle)
         return sorted(n for n in names if n not in (".", ".."))
 
     def statvfs(self, path="/"):
@@ -766,6 +771,55 @@ class QuotaTests(PolicyTestCase):
         self.assertIn(FX_FAILURE, results)
         self.assertWithinQuota()
 
+    def fill_folder(self, kind):
+        """
+        Add thousands of long names of ``kind`` to one folder, 500 requests at a time, until
+        the service refuses one; the volume stays within the quota.
+        """
+        self.volume_file("f", b"")
+        self.quota()
+        raw = Raw(self, self.service, self.creds)
+        last = FX_OK
+        for batch in range(0, 10000, 250):
+            sent = []
+            for index in range(batch, batch + 250):
+                raw.next_id += 1
+                sent.append(raw.next_id)
+                name = string(f"{kind}-{index:05d}-" + "n" * 230)
+                if kind == "symlink":
+                    raw.request(FXP_SYMLINK, raw.next_id, string("f"), name)
+                elif kind == "hardlink":
+                    raw.extended(raw.next_id, "hardlink@openssh.com", string("f"), name)
+                else:
+                    raw.request(FXP_OPEN, raw.next_id, name, uint32(PFLAG_WRITE | PFLAG_CREAT),
+                                attrs())
+            handles = []
+            for request_id in sent:
+                ptype, reader = raw.read_reply(request_id)
+                if ptype == FXP_HANDLE:
+                    handles.append(reader.string())
+                else:
+                    last = reader.uint32()
+            for handle in handles:
+                raw.close(handle)
+            if last != FX_OK:
+                break
+        self.assertEqual(last, FX_FAILURE, kind)
+        self.assertWithinQuota(slack=4096)
+
+    def test_quota_by_folder_entries_symlinks(self):
+        """
+        Names take room in their folder's blocks: thousands of long names cannot fill the
+        volume past the quota, be they links with short targets, hardlinks or empty files.
+        """
+        self.fill_folder("symlink")
+
+    def test_quota_by_folder_entries_hardlinks(self):
+        self.fill_folder("hardlink")
+
+    def test_quota_by_folder_entries_files(self):
+        self.fill_folder("file")
+
     def test_live_change(self):
         """
         A quota set by the CLI while a session is live holds for that session within a few
@@ -878,6 +932,16 @@ class DenylistTests(PolicyTestCase):
                          FX_OK)
         self.assertEqual(raw.code(raw.ask(FXP_STAT, string("new-link"))), FX_NO_SUCH_FILE)
         self.assertEqual(raw.open("new-link", PFLAG_READ)[0], FX_NO_SUCH_FILE)
+
+    def test_listing_opened_before_the_change(self):
+        """
+        A folder opened for listing before the denylist was set lists what it hides now.
+        """
+        self.fill()
+        raw = Raw(self, self.service, self.creds)
+        handle = raw.opendir("config")
+        self.patch(denylist=self.DENYLIST)
+        self.assertEqual(raw.read_names(handle), ["public.txt"])
 
     def test_renaming_a_folder_cannot_uncover(self):
         """
