@@ -8,7 +8,10 @@ The admin HTTP API, Lightd-compatible JSON on twisted.web:
     PATCH  /containers/{id}/sftp/policy        change some of its keys (200, the whole policy)
 
 This module translates HTTP to L{lightd_conch.accounts.Accounts}, the same
-rules the CLI uses, and owns the bearer token.  The blocking work of
+rules the CLI uses, and owns the bearer token.  Every answer is JSON: a body
+that is not a JSON object, or is nested deeper than L{MAX_DEPTH}, is a 400,
+and whatever fails unforeseen is a 500 C{{"error": ...}} with one line in the
+log, never twisted.web's HTML error page or a traceback.  The blocking work of
 L{Accounts} (bcrypt, LMDB writes) runs through an injected C{run} function,
 in the daemon a thread pool, so the reactor keeps serving transfers.
 """
@@ -19,6 +22,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 import secrets
 
 from twisted.logger import Logger
@@ -32,6 +36,11 @@ from .config import warnIfExposed
 log = Logger()
 
 MAX_BODY = 64 * 1024
+# Bodies are flat objects; deeper nesting is refused before the parser
+# recurses (50,000 "[" are well under MAX_BODY).
+MAX_DEPTH = 32
+
+_INTERNAL = "internal error, see the service log"
 
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409}
 
@@ -194,6 +203,9 @@ class AdminAPI(Resource):
             d = getattr(self, handler)(request, containerId)
         except _Refused as e:
             return self._error(request, e.code, e.message, e.headers)
+        except Exception as e:
+            _logUnexpected("admin API request failed", e)
+            return self._error(request, 500, _INTERNAL)
 
         finished = []
         request.notifyFinish().addBoth(finished.append)
@@ -202,9 +214,14 @@ class AdminAPI(Resource):
             if finished:
                 return  # the client went away; the change is made all the same
             code, body = result
+            try:
+                data = None if body is None else self._json(request, body)
+            except Exception as e:
+                _logUnexpected("cannot answer an admin API request", e)
+                code, data = 500, self._json(request, {"error": _INTERNAL})
             request.setResponseCode(code)
-            if body is not None:
-                request.write(self._json(request, body))
+            if data is not None:
+                request.write(data)
             request.finish()
 
         def refused(failure):
@@ -213,11 +230,14 @@ class AdminAPI(Resource):
             return _STATUS[error.kind], {"error": error.message}
 
         def failed(failure):
-            log.failure("admin API request failed", failure)
-            return 500, {"error": "internal error, see the service log"}
+            _logUnexpected("admin API request failed", failure.value)
+            return 500, {"error": _INTERNAL}
+
+        def unanswered(failure):
+            _logUnexpected("cannot answer an admin API request", failure.value)
 
         d.addErrback(refused).addErrback(failed).addCallback(respond)
-        d.addErrback(lambda failure: log.failure("cannot answer an admin API request", failure))
+        d.addErrback(unanswered)
         return server.NOT_DONE_YET
 
     # -- steps ----------------------------------------------------------------
@@ -281,8 +301,8 @@ class AdminAPI(Resource):
         contentType = request.getHeader(b"content-type")
         if contentType is not None and not _isJSON(contentType):
             raise _Refused(415, "request body must be JSON (Content-Type: application/json)")
-        length = request.getHeader(b"content-length")
-        if length is not None and length.strip().isdigit() and int(length) > MAX_BODY:
+        length = (request.getHeader(b"content-length") or b"").strip().lstrip(b"0")
+        if length.isdigit() and (len(length) > 20 or int(length) > MAX_BODY):
             raise _Refused(413, f"request body is larger than {MAX_BODY} bytes")
         request.content.seek(0)
         data = request.content.read(MAX_BODY + 1)
@@ -290,8 +310,12 @@ class AdminAPI(Resource):
             raise _Refused(413, f"request body is larger than {MAX_BODY} bytes")
         if not data.strip():
             return {}
+        if _depth(data) > MAX_DEPTH:
+            raise _Refused(400, f"request body is nested deeper than {MAX_DEPTH} levels")
         try:
             body = json.loads(data)
+        except RecursionError:
+            raise _Refused(400, f"request body is nested deeper than {MAX_DEPTH} levels") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise _Refused(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -361,8 +385,8 @@ class AdminAPI(Resource):
         # the answer into an error (the watcher's next tick tries again).
         try:
             self._changed(containerId)
-        except Exception:
-            log.failure("cannot end the sessions of container {container}", container=containerId)
+        except Exception as e:
+            _logUnexpected(f"cannot end the sessions of container {containerId}", e)
 
     # -- responses --------------------------------------------------------------
 
@@ -379,6 +403,44 @@ class AdminAPI(Resource):
         for name, value in headers:
             request.setHeader(name, value)
         return self._json(request, {"error": message})
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.S)
+_OPENS = frozenset(b"[{")
+_CLOSES = frozenset(b"]}")
+
+
+def _depth(data: bytes) -> int:
+    """
+    How deep the arrays and objects of the JSON text C{data} nest (brackets
+    inside strings do not count), without parsing it.
+    """
+    depth = deepest = 0
+    for byte in _STRING.sub(b"", data):
+        if byte in _OPENS:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif byte in _CLOSES:
+            depth -= 1
+    return deepest
+
+
+def _logUnexpected(what: str, error: BaseException) -> None:
+    """One log line for a failure nothing foresaw: what, which error, where."""
+    trace = error.__traceback__
+    where = "?"
+    if trace is not None:
+        while trace.tb_next is not None:
+            trace = trace.tb_next
+        where = "%s:%d" % (os.path.basename(trace.tb_frame.f_code.co_filename), trace.tb_lineno)
+    log.error(
+        "{what}: unexpected {kind} at {where}: {error}",
+        what=what,
+        kind=type(error).__name__,
+        where=where,
+        error=str(error)[:200],
+    )
 
 
 class _BoundedRequest(server.Request):

@@ -1,6 +1,7 @@
 """
 What the service keeps of each container between its sessions: the policy
-its live sessions obey (as last read from the store) and its quota usage.
+its live sessions obey (as last read from the store), its quota usage and
+its bandwidth buckets.
 
 Every per-login volume of a container holds that container's
 L{ContainerState}; the session watcher (L{lightd_conch.sessions}) refreshes
@@ -12,12 +13,20 @@ L{MemoryContainerStates} keeps them in this one.
 
 from __future__ import annotations
 
+import time
 from typing import Dict
 
 from zope.interface import Interface, implementer
 
+from .bandwidth import TokenBucket
 from .policy import Policy
 from .quota import QuotaUsage
+
+
+class _MonotonicClock:
+    @staticmethod
+    def seconds() -> float:
+        return time.monotonic()
 
 
 class ContainerState:
@@ -26,14 +35,22 @@ class ContainerState:
 
     @ivar policy: the L{Policy} its sessions obey now.
     @ivar quota: its L{QuotaUsage}.
+    @ivar up: the L{TokenBucket} of what its sessions receive (uploads).
+    @ivar down: the L{TokenBucket} of what its sessions send (downloads).
+    @ivar writers: its files open for writing through the service, by
+        (st_dev, st_ino): the open file that holds each one's write lock.
     """
 
-    __slots__ = ("containerId", "policy", "quota")
+    __slots__ = ("containerId", "policy", "quota", "up", "down", "writers")
 
-    def __init__(self, containerId: str, policy: Policy = Policy()) -> None:
+    def __init__(self, containerId: str, policy: Policy = Policy(), clock=None) -> None:
+        clock = _MonotonicClock() if clock is None else clock
         self.containerId = containerId
         self.policy = policy
         self.quota = QuotaUsage()
+        self.up = TokenBucket(clock)
+        self.down = TokenBucket(clock)
+        self.writers: Dict[tuple, object] = {}
 
 
 class IContainerStates(Interface):
@@ -55,13 +72,20 @@ class IContainerStates(Interface):
 
 @implementer(IContainerStates)
 class MemoryContainerStates:
-    def __init__(self) -> None:
+    """
+    @param clock: the reactor's time, for the bandwidth buckets.
+    """
+
+    def __init__(self, clock=None) -> None:
+        self._clock = clock
         self._states: Dict[str, ContainerState] = {}
 
     def get(self, containerId: str) -> ContainerState:
         state = self._states.get(containerId)
         if state is None:
-            state = self._states[containerId] = ContainerState(containerId)
+            state = self._states[containerId] = ContainerState(
+                containerId, clock=self._clock
+            )
         return state
 
     def update(self, containerId: str, policy: Policy) -> ContainerState:

@@ -22,7 +22,7 @@ from .policy import Policy
 from .quota import QuotaMeasurer
 from .sftp import HandleBudget
 from .ssh import SessionChannel
-from .volume import Volume
+from .volume import STALE_WRITER, LoginOwner, Volume
 
 BCRYPT_MAX_PASSWORD = 72
 
@@ -91,7 +91,7 @@ class PasswordChecker:
         return ContainerId.of(record, self._store.get_policy(record.container_id))
 
 
-class ContainerAvatar(ConchUser):
+class ContainerAvatar(ConchUser, LoginOwner):
     """
     A logged-in user of one container: session channels only, each given
     the container's volume (L{openVolume}) by L{lightd_conch.commands}.
@@ -102,7 +102,10 @@ class ContainerAvatar(ConchUser):
         containers, or None for no limit across sessions.
     @ivar state: the container's L{ContainerState} (its live policy and
         quota usage), shared by all its sessions.
+    @ivar transport: the SSH transport that logged in, once it has.
     """
+
+    transport = None
 
     def __init__(
         self,
@@ -141,7 +144,35 @@ class ContainerAvatar(ConchUser):
 
         @raise OSError: the volume directory is missing.
         """
-        return Volume.open(self.volumePath, self.containerId, state=self.state)
+        return Volume.open(self.volumePath, self.containerId, state=self.state, owner=self)
+
+    # -- LoginOwner: a resumed upload takes over the lock of a dropped session
+
+    def supersedes(self, other) -> bool:
+        """
+        Whether this login may end C{other}'s session to take a file it
+        holds for writing: the same user from the same address, and that
+        session has been silent for L{STALE_WRITER} seconds.
+        """
+        mine, theirs = self.transport, getattr(other, "transport", None)
+        if other is self or mine is None or theirs is None or self.credential is None:
+            return False
+        if getattr(other, "credential", None) is None:
+            return False
+        if other.credential.username != self.credential.username:
+            return False
+        if theirs.transport.getPeer().host != mine.transport.getPeer().host:
+            return False
+        return theirs.factory.clock.seconds() - theirs.lastActivity >= STALE_WRITER
+
+    def endStale(self, path: bytes) -> None:
+        """
+        End this login's session: a new session of the same user from the
+        same address is resuming the upload of C{path}.
+        """
+        transport = self.transport
+        if transport is not None:
+            transport.endStale(path)
 
 
 @implementer(IRealm)

@@ -16,10 +16,18 @@ every message sent to the client has its control characters escaped.
 Both directions are written as generators that ask for input (a line, or up
 to N bytes) and write output; L{_Exchange} feeds them and stops them while the
 channel's send side is full.
+
+Every number in a record is checked against what the system can hold (a
+time beyond C{time_t}, a size beyond C{off_t}, microseconds over 999999) and
+refused as a protocol error before anything is done with it.  Whatever else
+goes wrong ends the exchange the way scp ends: one fatal error line to the
+client, exit status 1, and one line in the log; never a traceback, never a
+channel closed without a word.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import os
 import re
@@ -29,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Generator, List, Optional, Set, Tuple, Union
 
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 
 from .fs import expandHome, normalize, virtualPath
 from .volume import OpenFile, Volume
@@ -38,6 +47,14 @@ MAX_LINE = 4096
 MAX_DEPTH = 256
 _FLAGS = set(b"tfrpdvq")
 _GLOB = re.compile(rb"[*?\[]")
+# The largest values the kernel's time_t and off_t hold (long on Linux): a
+# bigger time or size in a record is refused, as OpenSSH's scp refuses it.
+_TIME_MAX = _SIZE_MAX = (1 << (8 * ctypes.sizeof(ctypes.c_long) - 1)) - 1
+_TIME_RECORD = re.compile(rb"T(\d{1,20}) (\d{1,6}) (\d{1,20}) (\d{1,6})")
+_CONTROL_RECORD = re.compile(rb"([CD])([0-7]{4}) (\d{1,20}) (.*)", re.S)
+_INTERNAL_ERROR = "internal error; the transfer stopped"
+
+_log = Logger()
 
 
 class ScpUsageError(ValueError):
@@ -99,6 +116,8 @@ def parseCommand(command: bytes) -> Optional[ScpCommand]:
     except ValueError:
         words = []
     path = os.fsencode(words[0]) if len(words) == 1 else rest
+    if b"\0" in path:
+        raise ScpUsageError("scp: a path may not hold a NUL byte")
     return ScpCommand(
         sink=sink,
         recursive=ord("r") in flags,
@@ -247,6 +266,9 @@ class _Exchange(Protocol):
         except _Fatal as e:
             self._fail(str(e))
             return
+        except Exception as e:
+            self._unexpected(e)
+            return
         if value is _WAIT:
             self._want = request
             return
@@ -271,6 +293,9 @@ class _Exchange(Protocol):
             except OSError as e:
                 self._fail(_reason(e))
                 return
+            except Exception as e:
+                self._unexpected(e)
+                return
             if isinstance(request, _Yield):
                 steps += 1
                 value = None
@@ -283,6 +308,9 @@ class _Exchange(Protocol):
                 value = self._take(request)
             except _Fatal as e:
                 self._fail(str(e))
+                return
+            except Exception as e:
+                self._unexpected(e)
                 return
             if value is _WAIT:
                 self._want = request
@@ -315,11 +343,32 @@ class _Exchange(Protocol):
         self.transport.write(_message(b"\x02", message))
         self._finish(1)
 
+    def _unexpected(self, error: Exception) -> None:
+        """
+        A failure no check foresaw: the client gets scp's fatal line and exit
+        status 1, the log one line that says where, and the session goes on.
+        """
+        _log.error(
+            "scp: unexpected {kind} at {where}: {error}",
+            kind=type(error).__name__,
+            where=_origin(error),
+            error=str(error)[:200],
+        )
+        self._fail(_INTERNAL_ERROR)
+
     def _finish(self, code: int) -> None:
         if self._done:
             return
         self._done = True
-        self._cleanup()
+        try:
+            self._cleanup()
+        except Exception as e:
+            _log.error(
+                "scp: unexpected {kind} at {where} while closing: {error}",
+                kind=type(e).__name__,
+                where=_origin(e),
+                error=str(e)[:200],
+            )
         self.transport.exit(code)
 
     def _cleanup(self) -> None:
@@ -330,6 +379,35 @@ class _Exchange(Protocol):
         if self._run is not None:
             self._run.close()
         self._cleanup()
+
+
+def _origin(error: BaseException) -> str:
+    """Where C{error} was raised, as C{file:line}, for a one-line log entry."""
+    trace = error.__traceback__
+    if trace is None:
+        return "?"
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return "%s:%d" % (os.path.basename(trace.tb_frame.f_code.co_filename), trace.tb_lineno)
+
+
+def _parseTimes(line: bytes) -> Tuple[int, int]:
+    """
+    C{(atime, mtime)} from a C{T<mtime> <usec> <atime> <usec>} record.
+
+    @raise _Fatal: the record is malformed or a value is out of range.
+    """
+    match = _TIME_RECORD.fullmatch(line)
+    if match is None:
+        raise _Fatal("protocol error: bad time record")
+    mtime, mtimeUsec, atime, atimeUsec = (int(g) for g in match.groups())
+    if mtime > _TIME_MAX:
+        raise _Fatal("protocol error: mtime.sec out of range")
+    if atime > _TIME_MAX:
+        raise _Fatal("protocol error: atime.sec out of range")
+    if mtimeUsec > 999999 or atimeUsec > 999999:
+        raise _Fatal("protocol error: usec out of range")
+    return (atime, mtime)
 
 
 class ScpSink(_Exchange):
@@ -344,9 +422,12 @@ class ScpSink(_Exchange):
         self._file: Optional[OpenFile] = None
 
     def _cleanup(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass  # closed already: its session was superseded
         self.volume.close()
 
     def _isDirectory(self, path: bytes) -> bool:
@@ -388,17 +469,16 @@ class ScpSink(_Exchange):
                 self.transport.write(b"\0")
                 return
             if kind == b"T":
-                match = re.fullmatch(rb"T(\d+) (\d+) (\d+) (\d+)", line)
-                if match is None:
-                    raise _Fatal("protocol error: bad time record")
-                times = (int(match.group(3)), int(match.group(1)))
+                times = _parseTimes(line)
                 self.transport.write(b"\0")
                 continue
-            match = re.fullmatch(rb"([CD])([0-7]{4}) (\d+) (.*)", line, re.S)
+            match = _CONTROL_RECORD.fullmatch(line)
             if match is None:
                 raise _Fatal("protocol error: expected control record")
             mode = int(match.group(2), 8)
             size = int(match.group(3))
+            if size > _SIZE_MAX:
+                raise _Fatal("protocol error: size out of range")
             name = match.group(4)
             if not _isPlainName(name):
                 raise _Fatal(f"error: unexpected filename: {os.fsdecode(name)}")

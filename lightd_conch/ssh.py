@@ -625,6 +625,28 @@ class SSHTransport(SSHServerTransport):
         if self.factory.sessions is not None:
             self.factory.sessions.loggedIn(self)
 
+    @property
+    def lastActivity(self) -> float:
+        """
+        When this connection last received anything, on the factory's clock.
+        """
+        return self._lastActivity
+
+    def endStale(self, path: bytes) -> None:
+        """
+        End this session at once: the client left it without a word and a
+        new session of the same login resumes its upload of C{path}.
+        """
+        log.info(
+            "ending the silent session of user {username} from {peer}:"
+            " a new session resumes its upload of {path}",
+            username=getattr(self, "loginUsername", "?"),
+            peer=_peer(self),
+            path=_printable(path[:256]),
+        )
+        self.sendDisconnect(DISCONNECT_BY_APPLICATION, b"superseded by a new session")
+        self.transport.abortConnection()
+
     def connectionLost(self, reason=None) -> None:
         for call in (self._graceCall, self._idleCall):
             if call is not None and call.active():
@@ -723,6 +745,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
             )
             return
         avatar.method = self.method.decode("ascii", "replace")
+        avatar.transport = self.transport
         super()._cbFinishedAuth(result)
         self.transport.authenticated(username, avatar.containerId)
 
@@ -841,6 +864,12 @@ class SessionChannel(SSHChannel):
     transport.  When more than L{highWater} bytes are queued, the SFTP
     protocol is paused and reads no further requests, and while it is paused
     this channel does not open its receive window.
+
+    A container's bandwidth limits (its policy's C{bandwidth_up} and
+    C{bandwidth_down}) are held here, for every protocol alike: what is sent
+    and received is spent from the container's buckets, and while one is in
+    debt this channel sends nothing more, or keeps its receive window shut,
+    until the debt is paid.
     """
 
     name = b"session"
@@ -855,6 +884,8 @@ class SessionChannel(SSHChannel):
         self._queued = 0
         self._exitStatus: Optional[int] = None
         self.protocol: Optional[SFTPServer] = None
+        self._state = getattr(self.avatar, "state", None)
+        self._throttled = None
 
     # -- requests ---------------------------------------------------------
 
@@ -904,6 +935,9 @@ class SessionChannel(SSHChannel):
             return
         if not getattr(self.protocol, "acceptsViews", False):
             data = bytes(data)  # exec protocols parse bytes
+        state = self._state
+        if state is not None and state.policy.bandwidth_up:
+            state.up.spend(state.policy.bandwidth_up, len(data))
         self.protocol.dataReceived(data)
         self._openWindow()
 
@@ -913,7 +947,33 @@ class SessionChannel(SSHChannel):
             return
         if self.protocol is not None and self.protocol.paused:
             return
+        state = self._state
+        if state is not None and state.policy.bandwidth_up and self._throttle(
+            state.up, state.policy.bandwidth_up
+        ):
+            return
         self.conn.adjustWindow(self, self.localWindowSize - self.localWindowLeft)
+
+    def _throttle(self, bucket, rate: int) -> bool:
+        """
+        Whether C{bucket} is in debt at C{rate}; if so, this channel goes on
+        (sends, opens its window) once it is paid.
+        """
+        wait = bucket.wait(rate)
+        if not wait:
+            return False
+        if self._throttled is None:
+            clock = self.clock
+            if clock is None:
+                from twisted.internet import reactor as clock
+            self._throttled = clock.callLater(wait, self._unthrottle)
+        return True
+
+    def _unthrottle(self) -> None:
+        self._throttled = None
+        if not self.localClosed:
+            self.outputDrained()
+            self._openWindow()
 
     def eofReceived(self) -> None:
         eofReceived = getattr(self.protocol, "eofReceived", None)
@@ -936,6 +996,9 @@ class SessionChannel(SSHChannel):
         self.loseConnection()
 
     def closed(self) -> None:
+        if self._throttled is not None and self._throttled.active():
+            self._throttled.cancel()
+        self._throttled = None
         self._queue.clear()
         self._queued = 0
         if self.protocol is not None:
@@ -954,6 +1017,7 @@ class SessionChannel(SSHChannel):
             and size <= self.remoteMaxPacket
             and data.__class__ is bytes
             and self.conn.transport.outputBuffered() <= OUTPUT_HIGH_WATER
+            and (self._state is None or not self._state.policy.bandwidth_down)
         ):
             # A reply that fits, with nothing ahead of it: sent as it is,
             # without a round through the queue.
@@ -995,9 +1059,13 @@ class SessionChannel(SSHChannel):
     def _flush(self) -> None:
         queue = self._queue
         transport = self.conn.transport
+        state = self._state
+        rate = 0 if state is None else state.policy.bandwidth_down
         while queue and self.remoteWindowLeft > 0:
             if transport.outputBuffered() > OUTPUT_HIGH_WATER:
                 break  # outputDrained goes on
+            if rate and self._throttle(state.down, rate):
+                break  # _unthrottle goes on
             limit = min(self.remoteWindowLeft, self.remoteMaxPacket)
             if queue[0].__class__ is _Stderr:
                 chunk = queue[0]
@@ -1027,6 +1095,8 @@ class SessionChannel(SSHChannel):
                 self.conn.sendData(self, parts)
             self.remoteWindowLeft -= size
             self._queued -= size
+            if rate:
+                state.down.spend(rate, size)
         if self.closing and not queue:
             self._close()
 

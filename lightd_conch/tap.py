@@ -244,7 +244,7 @@ def makeService(options, reactor=None) -> MultiService:
     store = _LazyStore(cfg.credentials_path)
     _StoreService(store).setServiceParent(top)
     sessions = SessionRegistry()
-    states = MemoryContainerStates()
+    states = MemoryContainerStates(reactor)
     quotas = QuotaMeasurer(
         lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args), reactor
     )

@@ -49,6 +49,28 @@ _WRITE_LOCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
 """A struct flock for the whole file (l_len 0), l_pid 0 as OFD locks need."""
 
 
+STALE_WRITER = 15.0
+"""Seconds of silence after which a writer's session may be superseded by a
+new session of the same login from the same address that opens its file."""
+
+
+class LoginOwner:
+    """
+    Who a volume serves, as write locks need to know: L{supersedes} says
+    whether this login may take over a writer of another session.  The
+    default serves no one in particular and supersedes nobody.
+    """
+
+    def supersedes(self, other: "LoginOwner") -> bool:
+        return False
+
+    def endStale(self, path: bytes) -> None:
+        pass
+
+
+_NO_OWNER = LoginOwner()
+
+
 class ReadOnly(PermissionError):
     """A change to a read-only volume."""
 
@@ -97,10 +119,12 @@ class Volume:
         filesystem: ConfinedFilesystem,
         containerId: str = "",
         state: Optional[ContainerState] = None,
+        owner: Optional["LoginOwner"] = None,
     ) -> None:
         self._fs = filesystem
         self.containerId = containerId
         self._state = ContainerState(containerId) if state is None else state
+        self._owner = _NO_OWNER if owner is None else owner
 
     @classmethod
     def open(
@@ -109,13 +133,14 @@ class Volume:
         containerId: str = "",
         useOpenat2: Optional[bool] = None,
         state: Optional[ContainerState] = None,
+        owner: Optional["LoginOwner"] = None,
     ) -> "Volume":
         """
         The volume directory at C{root}, held by a descriptor from now on.
 
         @raise OSError: it is missing or not a directory.
         """
-        return cls(ConfinedFilesystem(root, useOpenat2), containerId, state)
+        return cls(ConfinedFilesystem(root, useOpenat2), containerId, state, owner)
 
     @property
     def policy(self) -> Policy:
@@ -480,18 +505,44 @@ class Volume:
             policy = self._state.policy
             self._checkOpened(policy, fd)
             if writing:
-                try:
-                    fcntl.fcntl(fd, _F_OFD_SETLK, _WRITE_LOCK)
-                except OSError as e:
-                    if e.errno in (errno.EAGAIN, errno.EACCES):
-                        raise FileLocked() from None
-                    raise
+                identity = self._lock(fd)
                 if truncate:
                     self._truncate(fd, 0)
         except BaseException:
             os.close(fd)
             raise
-        return OpenFile(self, fd, path, bool(flags & os.O_APPEND))
+        opened = OpenFile(self, fd, path, bool(flags & os.O_APPEND))
+        if writing:
+            opened._identity = identity
+            self._state.writers[identity] = opened
+        return opened
+
+    def _lock(self, fd: int) -> tuple:
+        """
+        Take the write lock of the file open as C{fd}; return its identity.
+
+        A writer of this service in another session of the same login from
+        the same address, silent for L{STALE_WRITER} seconds, is a session
+        the client has left (its connection dropped without a word, and it
+        is resuming the upload): that session is ended and its lock taken.
+
+        @raise FileLocked: another writer holds it.
+        """
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        for attempt in (0, 1):
+            try:
+                fcntl.fcntl(fd, _F_OFD_SETLK, _WRITE_LOCK)
+                return identity
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            holder = self._state.writers.get(identity)
+            if attempt or holder is None or not self._owner.supersedes(holder._volume._owner):
+                raise FileLocked()
+            holder._volume._owner.endStale(holder.path)
+            holder.close()
+        raise FileLocked()
 
     def mkdir(self, path: bytes, mode: Optional[int] = None) -> None:
         self.mayChange(path)
@@ -624,13 +675,14 @@ class OpenFile:
     @ivar path: the virtual path it was opened by.
     """
 
-    __slots__ = ("_volume", "_fd", "path", "_appending")
+    __slots__ = ("_volume", "_fd", "path", "_appending", "_identity")
 
     def __init__(self, volume: Volume, fd: int, path: bytes, appending: bool = False) -> None:
         self._volume = volume
         self._fd = fd
         self.path = path
         self._appending = appending
+        self._identity = None
 
     def read(self, length: int, offset: int) -> bytes:
         return os.pread(self._fd, length, offset)
@@ -680,7 +732,17 @@ class OpenFile:
         return self._volume._figures(os.fstatvfs(self._fd))
 
     def close(self) -> None:
-        os.close(self._fd)
+        """
+        Close the file (and let its write lock go); closing it again, or
+        any other call after, fails as on a closed descriptor.
+        """
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        writers = self._volume._state.writers
+        if self._identity is not None and writers.get(self._identity) is self:
+            del writers[self._identity]
+        os.close(fd)
 
 
 class Directory:

@@ -196,6 +196,86 @@ class ScpProtocolTests(ScpDriver, TestCase):
         self.assertIn(b"directory loop", channel.output())
         self.assertEqual(channel.exitCode, 1)
 
+    def test_sinkRefusesTimeBeyondTimeT(self):
+        """
+        A time record whose seconds do not fit in time_t is refused as bad
+        input: scp's fatal line and exit status 1, and no file is made.
+        """
+        for record in (
+            b"T99999999999999999999 0 1000000000 0\n",
+            b"T1000000000 0 9223372036854775808 0\n",
+            b"T1000000000 1000000 1000000000 0\n",
+            b"T1000000000 0 1000000000 0000001000000\n",
+        ):
+            protocol, channel = self.start(b"scp -p -t /")
+            self.assertEqual(channel.output(), b"\0")
+            protocol.dataReceived(record)
+            protocol.dataReceived(b"C0644 2 f\nhi\0")
+            output = channel.output()
+            self.assertTrue(output.startswith(b"\x02scp: protocol error: "), (record, output))
+            self.assertTrue(output.endswith(b"\n") and output.count(b"\n") == 1, output)
+            self.assertEqual(channel.exitCode, 1, record)
+            self.assertEqual(os.listdir(self.volume), [], record)
+
+    def test_sinkDirectoryTimeBeyondTimeT(self):
+        protocol, channel = self.start(b"scp -r -p -t /")
+        channel.output()
+        protocol.dataReceived(b"T99999999999999999999 0 99999999999999999999 0\nD0755 0 d\nE\n")
+        self.assertEqual(channel.output(), b"\x02scp: protocol error: mtime.sec out of range\n")
+        self.assertEqual(channel.exitCode, 1)
+
+    def test_sinkLargestTimeT(self):
+        """time_t's largest value is taken (the filesystem clamps it)."""
+        protocol, channel = self.start(b"scp -p -t /")
+        channel.output()
+        protocol.dataReceived(b"T9223372036854775807 0 9223372036854775807 0\nC0644 2 f\nhi\0")
+        self.assertEqual(channel.output(), b"\0\0\0")
+        protocol.eofReceived()
+        self.assertEqual(channel.exitCode, 0)
+        self.assertGreater(os.stat(os.path.join(self.volume, "f")).st_mtime, 2**31)
+
+    def test_sinkRefusesSizeBeyondOffT(self):
+        for size in (b"9223372036854775808", b"99999999999999999999", b"1" * 30):
+            protocol, channel = self.start(b"scp -t /")
+            channel.output()
+            protocol.dataReceived(b"C0644 " + size + b" f\n")
+            output = channel.output()
+            self.assertTrue(output.startswith(b"\x02scp: protocol error: "), output)
+            self.assertEqual(channel.exitCode, 1)
+            self.assertEqual(os.listdir(self.volume), [])
+
+    def test_unexpectedErrorIsAnScpError(self):
+        """
+        Whatever goes wrong unforeseen ends the exchange as scp ends: one
+        fatal line, exit status 1, and one line in the log, no traceback.
+        """
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("something nobody foresaw")
+
+        self.patch(Volume, "openFile", broken)
+        protocol, channel = self.start(b"scp -t /")
+        channel.output()
+        protocol.dataReceived(b"C0644 2 f\nhi\0")
+        self.assertEqual(channel.output(), b"\x02scp: internal error; the transfer stopped\n")
+        self.assertEqual(channel.exitCode, 1)
+        logged = [e for e in events if e.get("log_namespace") == "lightd_conch.scp"]
+        self.assertEqual(len(logged), 1)
+        self.assertEqual(logged[0]["kind"], "RuntimeError")
+        self.assertNotIn("log_failure", logged[0])
+        protocol.dataReceived(b"more input after the end")
+        protocol.connectionLost()
+        self.assertEqual(channel.output(), b"")
+
+    def test_nulInPathRefused(self):
+        self.assertRaises(scp.ScpUsageError, scp.parseCommand, b"scp -t a\0b")
+        self.assertRaises(scp.ScpUsageError, scp.parseCommand, b"scp -f 'a\0b'")
+
     def test_notServed(self):
         protocol, channel = self.start(b"bash -i")
         self.assertEqual(channel.err, [b"lightd-sftp: only sftp, scp and rsync are served\n"])
