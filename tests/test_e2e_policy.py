@@ -1132,8 +1132,8 @@ class LoginGateTests(PolicyTestCase):
 
     def assertRefused(self, why):
         """
-        OpenSSH sftp, paramiko and asyncssh are refused with ``why``, one log line each, no
-        failed-login line; five refusals do not ban the address.
+        OpenSSH sftp, scp (both modes), rsync, paramiko and asyncssh are refused with ``why``,
+        one log line each, no failed-login line; these eight refusals do not ban the address.
         """
         asyncssh = asyncssh_or_skip()
         refused_before = len(self.service.log_lines("login refused", why))
@@ -1141,6 +1141,15 @@ class LoginGateTests(PolicyTestCase):
             rc, out, err = self.sftp("ls")
             self.assertEqual(rc, 255, out)
             self.assertIn(why, err)
+        self.local_file("x", b"x")
+        for legacy in (False, True):
+            rc, out, err = self.scp(str(self.local / "x"), ":/x", legacy=legacy)
+            self.assertNotEqual(rc, 0, err)
+            self.assertIn(why, err)
+        rc, out, err = self.rsync(str(self.local / "x"), self.remote("/"))
+        self.assertNotEqual(rc, 0)
+        self.assertIn(why, err)
+        self.assertFalse((self.volume / "x").exists())
         transport = self.paramiko.Transport((HOST, self.service.port))
         self.addCleanup(transport.close)
         transport.start_client(timeout=30)
@@ -1163,8 +1172,8 @@ class LoginGateTests(PolicyTestCase):
         for _ in range(2):
             self.assertEqual(asyncio.run(asyncio.wait_for(login(), 60)), why)
         self.service.wait_for_log(
-            lambda text: len(self.service.log_lines("login refused", why)) >= refused_before + 5)
-        self.assertEqual(len(self.service.log_lines("login refused", why)), refused_before + 5)
+            lambda text: len(self.service.log_lines("login refused", why)) >= refused_before + 8)
+        self.assertEqual(len(self.service.log_lines("login refused", why)), refused_before + 8)
         self.assertEqual(self.service.log_lines("failed login"), [])
 
     def assertAdmitted(self):
