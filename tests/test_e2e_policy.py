@@ -643,7 +643,8 @@ class QuotaTests(PolicyTestCase):
         A hardlink takes no room; its blocks are freed once the last name goes.
         """
         self.volume_file("big", os.urandom(700 * 1024))
-        self.quota()
+        # Set by the CLI with no session live: measured at the first login.
+        self.cli_set("quota_bytes=1M")
         raw = Raw(self, self.service, self.creds)
         handle = raw.handle("small", PFLAG_READ | PFLAG_WRITE | PFLAG_CREAT)
         quota = (FX_FAILURE, "disk quota exceeded")
@@ -967,6 +968,23 @@ class DenylistTests(PolicyTestCase):
         self.assertEqual(raw.code(raw.ask(FXP_RENAME, string("lib"), string("lib2"))), FX_OK)
         self.assertEqual(raw.code(raw.ask(FXP_STAT, string("lib2/b.jar"))), FX_NO_SUCH_FILE)
         self.assertEqual(raw.code(raw.ask(FXP_RENAME, string("to-config"), string("c2"))), FX_OK)
+
+    def test_renaming_a_big_folder(self):
+        """
+        A folder holding more than 10,000 entries is not moved while a pattern of several
+        components is set (what is under it cannot all be checked); with patterns of one name
+        only, it is.
+        """
+        (self.volume / "data").mkdir()
+        for index in range(10_001):
+            (self.volume / "data" / f"n{index}").touch()
+        self.patch(denylist=self.DENYLIST)
+        raw = Raw(self, self.service, self.creds)
+        self.assertEqual(
+            raw.status(raw.ask(FXP_RENAME, string("data"), string("data2"))),
+            (FX_PERMISSION_DENIED, "too many entries to check against the denylist"))
+        self.patch(denylist=["*.jar"])
+        self.assertEqual(raw.code(raw.ask(FXP_RENAME, string("data"), string("data2"))), FX_OK)
 
     def test_clients(self):
         self.fill()

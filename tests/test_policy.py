@@ -10,7 +10,15 @@ import os
 from twisted.trial.unittest import TestCase
 
 from lightd_conch.accounts import AccountError, Accounts
+from lightd_conch.containers import ContainerState
 from lightd_conch.policy import MAX_BYTES, MAX_LIST, Policy, PolicyError, parseSetting
+from lightd_conch.quota import (
+    REMEASURE_AFTER,
+    QuotaExceeded,
+    QuotaMeasurer,
+    QuotaUsage,
+    measure,
+)
 from lightd_conch.store import LMDBCredentialStore
 from lightd_conch.testing import MemoryCredentialStore
 from tests.test_api import APITestCase, writeConfig
@@ -518,3 +526,98 @@ class PolicyCLITests(CLITestsMixin, TestCase):
             status, stdout, stderr = self.runScript(*argv)
             self.assertEqual(status, 2, argv)
             self.assertIn("usage:", stderr)
+
+
+class MeasureTests(TestCase):
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.root, "sub", "deeper"))
+        with open(os.path.join(self.root, "sub", "file"), "wb") as f:
+            f.write(os.urandom(100_000))
+        os.link(os.path.join(self.root, "sub", "file"), os.path.join(self.root, "hard"))
+        with open(os.path.join(self.root, "sparse"), "wb") as f:
+            f.truncate(10**9)
+        os.symlink("/etc/passwd", os.path.join(self.root, "link"))
+        self.fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY)
+        self.addCleanup(os.close, self.fd)
+
+    def test_countsAsDuDoes(self):
+        """
+        What du -sB1 counts: every entry's blocks, a file of several names
+        once, a sparse file as what it takes, no link followed.
+        """
+        import subprocess
+
+        du = int(subprocess.run(["du", "-sB1", self.root], capture_output=True, text=True,
+                                check=True).stdout.split()[0])
+        self.assertEqual(measure(self.fd), du)
+
+    def test_rate(self):
+        """
+        Past C{rate} entries a second it sleeps rather than read on.
+        """
+        for index in range(1200):
+            open(os.path.join(self.root, "sub", f"n{index}"), "w").close()
+        slept = []
+        measure(self.fd, rate=100, sleep=slept.append)
+        self.assertTrue(slept)
+        self.assertGreater(sum(slept), 5)
+
+
+class QuotaMeasurerTests(TestCase):
+    def setUp(self):
+        from twisted.internet.defer import maybeDeferred
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.walked = []
+        self.size = 5000
+
+        def fakeMeasure(fd):
+            self.walked.append(fd)
+            return self.size
+
+        self.measurer = QuotaMeasurer(maybeDeferred, self.clock, measure=fakeMeasure)
+        self.state = ContainerState("web1", Policy(quota_bytes=10_000))
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+
+    def test_ensureMeasuresOnce(self):
+        fired = []
+        self.measurer.ensure(self.state, self.root).addCallback(fired.append)
+        self.assertEqual((fired, self.state.quota.used), ([None], 5000))
+        self.measurer.ensure(self.state, self.root)
+        self.assertEqual(len(self.walked), 1)
+
+    def test_refreshEveryTwoMinutes(self):
+        self.measurer.ensure(self.state, self.root)
+        self.size = 7000
+        self.clock.advance(REMEASURE_AFTER - 1)
+        self.measurer.refresh(self.state, self.root)
+        self.assertEqual((len(self.walked), self.state.quota.used), (1, 5000))
+        self.clock.advance(1)
+        self.measurer.refresh(self.state, self.root)
+        self.assertEqual((len(self.walked), self.state.quota.used), (2, 7000))
+
+    def test_chargesDuringAMeasurementAreKept(self):
+        usage = QuotaUsage()
+        usage.startMeasure()
+        usage.charge(10_000, 3000)
+        usage.measured(5000, 0)
+        self.assertEqual(usage.used, 8000)
+        self.assertRaises(QuotaExceeded, usage.charge, 10_000, 2001)
+        self.assertEqual(usage.used, 8000)
+        usage.charge(10_000, 2000)
+        usage.free(20_000)
+        self.assertEqual(usage.used, 0)
+
+    def test_failedMeasurementCountsFromNothing(self):
+        def broken(fd):
+            raise OSError(5, "I/O error")
+
+        from twisted.internet.defer import maybeDeferred
+
+        measurer = QuotaMeasurer(maybeDeferred, self.clock, measure=broken)
+        measurer.ensure(self.state, self.root)
+        self.assertEqual(self.state.quota.used, 0)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
