@@ -821,6 +821,31 @@ class QuotaTests(PolicyTestCase):
     def test_quota_by_folder_entries_files(self):
         self.fill_folder("file")
 
+    def test_set_again_after_writes_without_it(self):
+        """
+        What was written while the quota was lifted counts once it is set again.
+        """
+        self.quota()
+        client = paramiko_sftp(self, self.service, self.creds)
+        self.patch(quota_bytes=0)
+        with client.open("meanwhile", "w") as f:
+            f.write(os.urandom(QUOTA))
+        self.quota()
+        self.assertGreater(du(self.volume), QUOTA)
+
+        def refused():
+            try:
+                with client.open("after", "w") as f:
+                    f.write(os.urandom(100 * 1024))
+            except OSError as e:
+                self.assertEqual(str(e), "disk quota exceeded")
+                return True
+            client.remove("after")
+            return False
+
+        # The measurement a new quota starts runs in the background.
+        self.eventually(refused, "what was written without a quota counts")
+
     def test_live_change(self):
         """
         A quota set by the CLI while a session is live holds for that session within a few

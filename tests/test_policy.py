@@ -621,3 +621,23 @@ class QuotaMeasurerTests(TestCase):
         measurer.ensure(self.state, self.root)
         self.assertEqual(self.state.quota.used, 0)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+class ContainerStatesTests(TestCase):
+    def test_quotaSetAgainMeasuresAgain(self):
+        """
+        Writes are not counted without a quota: one set again forgets the
+        old figure, so the next login or check measures the volume.
+        """
+        from lightd_conch.containers import MemoryContainerStates
+
+        states = MemoryContainerStates()
+        state = states.update("web1", Policy(quota_bytes=100))
+        state.quota.measured(50, 10.0)
+        states.update("web1", Policy(quota_bytes=200))
+        self.assertEqual((state.quota.used, state.quota.measuredAt), (50, 10.0))
+        states.update("web1", Policy())
+        self.assertEqual(state.quota.used, 50)
+        states.update("web1", Policy(quota_bytes=100))
+        self.assertEqual((state.quota.used, state.quota.measuredAt), (None, None))
+        self.assertIs(states.get("web1"), state)
