@@ -793,13 +793,14 @@ class Directory:
             self._entries = os.scandir(self._fd)
         assert self._entries is not None
         volume = self._volume
+        where = self._place()
         for entry in self._entries:
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue  # removed since it was listed
             name = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
-            if not volume.visible(self._place(), name, st):
+            if not volume.visible(where, name, st):
                 continue
             batch.append((name, st))
             if len(batch) >= limit:
