@@ -1102,6 +1102,36 @@ class WriteLockTests(PolicyTestCase):
             f.write(b"o")
         self.assertEqual((self.volume / "f").read_bytes(), b"oRIGinal")
 
+    def test_scp_and_asyncssh_are_kept_out(self):
+        """
+        While a paramiko session writes a file, scp (both modes) and asyncssh uploads to it
+        are refused and the file is left as it was.
+        """
+        self.volume_file("f", b"original")
+        self.local_file("up", b"uploaded")
+        writer = paramiko_sftp(self, self.service, self.creds).open("f", "r+")
+        for legacy in (False, True):
+            rc, _, err = self.scp(str(self.local / "up"), ":/f", legacy=legacy)
+            self.assertEqual(rc, 1, err)
+            if legacy:
+                self.assertEqual(err.strip().splitlines()[-1],
+                                 "scp: /f: file is locked by another writer")
+            else:
+                self.assertIn('dest open "/f": Failure', err)
+        asyncssh = asyncssh_or_skip()
+
+        async def exercise(sftp):
+            try:
+                await sftp.put(str(self.local / "up"), "f")
+            except asyncssh.SFTPFailure as e:
+                return e.reason
+
+        self.assertEqual(self.asyncssh(exercise), self.LOCKED)
+        self.assertEqual((self.volume / "f").read_bytes(), b"original")
+        writer.close()
+        rc, _, err = self.scp(str(self.local / "up"), ":/f", legacy=True)
+        self.assertEqual((rc, (self.volume / "f").read_bytes()), (0, b"uploaded"), err)
+
     def test_container_locks(self):
         """
         A process in the container holding a POSIX (lockf) or OFD lock keeps SFTP writers out
