@@ -1,7 +1,19 @@
 """
 rsync's server side (``rsync -e ssh``): the real rsync binary, run with a
-validated argv inside a bubblewrap sandbox whose root holds nothing but rsync,
-its libraries and the volume.
+validated argv inside a bubblewrap sandbox whose root, by the time rsync reads
+its first byte from the client, is the volume and nothing else.
+
+bubblewrap starts rsync in a root that holds rsync, its libraries and the
+volume at C{/volume}.  rsync writes its protocol version before it reads
+anything; when those first bytes come out, L{lightd_conch._sandboxroot}
+(its own small process) remounts the volume nosuid, nodev and noexec in the
+sandbox, makes it the root of every process there with pivot_root(2), and
+detaches the old root.  Only then does the client's first byte reach rsync.
+So absolute symlinks (C{rsync -L} of C{bin -> /usr/bin/rsync}) and every path
+option, absolute or climbing, resolve inside the volume as they do over SFTP;
+no name a client can give reaches rsync's binary or libraries; and nothing
+in the volume can be mapped executable, so a library planted there (an NSS
+or gconv module) never runs in rsync.
 
 The argv is checked word by word against the option forms rsync's client
 sends for uploads and downloads; anything that could run a program (``-e``,
@@ -13,19 +25,23 @@ cannot climb above it, and a path that starts with ``-`` is passed as
 added: ``--no-super`` (rsync never chowns to the client's ids or makes
 devices, even as uid 0) and ``--chmod=a-st`` (no file or directory rsync
 receives or sends keeps a setuid, setgid or sticky bit).  The sandbox then enforces what the
-argv check promises: new mount, network, pid and IPC namespaces, a read-only
-root, the volume as the only writable place, and rsync running as the
-volume's owner without any capability.
+argv check promises: new mount, network, pid and IPC namespaces, the volume
+as the only place there is, and rsync running as the volume's owner without
+any capability.  Filter rules given on the command line may not merge files
+(rsync reads those while it starts, before the volume is its root; the
+client sends its own filter rules over the protocol, later).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 from twisted.internet.protocol import ProcessProtocol, Protocol
@@ -35,7 +51,14 @@ from .fs import expandHome, normalize
 from .volume import Volume
 
 SANDBOX_VOLUME = b"/volume"
-"""Where the volume is mounted inside the sandbox (also rsync's cwd)."""
+"""
+Where the volume is mounted inside the sandbox while rsync starts; the
+sandbox's root (and rsync's cwd) once rsync has started.
+"""
+
+_ROOT_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandboxroot.py")
+# How long rsync may take to start and its root to become the volume.
+ROOT_TIMEOUT = 30
 
 _log = Logger()
 
@@ -95,7 +118,8 @@ _VALUED = {
     "--debug": re.compile(r"[A-Za-z0-9,]{1,200}"),
     "--chmod": re.compile(r"[ugoaDFrwxXst0-7,=+\-]{1,100}"),
     "--files-from": re.compile(r"-"),
-    "--filter": re.compile(r"[^\0]{0,256}"),
+    # Not a merge rule ("merge", "dir-merge", "." or ":"): see the module docstring.
+    "--filter": re.compile(r"(?!\s*(merge|dir-merge|[.:]))[^\0]{0,256}"),
     "--exclude": re.compile(r"[^\0]{0,256}"),
     "--include": re.compile(r"[^\0]{0,256}"),
     "--stop-after": re.compile(r"\d{1,9}"),
@@ -176,12 +200,13 @@ def _pathArgument(value: str) -> str:
 def _mapOptionPath(value: str) -> str:
     """
     The value of an option such as --link-dest: an absolute (or ~) path is
-    mapped into the volume; a relative one is rsync's to resolve against the
-    destination, as C{--link-dest=../previous} must be, and can climb no
-    further than the sandbox's read-only, empty root.
+    a path from the volume's root; a relative one is rsync's to resolve
+    against the destination, as C{--link-dest=../previous} must be, and
+    climbs no further than the volume, the sandbox's root.
     """
     if value.startswith(("/", "~")):
-        return os.fsdecode(SANDBOX_VOLUME) + "/" + _mapPath(value)
+        mapped = _mapPath(value)
+        return "/" if mapped == "." else "/" + mapped
     return value
 
 
@@ -340,11 +365,13 @@ class Sandbox:
         volumeFD: int,
         rsyncArgv: Sequence[str],
         ids: Optional[Tuple[int, int]] = None,
+        infoFD: Optional[int] = None,
         readOnly: bool = False,
     ) -> List[str]:
         """
         The command line running C{rsyncArgv} on the volume open as
-        C{volumeFD}.
+        C{volumeFD}; with C{infoFD}, bwrap writes there (as JSON) the pid
+        and mount namespace that L{lightd_conch._sandboxroot} needs.
 
         With C{ids} (the service runs as root), bwrap sets the sandbox up as
         root without a user namespace (the volume's owner may not be able to
@@ -374,6 +401,8 @@ class Sandbox:
             # popt reads $HOME/.popt: an alias file there must not reach rsync.
             "--setenv", "HOME", "/nonexistent",
         ]
+        if infoFD is not None:
+            argv += ["--info-fd", str(infoFD)]
         # Directories bwrap makes for mount points are 0700 unless told.
         parents = set()
         for _, dest in self.binds:
@@ -391,7 +420,9 @@ class Sandbox:
             "--dev", "/dev",
             "--ro-bind-fd" if readOnly else "--bind-fd", str(volumeFD),
             os.fsdecode(SANDBOX_VOLUME),
-            "--chdir", os.fsdecode(SANDBOX_VOLUME),
+            # rsync keeps the path of its start folder and builds paths on
+            # it: "/", which pivot_root turns into the volume's root.
+            "--chdir", "/",
             "--remount-ro", "/",
             "--",
         ]
@@ -447,18 +478,48 @@ def _unescape(field: bytes) -> bytes:
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes((int(m.group(1), 8),)), field)
 
 
+_INFO_FD = 4
+
+
 class _Process(ProcessProtocol):
     def __init__(self, owner: "RsyncServer") -> None:
         self.owner = owner
+        self._info = b""
 
     def outReceived(self, data: bytes) -> None:
         self.owner.transport.write(data)
+        self.owner._rsyncStarted()
 
     def errReceived(self, data: bytes) -> None:
         self.owner.transport.writeStderr(data)
 
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == _INFO_FD:
+            if len(self._info) < 4096:
+                self._info += data
+        else:
+            super().childDataReceived(childFD, data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == _INFO_FD:
+            self.owner._sandboxInfo(self._info)
+
     def processEnded(self, reason) -> None:
         self.owner._processEnded(getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None))
+
+
+class _RootHelper(ProcessProtocol):
+    """L{lightd_conch._sandboxroot}, run once per sandbox."""
+
+    def __init__(self, owner: "RsyncServer") -> None:
+        self.owner = owner
+        self.errors = b""
+
+    def errReceived(self, data: bytes) -> None:
+        self.errors = (self.errors + data)[:500]
+
+    def processEnded(self, reason) -> None:
+        self.owner._rootDone(getattr(reason.value, "exitCode", None), self.errors)
 
 
 class _StdinProducer:
@@ -500,10 +561,16 @@ class RsyncServer(Protocol):
         self._stdinFull = False
         self._outputPaused = False
         self._done = False
+        # The client's bytes wait until the volume is rsync's root.
+        self._rooted = False
+        self._started = False
+        self._sandbox: Optional[Tuple[int, int]] = None  # (pid, mount namespace)
+        self._helper = None
+        self._rootTimeout = None
 
     @property
     def paused(self) -> bool:
-        return self._stdinFull or self._outputPaused
+        return self._stdinFull or self._outputPaused or not self._rooted
 
     def connectionMade(self) -> None:
         reactor = self.reactor
@@ -523,27 +590,87 @@ class RsyncServer(Protocol):
             ids = None
             if os.geteuid() == 0:
                 ids = (owner.st_uid, owner.st_gid)
-            argv = self.sandbox.argv(3, self.argv, ids, self.volume.policy.read_only)
+            argv = self.sandbox.argv(3, self.argv, ids, _INFO_FD, self.volume.policy.read_only)
             self.process = reactor.spawnProcess(
                 _Process(self),
                 argv[0],
                 argv,
                 env={},
                 path="/",
-                childFDs={0: "w", 1: "r", 2: "r", 3: volumeFD},
+                childFDs={0: "w", 1: "r", 2: "r", 3: volumeFD, _INFO_FD: "r"},
             )
-        except OSError as e:
-            _log.warn("cannot start rsync: {error}", error=e)
+        except Exception as e:
+            _log.warn("cannot start rsync: {kind}: {error}", kind=type(e).__name__, error=e)
             self._refuse("lightd-sftp: rsync could not be started\n", 127)
             return
         finally:
             os.close(volumeFD)
+        self._reactor = reactor
+        self._rootTimeout = reactor.callLater(ROOT_TIMEOUT, self._rootTimedOut)
         self.process.registerProducer(_StdinProducer(self), True)
+
+    # -- making the volume rsync's root -----------------------------------------
+
+    def _sandboxInfo(self, data: bytes) -> None:
+        try:
+            info = json.loads(data)
+            self._sandbox = (int(info["child-pid"]), int(info["mnt-namespace"]))
+        except (ValueError, KeyError, TypeError):
+            self._rootFailed("bwrap gave no sandbox information")
+            return
+        self._makeRoot()
+
+    def _rsyncStarted(self) -> None:
+        if not self._started:
+            self._started = True
+            self._makeRoot()
+
+    def _makeRoot(self) -> None:
+        if not (self._started and self._sandbox) or self._helper is not None or self._done:
+            return
+        pid, namespace = self._sandbox
+        argv = [sys.executable, "-I", "-S", _ROOT_HELPER, str(pid), str(namespace),
+                os.fsdecode(SANDBOX_VOLUME)]
+        try:
+            self._helper = self._reactor.spawnProcess(
+                _RootHelper(self), argv[0], argv, env={}, path="/",
+                childFDs={0: "w", 1: "r", 2: "r"},
+            )
+        except OSError as e:
+            self._rootFailed(str(e))
+
+    def _rootDone(self, code: Optional[int], errors: bytes) -> None:
+        if code != 0:
+            self._rootFailed(errors.decode("utf-8", "replace").strip() or f"exit {code}")
+            return
+        if self._done:
+            return
+        self._cancelRootTimeout()
+        self._rooted = True
         for data in self._early:
             self.process.write(data)
         self._early = []
         if self._eof:
             self.process.closeStdin()
+        self.transport.resumeInput()
+
+    def _rootTimedOut(self) -> None:
+        self._rootTimeout = None
+        self._rootFailed(f"rsync did not start within {ROOT_TIMEOUT} s")
+
+    def _rootFailed(self, why: str) -> None:
+        self._cancelRootTimeout()
+        if self._done or self._rooted:
+            return
+        _log.warn("cannot make the volume rsync's root: {why}", why=why[:300])
+        self._early = []
+        self._refuse("lightd-sftp: rsync could not be started\n", 127)
+        self._kill()
+
+    def _cancelRootTimeout(self) -> None:
+        timeout, self._rootTimeout = self._rootTimeout, None
+        if timeout is not None and timeout.active():
+            timeout.cancel()
 
     def _refuse(self, message: str, code: int) -> None:
         self._done = True
@@ -551,14 +678,16 @@ class RsyncServer(Protocol):
         self.transport.exit(code)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.process is None:
-            self._early.append(data)
-        elif not self._done:
+        if self._done:
+            return
+        if not self._rooted:
+            self._early.append(data)  # at most one receive window: paused
+        else:
             self.process.write(data)
 
     def eofReceived(self) -> None:
         self._eof = True
-        if self.process is not None and not self._done:
+        if self._rooted and not self._done:
             self.process.closeStdin()
 
     def pauseProducing(self) -> None:
@@ -575,6 +704,7 @@ class RsyncServer(Protocol):
         self._kill()
 
     def _processEnded(self, code: Optional[int], signalNumber: Optional[int]) -> None:
+        self._cancelRootTimeout()
         if self._done:
             return
         self._done = True
@@ -591,5 +721,7 @@ class RsyncServer(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self._done = True
+        self._early = []
+        self._cancelRootTimeout()
         self._kill()
         self.volume.close()

@@ -648,7 +648,11 @@ class ScpSource(_Exchange):
     def _timeRecord(self, st: os.stat_result) -> Generator[_Request, object, bool]:
         if not self.command.preserve:
             return True
-        self.transport.write(b"T%d 0 %d 0\n" % (int(st.st_mtime), int(st.st_atime)))
+        # A time before 1970 goes out as 0, as OpenSSH sends it: its sink
+        # refuses a negative one.
+        self.transport.write(
+            b"T%d 0 %d 0\n" % (max(int(st.st_mtime), 0), max(int(st.st_atime), 0))
+        )
         return (yield from self._response())
 
     def _sendFile(self, path: bytes) -> Generator[_Request, object, None]:

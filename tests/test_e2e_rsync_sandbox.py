@@ -11,6 +11,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import time
 import unittest as pyunittest
 from pathlib import Path
 
@@ -134,6 +135,11 @@ class _FinishedProcess:
         pass
 
 
+class _NoCall:
+    def active(self):
+        return False
+
+
 class _ProbeReactor:
     """
     Runs what an RsyncServer spawns, at once and to the end, with /proc
@@ -143,8 +149,14 @@ class _ProbeReactor:
 
     result = None
 
+    def callLater(self, delay, f, *args):
+        return _NoCall()
+
     def spawnProcess(self, protocol, executable, args, env, path, childFDs):
         args = list(args)
+        # Run to the end at once: nobody reads bwrap's information.
+        info = args.index("--info-fd")
+        del args[info:info + 2]
         volumeFD = childFDs[3]
         args[args.index("--bind-fd") + 1] = str(volumeFD)
         dev = args.index("--dev")
@@ -464,3 +476,187 @@ class RsyncMountTests(_RsyncService):
         (self.volume / "inside.txt").write_bytes(b"inside")
         self.rsync("-a", self.remote("/"), str(self.local) + "/")
         self.assertEqual((self.local / "inside.txt").read_bytes(), b"inside")
+
+
+HOST_RSYNC = Path(os.path.realpath(shutil.which("rsync") or "/usr/bin/rsync"))
+
+
+class RsyncRootTests(_RsyncService):
+    """
+    Inside the sandbox "/" is the volume: absolute links and every path
+    option, absolute or climbing, resolve inside it as over SFTP, and
+    nothing of the host (rsync's binary and libraries included) is
+    reachable by any name a client can give.  A sentinel outside the volume
+    stays untouched whatever the client does.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.outside = self.service.root / "outside"
+        self.outside.mkdir()
+        self.sentinel = self.outside / "sentinel"
+        self.sentinel.write_bytes(b"outside the volume")
+        self.hostRsync = HOST_RSYNC.read_bytes()
+        self.addCleanup(self.assertOutsideUntouched)
+
+    def assertOutsideUntouched(self):
+        self.assertEqual(os.listdir(self.outside), ["sentinel"])
+        self.assertEqual(self.sentinel.read_bytes(), b"outside the volume")
+        self.assertEqual(HOST_RSYNC.read_bytes(), self.hostRsync)
+
+    def assertNothingOfTheHost(self, root):
+        for path in [root, *root.rglob("*")]:
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                self.assertNotEqual(data, self.hostRsync, path)
+                self.assertFalse(data.startswith(b"\x7fELF"), path)
+                self.assertNotEqual(data, b"outside the volume", path)
+
+    def plantLinks(self):
+        os.symlink("/usr/bin/rsync", self.volume / "bin")
+        os.symlink("/usr/lib", self.volume / "lib")
+        os.symlink("../../../../../../../../usr/bin/rsync", self.volume / "up")
+        os.symlink(str(self.sentinel), self.volume / "sentinel")
+        (self.volume / "inside").write_bytes(b"inside")
+        os.symlink("/inside", self.volume / "absolute-inside")
+
+    def test_copyLinksGiveNothingOfTheHost(self):
+        """
+        ``rsync -L`` of a planted ``bin -> /usr/bin/rsync``: "No such file"
+        (the link resolves in the volume), never the host's rsync; an
+        absolute link to a file in the volume is followed there.
+        """
+        self.plantLinks()
+        for option in ("-L", "--copy-links", "--copy-unsafe-links", "--copy-dirlinks"):
+            down = self.local / option.strip("-")
+            down.mkdir()
+            for name in ("bin", "lib", "up", "sentinel"):
+                rc, out, err = self.rsync("-r", option, self.remote(name), str(down) + "/",
+                                          expect=None)
+                if option in ("-L", "--copy-links"):
+                    self.assertNotEqual(rc, 0, (option, name, out, err))
+                    self.assertIn("No such file or directory", err)
+            self.rsync("-r", option, self.remote("/"), str(down / "all") + "/", expect=None)
+            self.assertNothingOfTheHost(down)
+        self.rsync("-L", self.remote("absolute-inside"), str(self.local / "followed"))
+        self.assertEqual((self.local / "followed").read_bytes(), b"inside")
+
+    def lookalike(self):
+        """A local file as long and as old as the host's rsync, holding zeros."""
+        src = self.local / "src"
+        src.mkdir()
+        fake = src / HOST_RSYNC.name
+        fake.write_bytes(bytes(len(self.hostRsync)))
+        st = HOST_RSYNC.stat()
+        os.utime(fake, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return src
+
+    def test_alternateDestinationsStayInTheVolume(self):
+        """
+        --copy-dest, --compare-dest and --link-dest pointed at the host's
+        rsync folder (absolute or climbing): the quick check finds nothing
+        there, so the client's own bytes arrive, never the host's file.
+        """
+        src = self.lookalike()
+        folder = str(HOST_RSYNC.parent)
+        climbing = "../../../../../../../.." + folder
+        for option in ("--copy-dest", "--compare-dest", "--link-dest"):
+            for value in (folder, climbing, "/" + climbing):
+                dst = f"dst{option}-{len(value)}"
+                self.rsync("-rt", f"{option}={value}", str(src) + "/", self.remote(dst + "/"))
+                arrived = self.volume / dst / HOST_RSYNC.name
+                self.assertEqual(arrived.read_bytes(), bytes(len(self.hostRsync)),
+                                 (option, value))
+
+    def test_writingOptionsStayInTheVolume(self):
+        """
+        --backup-dir, --temp-dir and --partial-dir with climbing and
+        absolute values write inside the volume, at its root.
+        """
+        src = self.local / "src"
+        src.mkdir()
+        (src / "f").write_bytes(b"new")
+        (self.volume / "dst").mkdir()
+        (self.volume / "dst" / "f").write_bytes(b"old")
+        (self.volume / "bk").mkdir()
+        # Climbing: at the volume's root (rsync itself refuses some).
+        rc, out, err = self.rsync("-rI", "-b", "--backup-dir=../../../../../../bk",
+                                  str(src) + "/", self.remote("dst/"), expect=None)
+        if rc == 0:
+            self.assertEqual((self.volume / "dst" / "f").read_bytes(), b"new")
+            self.assertEqual((self.volume / "bk" / "f").read_bytes(), b"old")
+        for option in ("--temp-dir", "--partial-dir"):
+            (src / "f").write_bytes(option.encode())
+            rc, out, err = self.rsync("-rI", f"-M{option}=../../../../..{self.outside}",
+                                      str(src) + "/", self.remote("dst/"), expect=None)
+            # rsync finds no such folder in the volume, or makes do without.
+            self.assertIn(rc, (0, 1, 23), err)
+            if rc == 0:
+                self.assertEqual((self.volume / "dst" / "f").read_bytes(), option.encode())
+        # Absolute: the same path in the volume.
+        inside = self.volume / str(self.outside).lstrip("/")
+        inside.mkdir(parents=True)
+        (src / "f").write_bytes(b"newest")
+        before = (self.volume / "dst" / "f").read_bytes()
+        self.rsync("-rI", "-b", f"--backup-dir={self.outside}", f"-M--temp-dir={self.outside}",
+                   f"--partial-dir={self.outside}", str(src) + "/", self.remote("dst/"))
+        self.assertEqual((self.volume / "dst" / "f").read_bytes(), b"newest")
+        self.assertEqual((inside / "f").read_bytes(), before)
+
+    def test_sandboxHoldsOnlyTheVolume(self):
+        """
+        While rsync serves a client, its root is the volume and its mount
+        table holds that one mount, noexec, nosuid and nodev: rsync's binary
+        and libraries are not reachable by any name, and no library planted
+        in the volume can be mapped executable.
+        """
+        (self.volume / "inside").write_bytes(b"inside")
+        transport = paramiko_transport(self, self.service, self.creds["username"],
+                                       self.creds["password"])
+        channel = within(transport, 10, "open_session", transport.open_session)
+        channel.settimeout(30)
+        within(transport, 10, "exec", channel.exec_command,
+               b"rsync --server --sender -e.LsfxCIvu . inside")
+        self.assertEqual(len(channel.recv(4)), 4)  # rsync's protocol version
+        service = self.service.process.pid
+        deadline = time.monotonic() + 20
+        while True:
+            mounts = None
+            for pid in _descendants(service):
+                try:
+                    # (Its exe link names a file that is no longer in its tree.)
+                    command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if not command[0].endswith(b"/rsync") or command[1:2] != [b"--server"]:
+                        continue
+                    mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+                    root = sorted(os.listdir(f"/proc/{pid}/root"))
+                except OSError:
+                    continue
+            if mounts is not None and len(mounts) == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertIsNotNone(mounts, "no rsync process found")
+        self.assertEqual(len(mounts), 1, mounts)
+        fields = mounts[0].split()
+        self.assertEqual(fields[4], "/")
+        self.assertTrue({"noexec", "nosuid", "nodev"} <= set(fields[5].split(",")), fields)
+        self.assertEqual(root, ["inside"])
+        channel.close()
+
+
+def _descendants(pid):
+    """The pids of every process below C{pid}, whichever of its threads started them."""
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found.append(child)
+            found.extend(_descendants(child))
+    return found

@@ -6,7 +6,9 @@ legacy scp's protocol driven through a fake channel.
 import os
 import stat
 
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lightd_conch import commands, rsync, scp
@@ -70,8 +72,27 @@ class RsyncCommandTests(TestCase):
         self.assertEqual(rsync.parseCommand(b"rsync --server -r . '$(id)'")[-1], "$(id)")
         self.assertEqual(
             rsync.parseCommand(b"rsync --server -r --temp-dir /tmp --link-dest ../prev . d"),
-            ["rsync", "--server", "-r", "--temp-dir=/volume/tmp", "--link-dest=../prev", ".", "d"],
+            ["rsync", "--server", "-r", "--temp-dir=/tmp", "--link-dest=../prev", ".", "d"],
         )
+
+    def test_mergeFiltersRefused(self):
+        """
+        rsync reads a merge file named on its command line while it starts,
+        before the volume is its root: such rules are refused; the client's
+        own filter rules come over the protocol.
+        """
+        for rule in ("merge /usr/bin/rsync", ". /etc/passwd", ":- .rules", "dir-merge .x",
+                     " merge,- x", ".- x"):
+            self.assertRaises(rsync.RsyncRefused, rsync.parseCommand,
+                              f"rsync --server '--filter={rule}' . d".encode())
+        self.assertIn("--filter=- *.o",
+                      rsync.parseCommand(b"rsync --server '--filter=- *.o' . d"))
+
+    def test_absoluteOptionPathsFromTheVolumeRoot(self):
+        for value, mapped in (("/usr/bin", "/usr/bin"), ("/", "/"), ("~/x/../../y", "/y"),
+                              ("../../usr/bin", "../../usr/bin")):
+            argv = rsync.parseCommand(f"rsync --server --copy-dest={value} . d".encode())
+            self.assertIn(f"--copy-dest={mapped}", argv)
 
     def test_valuedOptions(self):
         argv = rsync.parseCommand(
@@ -180,6 +201,16 @@ class ScpProtocolTests(ScpDriver, TestCase):
         self.assertEqual(channel.output(), b"data\0")
         protocol.dataReceived(b"\0")
         self.assertEqual(channel.exitCode, 0)
+
+    def test_sourceTimeBefore1970(self):
+        """Sent as 0, as OpenSSH does: its sink refuses a negative time."""
+        path = os.path.join(self.volume, "old")
+        with open(path, "wb") as f:
+            f.write(b"x")
+        os.utime(path, (-86400, -86400))
+        protocol, channel = self.start(b"scp -p -f old")
+        protocol.dataReceived(b"\0")
+        self.assertEqual(channel.output(), b"T0 0 0 0\n")
 
     def test_sourceMissing(self):
         protocol, channel = self.start(b"scp -f /nope")
@@ -325,6 +356,117 @@ class RsyncSandboxTests(TestCase):
         tail = owned[owned.index("--") + 1 :]
         self.assertEqual(tail[:5], ["/usr/bin/setpriv", "--reuid", "1000", "--regid", "1000"])
         self.assertIn("--clear-groups", tail)
+
+
+class _FakeProcess:
+    pid = 12345
+
+    def __init__(self):
+        self.written = []
+        self.stdinClosed = False
+        self.signals = []
+
+    def registerProducer(self, producer, streaming):
+        pass
+
+    def write(self, data):
+        self.written.append(data)
+
+    def closeStdin(self):
+        self.stdinClosed = True
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+
+class _SpawningReactor(Clock):
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
+        process = _FakeProcess()
+        self.spawned.append((protocol, list(args), childFDs, process))
+        return process
+
+
+class RsyncRootTests(TestCase):
+    """
+    The client's bytes reach rsync only once the volume is its root.
+    """
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        volume = os.path.abspath(self.mktemp())
+        os.makedirs(volume)
+        sandbox = rsync.Sandbox("/bwrap", "/rsync", [], [], "/setpriv")
+        self.server = rsync.RsyncServer(sandbox, volume, ["rsync", "--server", ".", "d"])
+        self.reactor = self.server.reactor = _SpawningReactor()
+        self.channel = _Channel()
+        self.server.makeConnection(self.channel)
+        self.bwrap, argv, childFDs, self.process = self.reactor.spawned[0]
+        self.assertEqual(argv[argv.index("--info-fd") + 1], "4")
+        self.assertEqual(childFDs[4], "r")
+
+    def start(self):
+        """bwrap reports the sandbox, rsync writes its version."""
+        self.server.dataReceived(b"client hello")
+        self.server.eofReceived()
+        self.assertTrue(self.server.paused)
+        self.bwrap.childDataReceived(4, b'{"child-pid": 77, ')
+        self.bwrap.childDataReceived(4, b'"mnt-namespace": 4026531840}')
+        self.bwrap.childConnectionLost(4)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.bwrap.outReceived(b"\x20\0\0\0")
+        self.assertEqual(self.channel.output(), b"\x20\0\0\0")
+        helper, argv, _, _ = self.reactor.spawned[1]
+        self.assertEqual(argv[-3:], ["77", "4026531840", "/volume"])
+        self.assertEqual(self.process.written, [])
+        return helper
+
+    def test_inputWaitsForTheRoot(self):
+        from twisted.internet.error import ProcessDone
+        from twisted.python.failure import Failure
+
+        helper = self.start()
+        helper.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.process.written, [b"client hello"])
+        self.assertTrue(self.process.stdinClosed)
+        self.assertFalse(self.server.paused)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_noRootNoRsync(self):
+        from twisted.internet.error import ProcessTerminated
+        from twisted.python.failure import Failure
+
+        helper = self.start()
+        helper.errReceived(b"pivot_root: Operation not permitted\n")
+        helper.processEnded(Failure(ProcessTerminated(1)))
+        self.assertEqual(self.process.written, [])
+        self.assertEqual(self.process.signals, ["KILL"])
+        self.assertEqual(self.channel.exitCode, 127)
+        self.assertIn(b"rsync could not be started", b"".join(self.channel.err))
+        logged = [e for e in self.events if e.get("log_namespace") == "lightd_conch.rsync"]
+        self.assertEqual(len(logged), 1)
+        self.assertIn("Operation not permitted", logged[0]["why"])
+
+    def test_rsyncThatNeverStarts(self):
+        self.server.dataReceived(b"client hello")
+        self.reactor.advance(rsync.ROOT_TIMEOUT)
+        self.assertEqual(self.process.written, [])
+        self.assertEqual(self.process.signals, ["KILL"])
+        self.assertEqual(self.channel.exitCode, 127)
+
+    def test_rsyncEndsBeforeStarting(self):
+        """An option rsync refuses: its own message and exit status."""
+        self.bwrap.errReceived(b"rsync: unknown option\n")
+        self.bwrap.processEnded(Failure(ProcessTerminated(1)))
+        self.assertEqual(self.channel.exitCode, 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
 class _Conn:

@@ -1,5 +1,7 @@
 """
-Fuzzing L{lightd_conch.sftp.SFTPServer} in-process with hypothesis.
+Fuzzing L{lightd_conch.sftp.SFTPServer}, legacy scp's records and the admin
+API's bodies in-process with hypothesis (scp and the API: see their sections
+at the end).
 
 Generated packets, well-formed or truncated, padded, pipelined with repeated ids
 and cut into arbitrary chunks (with the protocol paused and resumed between
@@ -23,6 +25,7 @@ file runs in well under a minute.
 """
 
 import collections
+import json
 import os
 import shutil
 import stat
@@ -722,3 +725,278 @@ class Openat2SessionFuzzTests(MachineMixin, SynchronousTestCase):
 
 class WalkSessionFuzzTests(MachineMixin, SynchronousTestCase):
     useOpenat2 = False
+
+
+# -- legacy scp's records ------------------------------------------------------
+#
+# Any value in any field of a record (C, D, T, E, the client's own error
+# lines and status bytes), cut anywhere, to the sink and the source: the
+# exchange always ends with an exit status (0, or 1 with an error line),
+# every byte sent is an ack or one escaped message line, nothing is logged
+# (no value reaches an unforeseen error), no descriptor is left open and
+# nothing outside the volume changes.
+
+scp_numbers = st.one_of(
+    st.integers(0, 2**31),
+    st.sampled_from([2**31 - 1, 2**32, 2**63 - 1, 2**63, 2**64, 10**20, 10**30]),
+    st.integers(0, 2**80),
+).map(lambda n: b"%d" % n)
+scp_fields = st.one_of(
+    scp_numbers, scp_numbers,
+    st.sampled_from([b"", b"-1", b"+1", b"0x10", b" 1", b"1 ", b"9" * 25, b"0" * 30 + b"1",
+                     b"1e9", b"\xff", b"1\x00"]),
+    st.binary(max_size=8),
+)
+scp_modes = st.one_of(
+    st.sampled_from([b"0644", b"0755", b"7777", b"0000", b"4755", b"2775", b"1777"]),
+    st.sampled_from([b"8888", b"777", b"07777", b"-644", b"", b"06 4"]),
+    st.binary(min_size=4, max_size=4),
+)
+SCP_NAMES = [
+    b"f", b"d", b"g", b"new", b".", b"..", b"/", b"a/b", b"../up", b"a\x00b", b"a\nb",
+    b"\xff\xfe", b"n" * 255, b"n" * 256, b"$(touch x)", b"-x", b" ", b"up", b"abs", b"\r",
+]
+scp_names = st.one_of(st.sampled_from(SCP_NAMES), st.binary(max_size=20))
+
+
+@st.composite
+def scp_records(draw):
+    kind = draw(st.sampled_from("TTCCDDEM?"))
+    if kind == "T":
+        fields = [draw(scp_fields) for _ in range(4)]
+        return b"T" + b" ".join(fields) + b"\n"
+    if kind in "CD":
+        size = draw(scp_fields)
+        record = kind.encode() + draw(scp_modes) + b" " + size + b" " + draw(scp_names) + b"\n"
+        if kind == "C" and size.isdigit() and int(size) <= 64 and draw(st.booleans()):
+            record += bytes(int(size)) + draw(st.sampled_from([b"\0", b"\x01oops\n", b"\x02no\n",
+                                                                 b"x", b""]))
+        return record
+    if kind == "E":
+        return b"E" + draw(st.sampled_from([b"", b"xtra"])) + b"\n"
+    if kind == "M":
+        return draw(st.sampled_from([b"\x01", b"\x02"])) + draw(st.binary(max_size=20)) + b"\n"
+    return draw(st.binary(max_size=30))
+
+
+SCP_SINKS = [b"scp -t /", b"scp -p -t /", b"scp -r -p -t /", b"scp -r -t d", b"scp -d -t /f",
+             b"scp -p -t /f", b"scp -r -d -t /d"]
+SCP_SOURCES = [b"scp -f f", b"scp -p -f f", b"scp -r -p -f /", b"scp -r -f d", b"scp -f 'd/*'",
+               b"scp -f nope", b"scp -r -p -f abs"]
+
+
+def check_scp_output(data, exitCode, sink, sent):
+    """
+    The sink sends acks and message lines only, the source records, data and
+    message lines; exit status 1 comes with an error line (ours, or the
+    client's own in what it C{sent}).
+    """
+    require(exitCode in (0, 1), f"exit status {exitCode!r}")
+    messages = []
+    if sink:
+        rest = data
+        while rest:
+            if rest[:1] == b"\0":
+                rest = rest[1:]
+                continue
+            require(rest[:6] in (b"\x01scp: ", b"\x02scp: "), f"not an ack or a message: {rest!r}")
+            line, newline, rest = rest.partition(b"\n")
+            require(newline, f"a message without its newline: {line!r}")
+            messages.append(line)
+    else:
+        messages = [b"\x01" + m for m in data.split(b"\x01scp: ")[1:]]
+        messages += [b"\x02" + m for m in data.split(b"\x02scp: ")[1:]]
+        messages = [m.partition(b"\n")[0] for m in messages]
+    for line in messages:
+        require(not any(c < 0x20 or c == 0x7F for c in line[1:]),
+                f"an unescaped control character in {line!r}")
+    if exitCode == 1:
+        require(messages or b"\x01" in sent or b"\x02" in sent,
+                f"exit status 1 without an error line: {data[-200:]!r}")
+
+
+class ScpFuzzTests(SynchronousTestCase):
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        self.workdir = scratch_folder(self)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def run_exchange(self, command, chunks):
+        from lightd_conch import commands
+
+        from .test_exec import _Channel
+
+        session = Session(self.workdir, True)  # its volume and outside sentinel
+        session.server.connectionLost(None)
+        del self.events[:]
+        fdsBefore = open_fds()
+
+        class Avatar:
+            volumePath = session.volume
+
+            def openFilesystem(self):
+                return ConfinedFilesystem(session.volume)
+
+        try:
+            protocol = commands.execProtocol(command, Avatar())
+            protocol.clock = session.clock
+            channel = _Channel()
+            protocol.makeConnection(channel)
+            for chunk in chunks:
+                protocol.dataReceived(chunk)
+                session.settle()
+            protocol.eofReceived()
+            session.settle()
+            output = channel.output()
+            exitCode = channel.exitCode
+            protocol.connectionLost(None)
+            require(channel.err == [] or exitCode is not None, "stderr without an exit status")
+            check_scp_output(output, exitCode, b" -t " in command, b"".join(chunks))
+            logged = [e for e in self.events
+                      if e.get("log_namespace", "").startswith("lightd_conch")]
+            require(not logged, f"logged: {logged!r}")
+            require(open_fds() == fdsBefore, "the exchange leaked file descriptors")
+            require(session.outsideState() == session.before, "something outside changed")
+        finally:
+            os.chmod(session.volume, 0o755)
+            shutil.rmtree(session.base, ignore_errors=True)
+
+    @FUZZ_SETTINGS
+    @given(st.sampled_from(SCP_SINKS), st.lists(scp_records(), max_size=12), st.data())
+    @example(b"scp -p -t /", [b"T99999999999999999999 0 1 0\n", b"C0644 1 f\nx\0"], None)
+    @example(b"scp -r -p -t /", [b"T1 0 99999999999999999999 0\n", b"D0755 0 d\n", b"E\n"], None)
+    def test_sink(self, command, records, data):
+        stream = b"".join(records)
+        if data is None or not stream:
+            self.run_exchange(command, [stream])
+            return
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+        self.run_exchange(command, [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])])
+
+    @FUZZ_SETTINGS
+    @given(st.sampled_from(SCP_SOURCES),
+           st.lists(st.one_of(st.just(b"\0"), st.just(b"\0"), st.sampled_from(
+               [b"\x01no\n", b"\x02stop\n", b"\x01", b"x", b"\n"]), st.binary(max_size=6)),
+               max_size=20))
+    def test_source(self, command, responses):
+        self.run_exchange(command, responses)
+
+
+# -- the admin API's bodies ----------------------------------------------------
+#
+# Any body (JSON or not, any value, any depth) with any Content-Type and
+# Content-Length, to every endpoint: always a JSON answer (an object; with
+# exactly "error" for a refusal) with a fitting status, never a 500, and
+# nothing logged as a failure or an unforeseen error.
+
+json_values = st.recursive(
+    st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
+        st.text(max_size=80), st.sampled_from(["\ud800", "a\x00b", "x" * 73, "demo", "-x"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+credential_bodies = st.fixed_dictionaries(
+    {}, optional={"username": json_values, "password": json_values, "x": json_values}
+)
+
+
+@st.composite
+def api_bodies(draw):
+    kind = draw(st.integers(0, 5))
+    if kind == 0:
+        return draw(st.binary(max_size=200))
+    if kind == 1:
+        opener = draw(st.sampled_from(["[", "{\"a\":", "[{\"b\":"]))
+        return (opener * draw(st.sampled_from([10, 31, 32, 33, 5000, 20000]))).encode()
+    if kind == 2:
+        return json.dumps(draw(json_values)).encode()
+    text = json.dumps(draw(credential_bodies))
+    if kind == 3 and len(text) > 2:
+        cut = draw(st.integers(0, len(text)))
+        return text[:cut].encode()
+    return text.encode("utf-8", "surrogatepass")
+
+
+API_REQUESTS = [
+    ("POST", "/containers/demo/sftp/credentials"), ("GET", "/containers/demo/sftp/info"),
+    ("DELETE", "/containers/demo/sftp/credentials"), ("POST", "/containers/new/sftp/credentials"),
+    ("PUT", "/containers/demo/sftp/credentials"), ("GET", "/containers/../sftp/info"),
+    ("POST", "/nowhere"),
+]
+API_STATUSES = {200, 204, 400, 401, 404, 405, 409, 413, 415}
+
+
+class APIFuzzTests(SynchronousTestCase):
+    def setUp(self):
+        from twisted.internet.defer import maybeDeferred
+        from twisted.logger import globalLogPublisher
+
+        from lightd_conch import api
+        from lightd_conch.accounts import Accounts
+        from lightd_conch.testing import MemoryCredentialStore
+
+        from .test_api import writeConfig
+
+        self.config = writeConfig(self)
+        os.makedirs(self.config.volume_path("demo"))
+        self.api = api.AdminAPI(
+            Accounts(self.config, MemoryCredentialStore(), clock=lambda: 1700000000),
+            "lightd_token", run=maybeDeferred,
+        )
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    @FUZZ_SETTINGS
+    @given(
+        st.sampled_from(API_REQUESTS),
+        api_bodies(),
+        st.sampled_from([None, b"application/json", b"application/vnd.pkglatest+json",
+                         b"application/x-www-form-urlencoded", b"text/plain", b"\xff;;",
+                         b"multipart/form-data; boundary=x"]),
+        st.one_of(st.none(), st.sampled_from([b"0", b"-1", b"9" * 30, b"65537", b"x", b"12 "])),
+        st.sampled_from([b"Bearer lightd_token", b"Bearer wrong", None]),
+    )
+    @example(("POST", "/containers/demo/sftp/credentials"), b"[" * 50000, b"application/json",
+             None, b"Bearer lightd_token")
+    def test_bodies(self, route, body, contentType, length, authorization):
+        from io import BytesIO
+        from urllib.parse import unquote_to_bytes
+
+        from twisted.web.test.requesthelper import DummyRequest
+
+        method, path = route
+        request = DummyRequest([unquote_to_bytes(s) for s in path.encode()[1:].split(b"/")])
+        request.method = method.encode()
+        request.content = BytesIO(body)
+        for name, value in ((b"content-type", contentType), (b"content-length", length),
+                            (b"authorization", authorization)):
+            if value is not None:
+                request.requestHeaders.setRawHeaders(name, [value])
+        del self.events[:]
+        request.render(self.api)
+        require(request.finished == 1, "no answer")
+        code = request.responseCode or 200
+        require(code in API_STATUSES, f"status {code} for {body[:80]!r}")
+        data = b"".join(request.written)
+        if code == 204:
+            require(data == b"", "a 204 with a body")
+        else:
+            require(request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"],
+                    "not JSON")
+            answer = json.loads(data)
+            require(isinstance(answer, dict), "not a JSON object")
+            if code >= 400:
+                require(list(answer) == ["error"] and isinstance(answer["error"], str),
+                        f"a refusal without its error: {answer!r}")
+        problems = [e for e in self.events
+                    if "log_failure" in e or e.get("log_level") is not None
+                    and e["log_level"].name in ("error", "critical")]
+        require(not problems, f"logged: {problems!r}")
