@@ -17,6 +17,7 @@ setup(
         "pyasn1",
         "lmdb>=1.4",
         "pathspec>=0.12",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": ["paramiko>=3.4", "asyncssh>=2.14", "hypothesis>=6.100"],

@@ -2,7 +2,7 @@
 """
 lightd-sftp against OpenSSH's sshd (internal-sftp + ChrootDirectory), side by side.
 
-    python3 bench/run.py                  # the full run (about 8 minutes on 2 cores)
+    python3 bench/run.py                  # the full run (about 9 minutes on 2 cores)
     python3 bench/run.py --quick          # smaller sizes, 3 runs: a smoke check
     python3 bench/run.py --only upload,download --variant same --runs 7
     python3 bench/run.py --rev main       # measure a commit (git archive), not the working tree
@@ -10,9 +10,10 @@ lightd-sftp against OpenSSH's sshd (internal-sftp + ChrootDirectory), side by si
     python3 bench/run.py --also PATH|REV  # a second lightd-sftp in the same rounds (A B C)
 
 Both servers listen on 127.0.0.1 only and are driven by the same OpenSSH client
-(``sftp -b``), interleaved, one run of each per round, the order turned around
+(``sftp -b``; the two request-reply workloads by libssh and by paramiko, which wait for each
+reply: rr-write uploads in 32 KiB writes, rr-stat sends 2,000 STATs), interleaved, one run of each per round, the order turned around
 every other round (A B, B A, A B ...), 7 runs of each
-(15 of the two sub-second workloads, small files and the listing), for every
+(15 of the three sub-second workloads: small files, the listing, the STATs), for every
 workload and for two algorithm choices: the same on both sides (aes128-ctr +
 hmac-sha2-256) and each side's default.  It prints the medians, their ratio
 lightd/OpenSSH (and the median of the rounds' ratios, which a drift of the
@@ -77,12 +78,15 @@ class Sizes:
     clients: int  # concurrent clients ...
     client_bytes: int  # ... each uploading this many bytes
     logins: int  # sequential connect + login + exit per run
+    rr_bytes: int  # bytes of the upload in 32 KiB writes, one request at a time
+    stats: int  # sequential STAT requests, one at a time
 
 
-FULL = Sizes(1024 * MiB, 2000, 10000, 20, 50 * MiB, 10)
-QUICK = Sizes(128 * MiB, 200, 1000, 20, 5 * MiB, 3)
+FULL = Sizes(1024 * MiB, 2000, 10000, 20, 50 * MiB, 10, 16 * MiB, 2000)
+QUICK = Sizes(128 * MiB, 200, 1000, 20, 5 * MiB, 3, 8 * MiB, 2000)
 
-WORKLOADS = ["upload", "download", "small", "listing", "concurrent", "connect"]
+WORKLOADS = ["upload", "download", "small", "listing", "concurrent", "connect", "rr-write",
+             "rr-stat"]
 EXTRA_WORKLOADS = ["concurrent-download"]
 """Run only when named with --only."""
 IN_SESSION = {"upload", "download", "small", "listing"}
@@ -90,7 +94,7 @@ IN_SESSION = {"upload", "download", "small", "listing"}
 RUNS = 7
 """Measured runs per server of each workload, unless --runs says otherwise."""
 SHORT_RUNS = 15
-SHORT = {"small", "listing"}
+SHORT = {"small", "listing", "rr-stat"}
 """Workloads that take under a second a run: the machine's jitter is a larger share of each run,
 so they get more runs (seconds in all) for a median as steady as the long workloads'."""
 MARK = "!date +%s.%N"
@@ -115,6 +119,9 @@ def describe(workload: str, sizes: Sizes) -> str:
         "concurrent-download":
             f"{sizes.clients} clients each downloading {human(sizes.client_bytes)}",
         "connect": f"{sizes.logins} x connect + login + exit",
+        "rr-write": f"upload {human(sizes.rr_bytes)} in 32 KiB writes, each waiting for its reply "
+                    "(libssh)",
+        "rr-stat": f"{sizes.stats:,} STATs, each waiting for its reply (paramiko)",
     }[workload]
 
 
@@ -376,6 +383,15 @@ class Lightd(Server):
     def destination(self) -> str:
         return f"{self.username}@{HOST}"
 
+    def paramiko_login(self, transport) -> None:
+        transport.auth_password(self.username, self.password())
+
+    def password(self) -> str:
+        return (self.root / "password").read_text().strip()
+
+    def libssh_login(self, client) -> None:
+        client.login(password=self.password())
+
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
 
@@ -480,6 +496,14 @@ class OpenSSH(Server):
 
     def destination(self) -> str:
         return f"root@{HOST}"
+
+    def paramiko_login(self, transport) -> None:
+        import paramiko
+
+        transport.auth_publickey("root", paramiko.Ed25519Key.from_private_key_file(str(self.client_key)))
+
+    def libssh_login(self, client) -> None:
+        client.login(key_file=self.client_key)
 
     def cpu(self) -> float:
         # sshd forks per connection (and again per session); the listener reaps
@@ -624,6 +648,11 @@ class Workloads:
             block = os.urandom(4096)
             for i in range(s.small_files):
                 (tree / f"f{i:05d}").write_bytes(block)
+        if "rr-write" in selected:
+            write_random(self.data / "rr.bin", s.rr_bytes)
+        if "rr-stat" in selected:
+            for server in self.servers:
+                (server.volume / "data" / "stat.txt").write_bytes(b"stat me\n")
         if "listing" in selected:
             for server in self.servers:
                 many = server.volume / "data" / "many"
@@ -648,6 +677,10 @@ class Workloads:
     def run(self, workload: str, server: Server, variant: str) -> float:
         """Run ``workload`` once against ``server``; the seconds it took."""
         what = f"{workload} on {server.name} ({variant})"
+        if workload == "rr-stat":
+            return self.stat_run(server, variant)
+        if workload == "rr-write":
+            return self.libssh_write_run(server, variant)
         if workload in IN_SESSION:
             out, _ = finish_sftp(start_sftp(server, variant, self.batches / workload), what)
             marks = [float(line) for line in out.splitlines() if re.fullmatch(r"\d+\.\d+", line)]
@@ -665,11 +698,73 @@ class Workloads:
                 finish_sftp(start_sftp(server, variant, self.batches / "connect"), what)
         return time.perf_counter() - started
 
+    def libssh_write_run(self, server: Server, variant: str) -> float:
+        """
+        The upload with libssh (the libssh that ansible-pylibssh ships, through the test suite's
+        ctypes binding): ``sftp_write`` of 32 KiB, each waiting for its reply, as KDE's kio-sftp
+        writes; libssh leaves TCP_NODELAY off, as by default. Timed from open to close.
+        """
+        import unittest
+
+        sys.path.insert(0, str(REPO_ROOT))
+        from tests.test_e2e_engines import LibSSH
+
+        case = unittest.TestCase()
+        known_hosts = self.work / "libssh_known_hosts"
+        known_hosts.write_text("")
+        try:
+            client = LibSSH(case, server.port, server.destination().split("@")[0], known_hosts)
+            if variant == "same":
+                for option in (LibSSH.OPTIONS_CIPHERS_C_S, LibSSH.OPTIONS_CIPHERS_S_C):
+                    client.option(option, b"aes128-ctr")
+                for option in (LibSSH.OPTIONS_HMAC_C_S, LibSSH.OPTIONS_HMAC_S_C):
+                    client.option(option, b"hmac-sha2-256")
+            client.connect()
+            server.libssh_login(client)
+            started = time.perf_counter()
+            client.put(self.data / "rr.bin", "/data/rr-up.bin")
+            return time.perf_counter() - started
+        except AssertionError as e:
+            raise BenchError(f"rr-write on {server.name} ({variant}): {e}")
+        finally:
+            case.doCleanups()
+
+    def stat_run(self, server: Server, variant: str) -> float:
+        """
+        ``stats`` STATs one after the other with paramiko (each waits for its reply), timed
+        from the first to the last reply, after login; the same client for both servers.
+        """
+        import paramiko
+
+        sock = socket.create_connection((HOST, server.port), timeout=30)
+        transport = paramiko.Transport(sock)
+        try:
+            if variant == "same":
+                options = transport.get_security_options()
+                options.ciphers = ("aes128-ctr",)
+                options.digests = ("hmac-sha2-256",)
+            transport.start_client(timeout=30)
+            server.paramiko_login(transport)
+            sftp = paramiko.SFTPClient.from_transport(transport)
+            sftp.stat("/data/stat.txt")  # the session's first request, not timed
+            started = time.perf_counter()
+            for _ in range(self.sizes.stats):
+                sftp.stat("/data/stat.txt")
+            seconds = time.perf_counter() - started
+            sftp.close()
+            return seconds
+        except (OSError, paramiko.SSHException) as e:
+            raise BenchError(f"rr-stat on {server.name} ({variant}): {e}")
+        finally:
+            transport.close()
+
     def clean(self, workload: str, server: Server) -> None:
         """Remove what a run made, so every run starts from the same state."""
         data = server.volume / "data"
         if workload == "upload":
             (data / "up.bin").unlink(missing_ok=True)
+        elif workload == "rr-write":
+            (data / "rr-up.bin").unlink(missing_ok=True)
         elif workload == "download":
             (self.data / "down.bin").unlink(missing_ok=True)
         elif workload == "small":

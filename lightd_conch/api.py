@@ -6,6 +6,9 @@ The admin HTTP API, Lightd-compatible JSON on twisted.web:
     DELETE /containers/{id}/sftp/credentials   revoke (204)
     GET    /containers/{id}/sftp/policy        the container's policy (200)
     PATCH  /containers/{id}/sftp/policy        change some of its keys (200, the whole policy)
+    GET    /sftp/sessions                      the live sessions (200)
+    DELETE /sftp/sessions/{id}                 end one (204)
+    GET    /metrics                            Prometheus text format (200)
 
 This module translates HTTP to L{lightd_conch.accounts.Accounts}, the same
 rules the CLI uses, and owns the bearer token.  Every answer is JSON: a body
@@ -25,13 +28,16 @@ import os
 import re
 import secrets
 
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from ._address import formatAddress
 from .accounts import AccountError
+from .audit import NullAudit
 from .config import warnIfExposed
+from .metrics import CONTENT_TYPE
 
 log = Logger()
 
@@ -50,6 +56,22 @@ _ROUTES = {
     (b"sftp", b"info"): {b"GET": "_info"},
     (b"sftp", b"policy"): {b"GET": "_policy", b"PATCH": "_setPolicy"},
 }
+# Paths without a container id: the whole path -> {method: handler name}.
+_SERVICE_ROUTES = {
+    (b"sftp", b"sessions"): {b"GET": "_getSessions"},
+    (b"metrics",): {b"GET": "_getMetrics"},
+}
+_SESSION_ROUTE = {b"DELETE": "_deleteSession"}
+
+
+class _Text:
+    """
+    A response body that is not JSON.
+    """
+
+    def __init__(self, data: bytes, contentType: bytes) -> None:
+        self.data = data
+        self.contentType = contentType
 
 
 class TokenError(Exception):
@@ -151,6 +173,10 @@ def _isJSON(contentType: bytes) -> bool:
     )
 
 
+def _host(request) -> "str | None":
+    return getattr(request.getClientAddress(), "host", None)
+
+
 class _Refused(Exception):
     """
     A request refused before it reached L{Accounts}.
@@ -182,14 +208,33 @@ class AdminAPI(Resource):
     @param sftpPort: returns the C{port} to hand out: the SFTP port the
         daemon is bound to, which with C{sftp.port} 0 only the listener
         knows.  None hands out what L{Accounts} reports, C{sftp.port}.
+    @param sessions: the L{lightd_conch.sessions.SessionRegistry} of the
+        live sessions, or None if SFTP is off.
+    @param endSession: C{endSession(id)} disconnects that live session and
+        returns whether there was one.
+    @param metrics: the L{lightd_conch.metrics.Metrics} to show.
+    @param audit: where changes are recorded, with the API client's address.
     """
 
     isLeaf = True
 
     def __init__(
-        self, accounts, token, run, changed=lambda containerId: None, sftpPort=None
+        self,
+        accounts,
+        token,
+        run,
+        changed=lambda containerId: None,
+        sftpPort=None,
+        sessions=None,
+        endSession=None,
+        metrics=None,
+        audit=None,
     ) -> None:
         super().__init__()
+        self._sessions = sessions
+        self._endSession = endSession
+        self._metrics = metrics
+        self._audit = NullAudit() if audit is None else audit
         self._accounts = accounts
         self._token = None if token is None else token.encode("utf-8")
         self._run = run
@@ -215,12 +260,16 @@ class AdminAPI(Resource):
                 return  # the client went away; the change is made all the same
             code, body = result
             try:
-                data = None if body is None else self._json(request, body)
+                data = None if body is None or isinstance(body, _Text) else self._json(request, body)
             except Exception as e:
                 _logUnexpected("cannot answer an admin API request", e)
                 code, data = 500, self._json(request, {"error": _INTERNAL})
             request.setResponseCode(code)
-            if data is not None:
+            if isinstance(body, _Text):
+                request.setHeader(b"Content-Type", body.contentType)
+                request.setHeader(b"Content-Length", b"%d" % len(body.data))
+                request.write(body.data)
+            elif data is not None:
                 request.write(data)
             request.finish()
 
@@ -278,8 +327,12 @@ class AdminAPI(Resource):
 
     def _route(self, request) -> "tuple[str, str]":
         segments = request.postpath
-        methods = None
-        if len(segments) >= 4 and segments[0] == b"containers":
+        methods = _SERVICE_ROUTES.get(tuple(segments))
+        if methods is not None:
+            pass
+        elif len(segments) == 3 and segments[:2] == [b"sftp", b"sessions"]:
+            methods = _SESSION_ROUTE
+        elif len(segments) >= 4 and segments[0] == b"containers":
             methods = _ROUTES.get((segments[-2], segments[-1]))
         if methods is None:
             raise _Refused(404, "no such endpoint")
@@ -292,6 +345,9 @@ class AdminAPI(Resource):
                 f" use {allowed.decode()}",
                 [(b"Allow", allowed)],
             )
+        if segments[0] != b"containers":
+            # The session id, or nothing.
+            return b"/".join(segments[2:]).decode("utf-8", "replace"), handler
         # Ids are checked by Accounts, like the CLI's: an id of several
         # segments (/containers/a/b/sftp/info) is the invalid id "a/b", and
         # bytes that are not UTF-8 become U+FFFD, which no valid id contains.
@@ -339,6 +395,14 @@ class AdminAPI(Resource):
                 container=containerId,
                 username=result["username"],
             )
+            self._audit.event(
+                "credentials_set",
+                container=containerId,
+                username=result["username"],
+                ip=_host(request),
+                via="api",
+                generated=fields["password"] is None,
+            )
             self._notifyChanged(containerId)
             return 200, self._bound(result)
 
@@ -352,6 +416,12 @@ class AdminAPI(Resource):
     def _revoke(self, request, containerId: str):
         def done(result):
             log.info("admin API: credentials of container {container} revoked", container=containerId)
+            self._audit.event(
+                "credentials_revoked",
+                container=containerId,
+                ip=_host(request),
+                via="api",
+            )
             self._notifyChanged(containerId)
             return 204, None
 
@@ -370,10 +440,46 @@ class AdminAPI(Resource):
                 container=containerId,
                 keys=", ".join(sorted(changes)) or "nothing",
             )
+            self._audit.event(
+                "policy_changed",
+                container=containerId,
+                ip=_host(request),
+                via="api",
+                changes={key: result[key] for key in sorted(changes)},
+            )
             self._notifyChanged(containerId)
             return 200, result
 
         return self._run(self._accounts.set_policy, containerId, changes).addCallback(done)
+
+    def _getSessions(self, request, ignored: str):
+        sessions = [] if self._sessions is None else self._sessions.describe()
+        return succeed((200, sessions))
+
+    def _deleteSession(self, request, sessionId: str):
+        live = [] if self._sessions is None else self._sessions.describe()
+        session = next((s for s in live if s["id"] == sessionId), None)
+        if session is None or self._endSession is None or not self._endSession(sessionId):
+            raise _Refused(404, "no such session")
+        self._audit.event(
+            "session_ended",
+            sessionId,
+            container=session["container"],
+            username=session["username"],
+            ip=_host(request),
+            via="api",
+        )
+        log.info(
+            "admin API: session {session} ended by {peer}",
+            session=sessionId,
+            peer=formatAddress(request.getClientAddress()),
+        )
+        return succeed((204, None))
+
+    def _getMetrics(self, request, ignored: str):
+        if self._metrics is None:
+            raise _Refused(404, "no metrics: SFTP is not enabled")
+        return succeed((200, _Text(self._metrics.exposition(), CONTENT_TYPE)))
 
     def _bound(self, result: dict) -> dict:
         if self._sftpPort is not None:

@@ -1,24 +1,52 @@
 """
 The C{lightd-sftp} console script: manage containers' SFTP credentials and
-policies.
+policies, and list and end the running daemon's sessions.
 
-It opens the credential store directly, so it works whether the daemon runs
-or not; the daemon sees its changes.  Exit status: 0 done, 1 refused (with
-one line on stderr), 2 usage error.
+The C{credentials} commands open the credential store directly, so they work
+whether the daemon runs or not; the daemon sees their changes, and they
+write their own events to the audit log.  The C{sessions} commands ask the
+running daemon, through its admin API with its token.  Exit status: 0 done,
+1 refused (with one line on stderr), 2 usage error.
 """
 
 import argparse
 import contextlib
+import getpass
+import ipaddress
 import json
 import sys
+import urllib.error
+import urllib.request
 from datetime import datetime, timezone
 
 from lightd_conch.accounts import AccountError, Accounts
+from lightd_conch.audit import appendEvent
 from lightd_conch.config import ConfigError, load
 from lightd_conch.policy import PolicyError, parseSetting
 from lightd_conch.store import LMDBCredentialStore, StoreError
 
 _PROG = "lightd-sftp"
+
+
+class _Refused(Exception):
+    """
+    A request the CLI cannot carry out; C{str()} is the line it prints.
+    """
+
+
+def _audit(config, stderr, event: str, **fields) -> None:
+    # The change is made: a log that cannot be written is said, not fatal.
+    try:
+        appendEvent(config, event, via="cli", os_user=_osUser(), **fields)
+    except OSError as e:
+        stderr.write(f"{_PROG}: warning: cannot write the audit log {config.sftp.audit_log}: {e}\n")
+
+
+def _osUser() -> "str | None":
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
 
 
 def _generate(accounts, args, stdin, stdout, stderr) -> None:
@@ -28,6 +56,14 @@ def _generate(accounts, args, stdin, stdout, stderr) -> None:
         username=args.username,
         password=password,
         create_volume=args.create_volume,
+    )
+    _audit(
+        args.loadedConfig,
+        stderr,
+        "credentials_set",
+        container=args.container,
+        username=result["username"],
+        generated=password is None,
     )
     if args.json:
         _print_json(result, stdout)
@@ -50,6 +86,7 @@ def _info(accounts, args, stdin, stdout, stderr) -> None:
 
 def _revoke(accounts, args, stdin, stdout, stderr) -> None:
     accounts.revoke(args.container)
+    _audit(args.loadedConfig, stderr, "credentials_revoked", container=args.container)
     stdout.write(f"revoked {args.container}\n")
 
 
@@ -67,6 +104,10 @@ def _list(accounts, args, stdin, stdout, stderr) -> None:
         )
         for result in results
     ]
+    _print_rows(rows, stdout)
+
+
+def _print_rows(rows, stdout) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
@@ -85,7 +126,15 @@ def _policySet(accounts, args, stdin, stdout, stderr) -> None:
         except PolicyError as e:
             raise AccountError("invalid", str(e)) from None
         changes[key] = value
-    _printPolicy(accounts.set_policy(args.container, changes), args.json, stdout)
+    policy = accounts.set_policy(args.container, changes)
+    _audit(
+        args.loadedConfig,
+        stderr,
+        "policy_changed",
+        container=args.container,
+        changes={key: policy[key] for key in sorted(changes)},
+    )
+    _printPolicy(policy, args.json, stdout)
 
 
 def _printPolicy(policy: dict, asJSON: bool, stdout) -> None:
@@ -100,6 +149,101 @@ def _printPolicy(policy: dict, asJSON: bool, stdout) -> None:
         else:
             text = str(value)
         stdout.write(f"{key}: {text}\n")
+
+
+# -- sessions: through the running daemon's API --------------------------------
+
+_API_TIMEOUT = 10
+
+
+def _apiBase(config) -> str:
+    host, port = config.server.host, config.server.port
+    if port == 0:
+        raise _Refused(
+            "server.port is 0 (any free port): set a fixed port for the CLI to reach the daemon"
+        )
+    address = ipaddress.ip_address(host)
+    if address.is_unspecified:
+        host = "::1" if address.version == 6 else "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _apiToken(config) -> "str | None":
+    if not config.authorization.enabled:
+        return None
+    if config.authorization.token:
+        return config.authorization.token
+    path = config.api_token_path
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise _Refused(
+            f"cannot read the API token file {path}: {e.strerror} (has the daemon started?)"
+        ) from None
+    if not token:
+        raise _Refused(f"the API token file {path} is empty")
+    return token
+
+
+def _callAPI(config, method: str, path: str):
+    """
+    The JSON the daemon answers C{method} C{path} with (None for no body).
+    """
+    base = _apiBase(config)
+    request = urllib.request.Request(base + path, method=method)
+    token = _apiToken(config)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    # Straight to the daemon: never through an http_proxy from the
+    # environment, which would be handed the token.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=_API_TIMEOUT) as response:
+            body = response.read()
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]
+        except (ValueError, KeyError, TypeError, OSError):
+            message = f"HTTP {e.code}"
+        raise _Refused(message) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        reason = getattr(reason, "strerror", None) or str(reason)
+        raise _Refused(
+            f"cannot reach the daemon's API at {base}: {reason} (is lightd-sftp running?)"
+        ) from None
+    return json.loads(body) if body.strip() else None
+
+
+def _sessionsList(config, args, stdin, stdout, stderr) -> None:
+    sessions = _callAPI(config, "GET", "/sftp/sessions")
+    if args.json:
+        _print_json(sessions, stdout)
+        return
+    rows = [("ID", "CONTAINER", "USERNAME", "IP", "METHOD", "STARTED", "IN", "OUT")] + [
+        (
+            session["id"],
+            session["container"],
+            session["username"] or "",
+            session["ip"],
+            session["method"] or "",
+            "" if session["started_at"] is None else _when(session["started_at"]),
+            str(session["bytes_in"]),
+            str(session["bytes_out"]),
+        )
+        for session in sessions
+    ]
+    _print_rows(rows, stdout)
+
+
+def _sessionsEnd(config, args, stdin, stdout, stderr) -> None:
+    if not args.id or "/" in args.id:
+        raise _Refused(f"no such session: {args.id!r}")
+    _callAPI(config, "DELETE", "/sftp/sessions/" + urllib.request.quote(args.id, safe=""))
+    stdout.write(f"ended {args.id}\n")
 
 
 # A password is at most 72 bytes: a longer line is not one, and reading stops
@@ -209,7 +353,17 @@ def _parser() -> argparse.ArgumentParser:
     change.add_argument("settings", metavar="KEY=VALUE", nargs="+")
     change.set_defaults(run=_policySet)
 
-    for action in (generate, info, listing, show, change):
+    sessions = groups.add_parser(
+        "sessions", help="list and end the running daemon's live sessions"
+    )
+    sessionActions = sessions.add_subparsers(required=True, metavar="ACTION")
+    sessionsList = sessionActions.add_parser("list", help="list the live sessions")
+    sessionsList.set_defaults(run=_sessionsList, daemon=True)
+    sessionsEnd = sessionActions.add_parser("end", help="end a live session now")
+    sessionsEnd.add_argument("id", metavar="ID")
+    sessionsEnd.set_defaults(run=_sessionsEnd, daemon=True)
+
+    for action in (generate, info, listing, show, change, sessionsList):
         action.add_argument(
             "--json", action="store_true", help="print the API's JSON object"
         )
@@ -232,12 +386,16 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
             return e.code
     try:
         config = load(args.config)
+        if getattr(args, "daemon", False):
+            args.run(config, args, stdin, stdout, stderr)
+            return 0
+        args.loadedConfig = config
         store = LMDBCredentialStore(config.credentials_path)
         try:
             args.run(Accounts(config, store), args, stdin, stdout, stderr)
         finally:
             store.close()
-    except (ConfigError, StoreError, AccountError, OSError) as e:
+    except (ConfigError, StoreError, AccountError, OSError, _Refused) as e:
         stderr.write(f"{_PROG}: error: {e}\n")
         return 1
     return 0

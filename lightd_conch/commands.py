@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from . import rsync, scp
+from .limits import OverLimit
 from .sftp import SFTPServer
 
 NOT_SERVED = "lightd-sftp: only sftp, scp and rsync are served"
@@ -99,6 +100,14 @@ def subsystemProtocol(name: bytes, avatar, clientVersion: bytes = b"") -> Option
         return None
     try:
         volume = avatar.openVolume()
+    except OverLimit as e:
+        if e.first:
+            log.warn(
+                "sftp refused for container {container}: {reason}",
+                container=avatar.containerId,
+                reason=e.reason,
+            )
+        return None
     except OSError:
         log.warn("volume of container {container} is missing", container=avatar.containerId)
         return None
@@ -106,7 +115,7 @@ def subsystemProtocol(name: bytes, avatar, clientVersion: bytes = b"") -> Option
         volume,
         avatar.settings.max_handles,
         clientVersion=clientVersion,
-        budget=avatar.handles,
+        budget=avatar.budgets,
         owner=avatar.containerId,
     )
 
@@ -125,7 +134,10 @@ def execProtocol(command: bytes, avatar) -> Protocol:
     if parsed is None:
         return _rsyncProtocol(command, avatar)
     try:
-        volume = avatar.openVolume()
+        # scp keeps at most one file open beside the volume.
+        volume = avatar.openVolume(extraDescriptors=1)
+    except OverLimit as e:
+        return Refusal(f"lightd-sftp: {e.reason}", 1)
     except OSError:
         return Refusal(VOLUME_MISSING, 1)
     return scp.scpProtocol(volume, parsed)
@@ -143,7 +155,10 @@ def _rsyncProtocol(command: bytes, avatar) -> Protocol:
     except rsync.RsyncRefused as e:
         return Refusal(f"lightd-sftp: rsync refused: {e}", 1)
     try:
-        volume = avatar.openVolume()
+        # rsync's stdin, stdout and stderr pipes are held beside the volume.
+        volume = avatar.openVolume(extraDescriptors=3)
+    except OverLimit as e:
+        return Refusal(f"lightd-sftp: {e.reason}", 1)
     except OSError:
         return Refusal(VOLUME_MISSING, 1)
     try:

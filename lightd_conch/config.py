@@ -72,8 +72,11 @@ class StorageConfig:
 
 
 # The packet protections the transport implements (lightd_conch.ciphers), and
-# the ones offered by default: AEAD and encrypt-then-MAC only, so nothing is
-# encrypt-and-MAC.  The plain HMACs stay available for old clients.
+# the ones offered by default: every one, in OpenSSH's order (AEAD, then the
+# -etm MACs, then the plain HMACs).  The plain HMACs come after the -etm forms,
+# so a client that has both picks -etm; they are offered because libssh2 up to
+# 1.10 (Debian 12's curl, PHP's ssh2 and most tools built on it) has no AEAD
+# cipher and no -etm MAC and could not connect at all without them.
 SUPPORTED_CIPHERS = (
     "chacha20-poly1305@openssh.com",
     "aes128-gcm@openssh.com",
@@ -89,7 +92,7 @@ SUPPORTED_MACS = (
     "hmac-sha2-512",
 )
 DEFAULT_CIPHERS = SUPPORTED_CIPHERS
-DEFAULT_MACS = SUPPORTED_MACS[:2]
+DEFAULT_MACS = SUPPORTED_MACS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,7 +116,8 @@ class DefenderConfig:
 class SFTPConfig:
     """
     The SFTP listener and its limits.  Times are seconds; an C{idle_timeout}
-    or C{login_grace_time} of 0 disables that timer.  C{host_key} is absolute.
+    or C{login_grace_time} of 0 disables that timer.  C{host_key} is absolute,
+    and so is C{audit_log} unless it is C{""} (no audit log).
     """
 
     enabled: bool = True
@@ -129,12 +133,19 @@ class SFTPConfig:
     max_packet_size: int = 32 * 1024
     max_handles: int = 512
     max_handles_per_container: int = 4096
+    max_sessions_per_container: int = 32
+    max_sessions_per_ip: int = 64
+    max_queued_output_per_container: int = 64 * 1024 * 1024
     ciphers: tuple = DEFAULT_CIPHERS
     macs: tuple = DEFAULT_MACS
     max_channels: int = 10
     max_startups: int = 128
     max_startups_per_ip: int = 16
     defender: DefenderConfig = field(default_factory=DefenderConfig)
+    audit_log: str = ""
+    audit_log_max_bytes: int = 10 * 1024 * 1024
+    audit_log_keep: int = 10
+    shutdown_grace: float = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +223,14 @@ def _text(value: object, folder: str) -> str:
 def _path(value: object, folder: str) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         raise _Invalid(f"must be a non-empty path, got {_show(value)}")
+    return _resolve(folder, value)
+
+
+def _pathOrOff(value: object, folder: str) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str) or "\0" in value:
+        raise _Invalid(f'must be a path, or "" for none, got {_show(value)}')
     return _resolve(folder, value)
 
 
@@ -345,11 +364,20 @@ _SCHEMA = {
         "max_packet_size": _integer(4096, 128 * 1024),
         "max_handles": _integer(1, 65536),
         "max_handles_per_container": _integer(1, 1_048_576),
+        "max_sessions_per_container": _integer(1, 65536),
+        "max_sessions_per_ip": _integer(1, 65536),
+        # At least one channel's worth of queued replies (a few MiB).
+        "max_queued_output_per_container": _integer(4 * 1024 * 1024, 2**40),
         "max_channels": _integer(1, 1024),
         "ciphers": _names(SUPPORTED_CIPHERS),
         "macs": _names(SUPPORTED_MACS),
         "max_startups": _integer(1, 65536),
         "max_startups_per_ip": _integer(1, 65536),
+        "audit_log": _pathOrOff,
+        # 0: never rotated by size (logrotate may do it).
+        "audit_log_max_bytes": _integer(0, 2**50),
+        "audit_log_keep": _integer(1, 1000),
+        "shutdown_grace": _seconds,
         "defender": _object(
             DefenderConfig,
             {
@@ -445,7 +473,10 @@ def load(path: str) -> Config:
     )
     sftp = SFTPConfig(
         **(
-            {"host_key": os.path.join(storage.base_path, "sftp_host_ed25519_key")}
+            {
+                "host_key": os.path.join(storage.base_path, "sftp_host_ed25519_key"),
+                "audit_log": os.path.join(storage.base_path, "sftp_audit.log"),
+            }
             | given["sftp"]
         )
     )

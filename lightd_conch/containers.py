@@ -98,3 +98,13 @@ class MemoryContainerStates:
 
     def known(self) -> "list[str]":
         return list(self._states)
+
+    def quotaUsed(self) -> "dict[str, int]":
+        """
+        The bytes used by each container whose quota usage is counted.
+        """
+        return {
+            containerId: state.quota.used
+            for containerId, state in self._states.items()
+            if state.policy.quota_bytes and state.quota.used is not None
+        }

@@ -20,8 +20,10 @@ from .defender import UnknownUser
 from .containers import ContainerState, IContainerStates, MemoryContainerStates
 from .policy import Policy
 from .quota import QuotaMeasurer
-from .sftp import HandleBudget
+from .limits import IContainerBudgets, MemoryContainerBudgets
 from .ssh import SessionChannel
+from .audit import NullAudit
+from .auditing import AuditedVolume
 from .volume import STALE_WRITER, LoginOwner, Volume
 
 BCRYPT_MAX_PASSWORD = 72
@@ -98,8 +100,9 @@ class ContainerAvatar(ConchUser, LoginOwner):
 
     @ivar credential: the credential record the login was checked against,
         or None if unknown.
-    @ivar handles: the L{HandleBudget} shared by all the sessions of all
-        containers, or None for no limit across sessions.
+    @ivar budgets: the L{IContainerBudgets} shared by the sessions of all
+        containers, which this login's session, descriptors and queued
+        output count against; None for no limits (tests).
     @ivar state: the container's L{ContainerState} (its live policy and
         quota usage), shared by all its sessions.
     @ivar transport: the SSH transport that logged in, once it has.
@@ -113,7 +116,7 @@ class ContainerAvatar(ConchUser, LoginOwner):
         volumePath: str,
         settings,
         credential=None,
-        handles=None,
+        budgets: "IContainerBudgets | None" = None,
         state: "ContainerState | None" = None,
     ) -> None:
         super().__init__()
@@ -121,7 +124,7 @@ class ContainerAvatar(ConchUser, LoginOwner):
         self.volumePath = volumePath
         self.settings = settings
         self.credential = credential
-        self.handles = handles
+        self.budgets = budgets
         self.state = ContainerState(self.containerId) if state is None else state
 
     @property
@@ -138,13 +141,41 @@ class ContainerAvatar(ConchUser, LoginOwner):
             avatar=self,
         )
 
-    def openVolume(self) -> Volume:
+    def openVolume(self, extraDescriptors: int = 0) -> Volume:
         """
-        The container's volume, for one protocol run by one channel.
+        The container's volume, for one protocol run by one channel.  Its
+        descriptor, and C{extraDescriptors} more for what the protocol
+        keeps open beside it, count against the container's budget until
+        it is closed.
 
+        @raise lightd_conch.limits.OverLimit: the container has no
+            descriptors left.
         @raise OSError: the volume directory is missing.
         """
-        return Volume.open(self.volumePath, self.containerId, state=self.state, owner=self)
+        kind = Volume if self._auditLog() is None else AuditedVolume
+        budgets = self.budgets
+        if budgets is None:
+            return kind.open(self.volumePath, self.containerId, state=self.state, owner=self)
+        count = 1 + extraDescriptors
+        budgets.takeDescriptors(self.containerId, count)
+        try:
+            volume = kind.open(self.volumePath, self.containerId, state=self.state, owner=self)
+        except BaseException:
+            budgets.giveDescriptors(self.containerId, count)
+            raise
+        volume.whenClosed(lambda: budgets.giveDescriptors(self.containerId, count))
+        return volume
+
+    def _auditLog(self):
+        # The service's audit log once logged in, or None where nothing is kept.
+        audit = getattr(getattr(self.transport, "factory", None), "audit", None)
+        return None if audit is None or isinstance(audit, NullAudit) else audit
+
+    def audit(self, event: str, **fields) -> None:
+        audit = self._auditLog()
+        if audit is not None:
+            transport = self.transport
+            audit.event(event, transport.sessionId, **transport._auditFields(), **fields)
 
     # -- LoginOwner: a resumed upload takes over the lock of a dropped session
 
@@ -163,7 +194,7 @@ class ContainerAvatar(ConchUser, LoginOwner):
             return False
         if theirs.transport.getPeer().host != mine.transport.getPeer().host:
             return False
-        return theirs.factory.clock.seconds() - theirs.lastActivity >= STALE_WRITER
+        return theirs.quietFor() >= STALE_WRITER
 
     def endStale(self, path: bytes) -> None:
         """
@@ -180,27 +211,40 @@ class ContainerRealm:
     """
     Gives each container id an avatar rooted at its volume directory.
 
-    @param handles: the L{HandleBudget} of open handles per container; by
-        default one at C{sftp.max_handles_per_container}.
+    @param budgets: the L{IContainerBudgets} every avatar's session counts
+        against; by default one from the C{sftp} section's limits, in which
+        a container's policy (its C{max_sessions}) may lower its limit.
     @param states: the L{IContainerStates} of the live containers.
     @param quotas: the L{QuotaMeasurer}; a login of a container with a
         quota completes once its volume's usage is known.  None: no
         measurement (usage counts from zero).
+    @param clock: the reactor's time, for the budgets and the containers'
+        bandwidth buckets.
     """
 
     def __init__(
         self,
         config,
-        handles: "HandleBudget | None" = None,
+        budgets: "IContainerBudgets | None" = None,
         states: "IContainerStates | None" = None,
         quotas: "QuotaMeasurer | None" = None,
+        clock=None,
     ) -> None:
         self._config = config
-        if handles is None:
-            handles = HandleBudget(config.sftp.max_handles_per_container)
-        self._handles = handles
-        self._states = MemoryContainerStates() if states is None else states
+        self._states = MemoryContainerStates(clock) if states is None else states
+        if budgets is None:
+            budgets = MemoryContainerBudgets.fromConfig(
+                config.sftp, clock, sessionLimits=self.sessionLimit
+            )
+        self.budgets = budgets
         self._quotas = quotas
+
+    def sessionLimit(self, containerId: str) -> int:
+        """
+        The container's own limit of sessions (its policy's C{max_sessions},
+        0 for none), for the budgets.
+        """
+        return self._states.get(containerId).policy.max_sessions
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         containerId = str(avatarId)
@@ -215,7 +259,7 @@ class ContainerRealm:
             volumePath,
             self._config.sftp,
             getattr(avatarId, "credential", None),
-            self._handles,
+            self.budgets,
             state,
         )
         result = (interfaces[0], avatar, lambda: None)

@@ -1,6 +1,7 @@
 """
-Live SFTP sessions, and ending them when their container's credentials or
-policy change.
+Live SFTP sessions: listing and ending them, ending them when their
+container's credentials or policy change, and letting them finish at
+shutdown.
 
 L{SessionRegistry} knows which SSH transports are logged in to which
 container, and the credential record each one logged in with.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from twisted.application.service import Service
 from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -42,11 +44,13 @@ class SessionRegistry:
     removed by L{loggedOut} when its connection ends (or when the watcher
     ends it).  Its avatar says which container it belongs to and which
     credential record (username, bcrypt hash) its password was checked
-    against.
+    against.  Each transport is also known by its C{sessionId}, for
+    L{describe} and L{end}.
     """
 
     def __init__(self) -> None:
         self._live: dict[str, dict[object, "tuple[str, bytes] | None"]] = {}
+        self._byId: dict[str, object] = {}
 
     def loggedIn(self, transport) -> None:
         avatar = transport.avatar
@@ -57,8 +61,10 @@ class SessionRegistry:
             else (credential.username, credential.password_hash)
         )
         self._live.setdefault(avatar.containerId, {})[transport] = login
+        self._byId[transport.sessionId] = transport
 
     def loggedOut(self, transport) -> None:
+        self._byId.pop(transport.sessionId, None)
         containerId = transport.avatar.containerId
         sessions = self._live.get(containerId)
         if sessions is None:
@@ -79,6 +85,56 @@ class SessionRegistry:
         password hash) it logged in with, or None where that is unknown.
         """
         return list(self._live.get(containerId, {}).items())
+
+    def describe(self) -> "list[dict]":
+        """
+        Every live session as C{GET /sftp/sessions} shows it, oldest first.
+        """
+        sessions = sorted(self._byId.values(), key=lambda t: (t.startedAt or 0, t.sessionId))
+        return [
+            {
+                "id": transport.sessionId,
+                "container": transport.avatar.containerId,
+                "username": getattr(transport, "loginUsername", None),
+                "ip": transport.transport.getPeer().host,
+                "method": transport.loginMethod,
+                "started_at": None if transport.startedAt is None else int(transport.startedAt),
+                "bytes_in": transport.bytesIn,
+                "bytes_out": transport.bytesOut,
+            }
+            for transport in sessions
+        ]
+
+    def end(self, sessionId: str, clock, why: str = "session ended by the administrator") -> bool:
+        """
+        Disconnect the live session C{sessionId}; False if there is none.
+        """
+        transport = self._byId.get(sessionId)
+        if transport is None:
+            return False
+        self.loggedOut(transport)
+        log.info(
+            "ending session {session} of user {username} (container {container}) from {peer}:"
+            " {why}",
+            session=sessionId,
+            username=getattr(transport, "loginUsername", "?"),
+            container=transport.avatar.containerId,
+            peer=formatAddress(transport.transport.getPeer()),
+            why=why,
+        )
+        disconnect(transport, clock, why)
+        return True
+
+
+def disconnect(transport, clock, why: str) -> None:
+    """
+    Send C{why} in a DISCONNECT and close once it is written; drop the
+    connection after L{ABORT_AFTER} seconds if the client does not read it.
+    """
+    # The transport stops reading, so the session serves no further request.
+    transport.sendDisconnect(DISCONNECT_BY_APPLICATION, why.encode("utf-8"))
+    # A no-op once the connection is closed.
+    clock.callLater(ABORT_AFTER, transport.transport.abortConnection)
 
 
 class CredentialWatcher(Service):
@@ -167,8 +223,52 @@ class CredentialWatcher(Service):
             peer=formatAddress(transport.transport.getPeer()),
             why=why,
         )
-        # Sends the reason and closes once it is written; the transport
-        # stops reading, so the session serves no further request.
-        transport.sendDisconnect(DISCONNECT_BY_APPLICATION, why.encode())
-        # A no-op once the connection is closed.
-        self._clock.callLater(ABORT_AFTER, transport.transport.abortConnection)
+        disconnect(transport, self._clock, why)
+
+
+# While draining, a session whose client sent nothing for this long has no
+# transfer in flight and is ended at once.
+QUIET = 1.0
+DRAIN_TICK = 0.25
+SHUTTING_DOWN = "the server is shutting down"
+
+
+def drain(connections, clock, grace: float, quiet: float = QUIET, tick: float = DRAIN_TICK):
+    """
+    End the SSH C{connections} (a live set of transports, emptied as they
+    close) for a shutdown, letting transfers in flight finish.
+
+    Connections not logged in, and sessions whose client has been quiet for
+    C{quiet} seconds, are disconnected now; the others as soon as they fall
+    quiet, and all that remain after C{grace} seconds.  Returns a Deferred
+    that fires once every connection is closed (at most L{ABORT_AFTER}
+    seconds after the grace).
+    """
+    done = Deferred()
+    deadline = clock.seconds() + grace
+    ended = set()
+
+    def check():
+        past = clock.seconds() >= deadline
+        for transport in list(connections):
+            if transport in ended:
+                continue
+            idle = getattr(transport, "avatar", None) is None or transport.quietFor() >= quiet
+            if past or idle:
+                ended.add(transport)
+                if not idle:
+                    log.info(
+                        "shutdown grace over: ending session {session} from {peer}",
+                        session=transport.sessionId,
+                        peer=formatAddress(transport.transport.getPeer()),
+                    )
+                disconnect(transport, clock, SHUTTING_DOWN)
+        if not connections or clock.seconds() >= deadline + ABORT_AFTER:
+            # Past that, abortConnection was called for each: nothing more
+            # is waited for.
+            loop.stop()
+
+    loop = LoopingCall(check)
+    loop.clock = clock
+    loop.start(tick, now=True).addBoth(lambda ignored: done.callback(None))
+    return done

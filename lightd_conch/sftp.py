@@ -15,12 +15,14 @@ is the one place that maps an C{OSError} to an SFTP status.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import stat
 import struct
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple, Union
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Cooperator, CooperativeTask, TaskStopped, cooperate
@@ -29,6 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .fs import expandHome
+from .limits import IContainerBudgets
 from .volume import Directory, OpenFile, SameFile, Volume
 
 # Packet types.
@@ -303,13 +306,40 @@ def encodeAttrs(st: os.stat_result) -> bytes:
 _OK_TAIL = struct.pack(">I", FX_OK) + _string(_STATUS_MESSAGES[FX_OK].encode()) + _string(b"")
 _OK_HEAD = struct.pack(">IB", 5 + len(_OK_TAIL), FXP_STATUS)
 
-# SSH version strings of the clients that send SYMLINK in the drafts' order
-# (the link, then its target) to a server whose version string does not name
-# OpenSSH, and in OpenSSH's order to OpenSSH: asyncssh, WinSCP and Node.js's
-# ssh2 (under VS Code's SFTP extensions).  This server reads OpenSSH's order
-# (as OpenSSH's sftp, paramiko, sshfs, rclone and JSch send it) and turns
-# theirs around, as they would themselves if they recognised it.
-_LINK_FIRST_CLIENTS = (b"SSH-2.0-AsyncSSH_", b"SSH-2.0-WinSCP_", b"SSH-2.0-ssh2js")
+# SYMLINK's two paths come in two orders: the drafts' (the link, then its
+# target) and OpenSSH's (the target, then the link; its PROTOCOL file, 4.1).
+# This server reads OpenSSH's order and turns the drafts' around for the
+# clients below, found by their SSH version string.  What each client family
+# sends to a server whose version string does not name OpenSSH (this one's is
+# "SSH-2.0-lightd_sftp_...", on purpose: clients apply OpenSSH-specific
+# workarounds to any server that claims to be OpenSSH), read from its source:
+#
+#   client (version string)        order sent here   switches on the server's banner
+#   OpenSSH sftp (OpenSSH_)        target, link      no: always OpenSSH's order
+#   paramiko (paramiko_)           target, link      no
+#   Go x/crypto + pkg/sftp (Go),   target, link      no (pkg/sftp marshals the target first)
+#     rclone, restic
+#   libssh2 (libssh2_), curl       target, link      no (libssh2_sftp_symlink(orig, linkpath))
+#   sshj (SSHJ_)                   link, target      no: always the drafts' order
+#   Cyberduck (its own name,       target, link      no: it calls sshj's symlink with the
+#     on sshj)                                       two arguments swapped
+#   libssh (libssh_), KDE          link, target      yes: OpenSSH's order if "OpenSSH" is
+#                                                    anywhere in the banner
+#   asyncssh (AsyncSSH_)           link, target      yes: "OpenSSH" or "paramiko" in it
+#   ssh2 for Node.js (ssh2js)      link, target      yes: banner starts "SSH-2.0-OpenSSH"
+#     VS Code's SFTP extensions                      or "SSH-2.0-dropbear"
+#   WinSCP (WinSCP_)               link, target      yes: software version starts "OpenSSH"
+#   PuTTY psftp/pscp, FileZilla    (none)            they have no command that makes links
+#     (fzsftp, built on PuTTY)
+#
+# libssh's prefix ends in "_" so that libssh2 ("libssh2_") is not taken for it.
+_LINK_FIRST_CLIENTS = (
+    b"SSH-2.0-AsyncSSH_",
+    b"SSH-2.0-WinSCP_",
+    b"SSH-2.0-ssh2js",
+    b"SSH-2.0-libssh_",
+    b"SSH-2.0-SSHJ_",
+)
 
 _SIX_MONTHS = 182 * 24 * 3600
 # os.fsencode, without its call: scandir decodes names this way.
@@ -376,31 +406,6 @@ class _Listing:
 _Handle = Union[OpenFile, Directory]
 
 
-class HandleBudget:
-    """
-    The open handles of each container, counted across all its sessions and
-    held under one limit: every handle is a file descriptor of the service,
-    and one container's sessions must not take them all.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: Dict[str, int] = {}
-
-    def full(self, owner: str) -> bool:
-        return self._open.get(owner, 0) >= self.limit
-
-    def take(self, owner: str) -> None:
-        self._open[owner] = self._open.get(owner, 0) + 1
-
-    def give(self, owner: str, count: int = 1) -> None:
-        left = self._open.get(owner, 0) - count
-        if left > 0:
-            self._open[owner] = left
-        else:
-            self._open.pop(owner, None)
-
-
 @implementer(IPushProducer)
 class SFTPServer(Protocol):
     """
@@ -413,6 +418,8 @@ class SFTPServer(Protocol):
     _log = Logger()
     acceptsViews = True
     """L{dataReceived} takes memoryviews, so channel data arrives uncopied."""
+    requestCounts: "collections.Counter[int]" = collections.Counter()
+    """Requests received by packet type; the service sets its metrics' own."""
 
     def __init__(
         self,
@@ -420,7 +427,7 @@ class SFTPServer(Protocol):
         maxHandles: int = 512,
         cooperator: Optional[Cooperator] = None,
         clientVersion: bytes = b"",
-        budget: Optional[HandleBudget] = None,
+        budget: Optional[IContainerBudgets] = None,
         owner: str = "",
     ) -> None:
         self.volume = volume
@@ -430,7 +437,7 @@ class SFTPServer(Protocol):
         self._linkFirst = clientVersion.startswith(_LINK_FIRST_CLIENTS)
         self._cooperate = cooperate if cooperator is None else cooperator.cooperate
         self._copies: Set[CooperativeTask] = set()
-        self._chunks: list = []
+        self._chunks: Deque = deque()
         self._size = 0
         self._needed = 4
         self._handles: Dict[bytes, _Handle] = {}
@@ -478,48 +485,112 @@ class SFTPServer(Protocol):
 
     def dataReceived(self, data) -> None:
         """
-        Take bytes or a memoryview (see L{acceptsViews}); they are kept as
-        they came until a whole packet is here, then joined once.
+        Take bytes or a memoryview (see L{acceptsViews}).  They are kept as
+        they came, and each packet is cut from the front of them: a packet
+        inside one chunk is a view of it, one across chunks is joined from
+        just its own bytes.  Whatever the client sends and however often
+        the session pauses, each byte is copied at most once.  Once the
+        session has ended, input is dropped.
         """
+        if self._closed:
+            return
         self._chunks.append(data)
         self._size += len(data)
         if self._size >= self._needed and not self._paused:
             self._processBuffer()
 
-    def _processBuffer(self) -> None:
-        if not self._chunks:
-            return
+    def _cut(self, count: int):
+        """
+        The first C{count} bytes of the input (all there), taken off it.
+        """
         chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        view = memoryview(data)
-        position, size = 0, len(data)
+        self._size -= count
+        first = chunks[0]
+        size = len(first)
+        if size > count:
+            view = memoryview(first)
+            chunks[0] = view[count:]
+            return view[:count]
+        if size == count:
+            chunks.popleft()
+            return memoryview(first)
+        parts = []
+        while count:
+            chunk = chunks.popleft()
+            size = len(chunk)
+            if size > count:
+                view = memoryview(chunk)
+                parts.append(view[:count])
+                chunks.appendleft(view[count:])
+                break
+            parts.append(chunk)
+            count -= size
+        return memoryview(b"".join(parts))
+
+    def _peekLength(self) -> int:
+        chunks = self._chunks
+        first = chunks[0]
+        if len(first) >= 4:
+            return struct.unpack_from(">I", first)[0]
+        head = b""
+        for chunk in chunks:
+            head += bytes(chunk[: 4 - len(head)])
+            if len(head) == 4:
+                break
+        return struct.unpack(">I", head)[0]
+
+    def _processBuffer(self) -> None:
+        chunks = self._chunks
         needed = 4
-        while not self._paused and not self._closed:
-            if size - position < 4:
+        while chunks and not self._paused and not self._closed:
+            # The packets wholly inside the first chunk, as views of it.
+            first = chunks[0]
+            view = first if first.__class__ is memoryview else memoryview(first)
+            size = len(view)
+            position = 0
+            # self._size is brought up to date after the loop: nothing a
+            # request does reads it meanwhile (resuming is never synchronous).
+            while size - position >= 4 and not self._paused and not self._closed:
+                (length,) = struct.unpack_from(">I", view, position)
+                if length > MAX_PACKET_LENGTH or length < 5:
+                    # Too big to take, or too short to hold a type and an id
+                    # we could answer: nothing sensible can follow.
+                    self._abort()
+                    return
+                end = position + 4 + length
+                if end > size:
+                    break
+                self._packetReceived(view[position + 4 : end])
+                position = end
+            if self._closed:
+                return
+            if position:
+                self._size -= position
+                if position == size:
+                    chunks.popleft()
+                else:
+                    chunks[0] = view[position:]
+            if self._paused:
+                break
+            # The next packet runs past the first chunk: joined from just
+            # its own bytes once it is all here.
+            if self._size < 4:
                 needed = 4
                 break
-            (length,) = struct.unpack_from(">I", view, position)
+            length = self._peekLength()
             if length > MAX_PACKET_LENGTH or length < 5:
-                # Too big to take, or too short to hold a type and an id we
-                # could answer: nothing sensible can follow on this stream.
                 self._abort()
                 return
-            if size - position < 4 + length:
+            if self._size < 4 + length:
                 needed = 4 + length
                 break
-            start = position + 4
-            position = start + length
-            self._packetReceived(view[start:position])
-        if self._closed:
-            return
-        rest = view[position:] if position < size else None
-        self._chunks = [rest] if rest is not None else []
-        self._size = size - position
-        self._needed = needed
+            self._packetReceived(self._cut(4 + length)[4:])
+        if not self._closed:
+            self._needed = needed
 
     def _abort(self) -> None:
         self._closed = True
-        self._chunks = []
+        self._chunks.clear()
         self._size = 0
         self.transport.loseConnection()
 
@@ -528,6 +599,7 @@ class SFTPServer(Protocol):
 
     def _packetReceived(self, packet: bytes) -> None:
         kind = packet[0]
+        self.requestCounts[kind] += 1
         if kind == FXP_INIT:
             if self._version is not None:
                 self._abort()  # INIT carries no id to answer with
@@ -602,21 +674,21 @@ class SFTPServer(Protocol):
         key = str(self._nextHandle).encode("ascii")
         self._handles[key] = handle
         if self._budget is not None:
-            self._budget.take(self._owner)
+            self._budget.takeDescriptors(self._owner)
         return self._packet(FXP_HANDLE, requestId, _string(key))
 
     def _checkHandleRoom(self) -> None:
         # Before anything is opened: this session's limit, then its
         # container's, across all the container's sessions.
         if len(self._handles) >= self.maxHandles or (
-            self._budget is not None and self._budget.full(self._owner)
+            self._budget is not None and self._budget.descriptorsFull(self._owner)
         ):
             raise SFTPError(FX_FAILURE, "Too many open handles")
 
     def _dropHandle(self, key: bytes) -> Optional[_Handle]:
         handle = self._handles.pop(key, None)
         if handle is not None and self._budget is not None:
-            self._budget.give(self._owner)
+            self._budget.giveDescriptors(self._owner)
         return handle
 
     # Both take the handle's key once every field of the request is read, so
@@ -912,6 +984,13 @@ class SFTPServer(Protocol):
         if len(self._copies) >= MAX_COPIES:
             job.close()
             raise SFTPError(FX_FAILURE, "Too many copies in progress")
+        # The copy's two descriptors (duplicates of the handles') are the
+        # container's until it ends.
+        if self._budget is not None:
+            if self._budget.descriptorsFull(self._owner, 2):
+                job.close()
+                raise SFTPError(FX_FAILURE, "Too many open handles")
+            self._budget.takeDescriptors(self._owner, 2)
         task = self._cooperate(job.steps())
         self._copies.add(task)
 
@@ -933,6 +1012,8 @@ class SFTPServer(Protocol):
         def cleanup(_: object) -> None:
             self._copies.discard(task)
             job.close()
+            if self._budget is not None:
+                self._budget.giveDescriptors(self._owner, 2)
             self._endIfAnswered()
 
         task.whenDone().addCallbacks(finished, failed).addBoth(cleanup)
@@ -986,7 +1067,7 @@ class SFTPServer(Protocol):
             task.stop()
         handles, self._handles = self._handles, {}
         if self._budget is not None:
-            self._budget.give(self._owner, len(handles))
+            self._budget.giveDescriptors(self._owner, len(handles))
         for handle in handles.values():
             try:
                 handle.close()

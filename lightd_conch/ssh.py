@@ -9,6 +9,8 @@ L{lightd_conch.commands}.
 from __future__ import annotations
 
 import os
+import socket
+import secrets
 import struct
 from collections import deque
 from typing import Deque, Optional
@@ -23,6 +25,7 @@ from twisted.conch.ssh.transport import (
     DISCONNECT_MAC_ERROR,
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
     DISCONNECT_PROTOCOL_ERROR,
+    DISCONNECT_TOO_MANY_CONNECTIONS,
     MSG_KEXINIT,
     MSG_NEWKEYS,
     MSG_SERVICE_ACCEPT,
@@ -39,11 +42,20 @@ from twisted.logger import (
     Logger,
     globalLogPublisher,
 )
+from zope.interface import implementer
 
 from ._address import formatAddress
 from .ciphers import PacketError, PlainSealer, makeSealer
+from .audit import NullAudit
 from .commands import execProtocol, subsystemProtocol
 from .defender import Defender, StartupLimiter, UnknownUser
+from .metrics import (
+    REFUSED_BANNED,
+    REFUSED_MAX_STARTUPS,
+    REFUSED_MAX_STARTUPS_PER_IP,
+    Metrics,
+)
+from .limits import IOutputWatcher, OverLimit
 from .sftp import SFTPServer
 
 log = Logger()
@@ -98,10 +110,15 @@ MSG_CHANNEL_DATA = connection.MSG_CHANNEL_DATA
 
 # sendmsg takes at most this many parts at once (the kernel's UIO_MAXIOV).
 _IOV_MAX = 1024
+# Linux's TCP_QUICKACK (12), where the socket module lacks the name.
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
 # Packets sealed while one read is dispatched are sent together at its end,
 # or sooner once this many parts or bytes are waiting.
 _CORK_PARTS = 512
 _CORK_BYTES = 256 * 1024
+# An ended channel (its protocol closed, or the client's EOF) waits this many
+# seconds without any of its queued output being sent, then closes anyway.
+CLOSE_GRACE = 3.0
 # Channels send no more while this much waits in the transport's buffer
 # (beyond what the socket took): a client that stops reading its socket, with
 # a wide-open window, is held back like one whose window is shut.
@@ -247,12 +264,23 @@ class SSHTransport(SSHServerTransport):
     _newKeysSent = False
     _peerInKex = False  # between the client's KEXINIT and its NEWKEYS
     _socket = None
+    # The session as the audit log, the metrics and the sessions API name it.
+    sessionId = ""
+    loginMethod: Optional[str] = None
+    startedAt: Optional[float] = None
+    bytesIn = 0  # channel data, counted by SSHConnection
+    bytesOut = 0
+    # (budgets, container id, address) once this connection's login is
+    # counted in its avatar's budgets.
+    countedSession = None
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
         settings = self.factory.settings
         clock = self.factory.clock
         self._lastActivity = clock.seconds()
+        self.sessionId = secrets.token_hex(8)
+        self.factory.connections.add(self)
         # A time of 0 disables that timer, as in OpenSSH.
         self._graceCall = (
             clock.callLater(settings.login_grace_time, self._graceExpired)
@@ -403,6 +431,26 @@ class SSHTransport(SSHServerTransport):
             self._corkedSize = 0
             if corked:
                 self._send(corked)
+            elif self._socket is not None:
+                self._ackNow()
+
+    def _ackNow(self) -> None:
+        """
+        Acknowledge a read that got no reply at once.
+
+        A client that waits for each reply and does not set TCP_NODELAY
+        (libssh's default) sends a request larger than the channel's packet
+        size as two SSH packets, the second one small: Nagle's algorithm
+        holds that one back until the first is acknowledged, and the kernel
+        delays that acknowledgement (up to 40 ms), as no reply can carry it
+        before the request is whole.  That cost libssh's sequential 32 KiB
+        writes 40 ms each.  TCP_QUICKACK sends the pending acknowledgement
+        now; the kernel clears it again by itself, so it is set per read.
+        """
+        try:
+            self._socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        except OSError:
+            pass  # a socket going away: the transport finds out on its own
 
     def _dispatchReceived(self) -> None:
         """
@@ -601,13 +649,27 @@ class SSHTransport(SSHServerTransport):
             return
         super().ssh_SERVICE_REQUEST(packet)
 
+    def quietFor(self) -> float:
+        """
+        Seconds since the client last sent anything.
+        """
+        return self.factory.clock.seconds() - self._lastActivity
+
+    def _auditFields(self) -> dict:
+        avatar = getattr(self, "avatar", None)
+        return {
+            "container": None if avatar is None else avatar.containerId,
+            "username": getattr(self, "loginUsername", None),
+            "ip": self.transport.getPeer().host,
+        }
+
     def _releaseStartup(self) -> None:
         # This connection no longer counts as an unauthenticated startup.
         host, self.startupHost = self.startupHost, None
         if host is not None:
             self.factory.startups.release(host)
 
-    def authenticated(self, username: str, containerId: str) -> None:
+    def authenticated(self, username: str, containerId: str, method: str = "password") -> None:
         """
         Called by user authentication on success: the grace period is over.
         """
@@ -616,6 +678,10 @@ class SSHTransport(SSHServerTransport):
         self._graceCall = None
         self._releaseStartup()
         self.loginUsername = username
+        self.loginMethod = method
+        self.startedAt = self.factory.clock.seconds()
+        self.factory.metrics.loginSucceeded(self, method)
+        self.factory.audit.event("login", self.sessionId, **self._auditFields(), method=method)
         log.info(
             "login: user {username} (container {container}) from {peer}",
             username=username,
@@ -624,13 +690,6 @@ class SSHTransport(SSHServerTransport):
         )
         if self.factory.sessions is not None:
             self.factory.sessions.loggedIn(self)
-
-    @property
-    def lastActivity(self) -> float:
-        """
-        When this connection last received anything, on the factory's clock.
-        """
-        return self._lastActivity
 
     def endStale(self, path: bytes) -> None:
         """
@@ -653,7 +712,20 @@ class SSHTransport(SSHServerTransport):
                 call.cancel()
         self._graceCall = self._idleCall = None
         self._releaseStartup()
+        self.factory.connections.discard(self)
+        counted, self.countedSession = self.countedSession, None
+        if counted is not None:
+            budgets, containerId, address = counted
+            budgets.closeSession(containerId, address)
         if getattr(self, "avatar", None) is not None:
+            self.factory.metrics.sessionEnded(self)
+            self.factory.audit.event(
+                "logout",
+                self.sessionId,
+                **self._auditFields(),
+                bytes_in=self.bytesIn,
+                bytes_out=self.bytesOut,
+            )
             log.info(
                 "logout: user {username} (container {container}) from {peer}",
                 username=self.loginUsername,
@@ -740,14 +812,37 @@ class UserAuthServer(userauth.SSHUserAuthServer):
                 peer=_peer(self.transport),
                 why=why,
             )
+            logout()
             self.transport.sendDisconnect(
                 DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, why.encode("utf-8")
             )
             return
-        avatar.method = self.method.decode("ascii", "replace")
-        avatar.transport = self.transport
+        transport = self.transport
+        budgets = getattr(avatar, "budgets", None)
+        address = getattr(transport.transport.getPeer(), "host", None)
+        try:
+            if budgets is not None:
+                budgets.openSession(avatar.containerId, address)
+        except OverLimit as e:
+            # The password was right, so this is no failed login for the
+            # defender; the client is told why, in the words it will show.
+            log.warn(
+                "refused login: user {username} (container {container}) from {peer}: {reason}",
+                username=username,
+                container=avatar.containerId,
+                peer=_peer(transport),
+                reason=e.reason,
+            )
+            logout()
+            transport.sendDisconnect(DISCONNECT_TOO_MANY_CONNECTIONS, e.reason.encode("ascii"))
+            return
+        if budgets is not None:
+            transport.countedSession = (budgets, avatar.containerId, address)
+        method = self.method.decode("ascii", "replace")
+        avatar.method = method
+        avatar.transport = transport
         super()._cbFinishedAuth(result)
-        self.transport.authenticated(username, avatar.containerId)
+        transport.authenticated(username, avatar.containerId, method)
 
     def _ebBadAuth(self, reason) -> None:
         if self.method != b"none" and reason.check(UnauthorizedLogin):
@@ -757,9 +852,25 @@ class UserAuthServer(userauth.SSHUserAuthServer):
                 peer=_peer(self.transport),
             )
             host = self.transport.transport.getPeer().host
-            defender = self.transport.factory.defender
+            factory = self.transport.factory
+            method = self.method.decode("ascii", "replace")
+            factory.metrics.loginFailed(method)
+            factory.audit.event(
+                "login_failed",
+                self.transport.sessionId,
+                container=None,
+                username=_printable(self.user[:128]),
+                ip=host,
+                method=method,
+                reason="unknown_user" if reason.check(UnknownUser) else "wrong_password",
+            )
+            defender = factory.defender
+            wasBanned = defender.isBanned(host)
             defender.failedLogin(host, knownUser=not reason.check(UnknownUser))
             if defender.isBanned(host):
+                if not wasBanned:
+                    factory.metrics.banned()
+                    factory.audit.event("banned", None, container=None, username=None, ip=host)
                 self.transport.sendDisconnect(
                     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
                     b"too many authentication failures",
@@ -833,7 +944,22 @@ class SSHConnection(connection.SSHConnection):
             self.sendClose(channel)
             return
         channel.localWindowLeft -= dataLength
+        self.transport.bytesIn += dataLength
         channel.dataReceived(data)
+
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        # Conch reopens the window for extended data whatever the channel's
+        # state; an ended channel's stays shut (see SessionChannel.ended).
+        if len(packet) >= 12:
+            localChannel, _, dataLength = struct.unpack(">3L", packet[:12])
+            channel = self.channels.get(localChannel)
+            if getattr(channel, "ended", False):
+                if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+                    self.sendClose(channel)
+                else:
+                    channel.localWindowLeft -= dataLength
+                return
+        super().ssh_CHANNEL_EXTENDED_DATA(packet)
 
     def sendData(self, channel, data) -> None:
         """
@@ -843,9 +969,12 @@ class SSHConnection(connection.SSHConnection):
             return
         remote = self.channelsToRemoteChannel[channel]
         if data.__class__ is list:
-            parts = [_CHANNEL_DATA_HEAD.pack(remote, sum(map(len, data))), *data]
+            size = sum(map(len, data))
+            parts = [_CHANNEL_DATA_HEAD.pack(remote, size), *data]
         else:
-            parts = (_CHANNEL_DATA_HEAD.pack(remote, len(data)), data)
+            size = len(data)
+            parts = (_CHANNEL_DATA_HEAD.pack(remote, size), data)
+        self.transport.bytesOut += size
         self.transport.sendPacketParts(MSG_CHANNEL_DATA, parts)
 
 
@@ -853,6 +982,7 @@ class _Stderr(bytes):
     """Queued output that goes out as extended data (stderr)."""
 
 
+@implementer(IOutputWatcher)
 class SessionChannel(SSHChannel):
     """
     A session channel that serves the C{sftp} subsystem, and as C{exec}
@@ -861,9 +991,16 @@ class SessionChannel(SSHChannel):
     Output is queued as a list of chunks (not Conch's growing byte string,
     twisted#12139) and sent as the client's window and the transport allow:
     nothing more is sent while L{OUTPUT_HIGH_WATER} bytes wait in the
-    transport.  When more than L{highWater} bytes are queued, the SFTP
-    protocol is paused and reads no further requests, and while it is paused
-    this channel does not open its receive window.
+    transport.  When more than L{highWater} bytes are queued, or the queues
+    of all the container's channels together are over its budget (see
+    L{lightd_conch.limits}), the protocol is paused and reads no further
+    requests, and while it is paused this channel does not open its receive
+    window.
+
+    Once the channel has ended (its protocol closed it, or the client sent
+    EOF), what the client sends is dropped and the window stays shut; the
+    channel closes as soon as its queue is sent, or once L{CLOSE_GRACE}
+    seconds pass without any of it going out.
 
     A container's bandwidth limits (its policy's C{bandwidth_up} and
     C{bandwidth_down}) are held here, for every protocol alike: what is sent
@@ -876,16 +1013,46 @@ class SessionChannel(SSHChannel):
     _log = _conchLog
     highWater = 1024 * 1024
     lowWater = 256 * 1024
-    clock = None  # for exec: the reactor unless a test sets one
+    clock = None  # the factory's clock (or the reactor) unless a test sets one
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._queue: Deque[bytes] = deque()
         self._queued = 0
         self._exitStatus: Optional[int] = None
+        self._eofSeen = False
+        self._graceCall = None
+        self._lastProgress = 0.0
         self.protocol: Optional[SFTPServer] = None
         self._state = getattr(self.avatar, "state", None)
         self._throttled = None
+        # An exec's command line, and what it moved, for the audit log.
+        self._command: Optional[bytes] = None
+        self._commandIn = self._commandOut = 0
+        self._commandStatus: Optional[int] = None
+        # The budgets this container's queued output counts against.
+        self._budgets = getattr(self.avatar, "budgets", None)
+        self._owner = getattr(self.avatar, "containerId", None)
+        self._heldByContainer = False
+        if self._budgets is not None:
+            self._budgets.watchOutput(self._owner, self)
+            self._heldByContainer = self._budgets.outputFull(self._owner)
+
+    @property
+    def ended(self) -> bool:
+        """
+        Whether this channel takes no more input: its protocol ended it, or
+        the client sent EOF.
+        """
+        return bool(self.closing) or self._eofSeen
+
+    def _clock(self):
+        clock = self.clock
+        if clock is None:
+            clock = getattr(getattr(self.conn.transport, "factory", None), "clock", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return clock
 
     # -- requests ---------------------------------------------------------
 
@@ -902,14 +1069,26 @@ class SessionChannel(SSHChannel):
     def _startExec(self, data: bytes) -> int:
         if self.protocol is not None:
             return 0
-        self.protocol = execProtocol(common.getNS(data)[0], self.avatar)
+        self._command = common.getNS(data)[0]
+        self.protocol = execProtocol(self._command, self.avatar)
         # Started once the request's reply is out, so no output (or exit
         # status) of the command can overtake it; input meanwhile is kept.
-        clock = self.clock
-        if clock is None:
-            from twisted.internet import reactor as clock
-        clock.callLater(0, self._connectExec, self.protocol)
+        self._clock().callLater(0, self._connectExec, self.protocol)
         return 1
+
+    def _auditCommand(self) -> None:
+        # One event per scp or rsync command, once it has ended.
+        audit = getattr(self.avatar, "audit", None)
+        if audit is None:
+            return
+        status = self._commandStatus
+        audit(
+            "exec",
+            command=self._command[:1024].decode("utf-8", "backslashreplace"),
+            bytes_in=self._commandIn,
+            bytes_out=self._commandOut,
+            result="ok" if status == 0 else "ended" if status is None else f"exit status {status}",
+        )
 
     def _connectExec(self, protocol) -> None:
         if self.protocol is protocol and not self.localClosed:
@@ -923,6 +1102,8 @@ class SessionChannel(SSHChannel):
         )
         if protocol is None:
             return 0
+        if isinstance(protocol, SFTPServer):
+            protocol.requestCounts = self.conn.transport.factory.metrics.sftpRequests
         self.protocol = protocol
         protocol.makeConnection(self)
         return 1
@@ -930,20 +1111,26 @@ class SessionChannel(SSHChannel):
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.ended:
+            return  # nothing is kept, and the window stays shut
         if self.protocol is None:
             self.loseConnection()  # data before any subsystem: nothing to feed
             return
+        if self._heldByContainer and not self.protocol.paused:
+            self.protocol.pauseProducing()  # started while the container was full
         if not getattr(self.protocol, "acceptsViews", False):
             data = bytes(data)  # exec protocols parse bytes
         state = self._state
         if state is not None and state.policy.bandwidth_up:
             state.up.spend(state.policy.bandwidth_up, len(data))
+        if self._command is not None:
+            self._commandIn += len(data)
         self.protocol.dataReceived(data)
         self._openWindow()
 
     def _openWindow(self) -> None:
         # The window check first: it is the one that fails on most calls.
-        if self.localWindowLeft >= self.localWindowSize // 2 or self.localClosed:
+        if self.localWindowLeft >= self.localWindowSize // 2 or self.ended:
             return
         if self.protocol is not None and self.protocol.paused:
             return
@@ -963,10 +1150,7 @@ class SessionChannel(SSHChannel):
         if not wait:
             return False
         if self._throttled is None:
-            clock = self.clock
-            if clock is None:
-                from twisted.internet import reactor as clock
-            self._throttled = clock.callLater(wait, self._unthrottle)
+            self._throttled = self._clock().callLater(wait, self._unthrottle)
         return True
 
     def _unthrottle(self) -> None:
@@ -976,6 +1160,7 @@ class SessionChannel(SSHChannel):
             self._openWindow()
 
     def eofReceived(self) -> None:
+        self._eofSeen = True
         eofReceived = getattr(self.protocol, "eofReceived", None)
         if eofReceived is not None:
             eofReceived()
@@ -993,17 +1178,36 @@ class SessionChannel(SSHChannel):
         self._openWindow()
 
     def closeReceived(self) -> None:
+        # The client reads nothing more from this channel.
+        self._dropQueue()
         self.loseConnection()
 
     def closed(self) -> None:
+        if self._command is not None:
+            self._auditCommand()
         if self._throttled is not None and self._throttled.active():
             self._throttled.cancel()
         self._throttled = None
-        self._queue.clear()
-        self._queued = 0
+        self._dropQueue()
+        self._endProtocol()
+
+    def _endProtocol(self) -> None:
+        if self._graceCall is not None:
+            if self._graceCall.active():
+                self._graceCall.cancel()
+            self._graceCall = None
+        if self._budgets is not None:
+            self._budgets.unwatchOutput(self._owner, self)
         if self.protocol is not None:
             protocol, self.protocol = self.protocol, None
             protocol.connectionLost(None)
+
+    def _dropQueue(self) -> None:
+        self._queue.clear()
+        if self._queued and self._budgets is not None:
+            self._budgets.queueOutput(self._owner, -self._queued)
+        self._queued = 0
+        self._exitStatus = None  # output was lost: no status claims otherwise
 
     # -- output -----------------------------------------------------------
 
@@ -1011,6 +1215,8 @@ class SessionChannel(SSHChannel):
         if self.localClosed:
             return
         size = len(data)
+        if self._command is not None:
+            self._commandOut += size
         if (
             not self._queue
             and size <= self.remoteWindowLeft
@@ -1026,21 +1232,42 @@ class SessionChannel(SSHChannel):
             return
         self._queue.append(data)
         self._queued += size
+        if self._budgets is not None:
+            self._budgets.queueOutput(self._owner, size)
         self._flush()
-        if self._queued > self.highWater and self.protocol is not None:
-            self.protocol.pauseProducing()
+        self._pauseIfFull()
 
     def writeSequence(self, seq) -> None:
         # Queued as they are: _flush cuts packets across them, so a reply's
         # header and its data are never joined into one more copy.
         if self.localClosed:
             return
+        size = 0
         for data in seq:
             self._queue.append(data)
-            self._queued += len(data)
+            size += len(data)
+        self._queued += size
+        if self._budgets is not None:
+            self._budgets.queueOutput(self._owner, size)
         self._flush()
+        self._pauseIfFull()
+
+    def _pauseIfFull(self) -> None:
+        # Paused again even if it says it is: rsync's "paused" also means
+        # its stdin is full, while its output still flows.
         if self._queued > self.highWater and self.protocol is not None:
             self.protocol.pauseProducing()
+
+    # -- the container's budget (IOutputWatcher) ----------------------------
+
+    def containerOutputFull(self) -> None:
+        self._heldByContainer = True
+        if self.protocol is not None:
+            self.protocol.pauseProducing()
+
+    def containerOutputLow(self) -> None:
+        self._heldByContainer = False
+        self.outputDrained()
 
     def writeStderr(self, data: bytes) -> None:
         """
@@ -1053,7 +1280,7 @@ class SessionChannel(SSHChannel):
         End a command: once the output queued so far is out, send its exit
         status, EOF and close.
         """
-        self._exitStatus = code
+        self._exitStatus = self._commandStatus = code
         self.loseConnection()
 
     def _flush(self) -> None:
@@ -1061,6 +1288,7 @@ class SessionChannel(SSHChannel):
         transport = self.conn.transport
         state = self._state
         rate = 0 if state is None else state.policy.bandwidth_down
+        before = self._queued
         while queue and self.remoteWindowLeft > 0:
             if transport.outputBuffered() > OUTPUT_HIGH_WATER:
                 break  # outputDrained goes on
@@ -1097,15 +1325,39 @@ class SessionChannel(SSHChannel):
             self._queued -= size
             if rate:
                 state.down.spend(rate, size)
+        sent = before - self._queued
+        if sent:
+            if self._budgets is not None:
+                self._budgets.queueOutput(self._owner, -sent)
+            if self.closing:
+                self._lastProgress = self._clock().seconds()
         if self.closing and not queue:
             self._close()
 
     def _close(self) -> None:
-        if self._exitStatus is not None and not self.localClosed:
+        if self.localClosed:
+            return
+        if self._exitStatus is not None:
             code, self._exitStatus = self._exitStatus, None
             self.conn.sendRequest(self, b"exit-status", struct.pack(">L", code))
             self.conn.sendEOF(self)
         self.conn.sendClose(self)
+        # Nothing more goes out on this channel: its protocol ends now, not
+        # when (if ever) the client answers the close.
+        self._endProtocol()
+
+    def _graceOver(self) -> None:
+        self._graceCall = None
+        if self.localClosed:
+            return
+        clock = self._clock()
+        waited = clock.seconds() - self._lastProgress
+        if self._queue and waited < CLOSE_GRACE:
+            # Some went out meanwhile: a slow reader, not a stalled one.
+            self._graceCall = clock.callLater(CLOSE_GRACE - waited, self._graceOver)
+            return
+        self._dropQueue()
+        self._close()
 
     def addWindowBytes(self, data: int) -> None:
         if self.remoteWindowLeft + data > 0xFFFFFFFF:
@@ -1124,7 +1376,12 @@ class SessionChannel(SSHChannel):
         """
         self._flush()
         protocol = self.protocol
-        if protocol is not None and protocol.paused and self._queued <= self.lowWater:
+        if (
+            protocol is not None
+            and protocol.paused
+            and self._queued <= self.lowWater
+            and not self._heldByContainer
+        ):
             protocol.resumeProducing()
             self._openWindow()
 
@@ -1132,6 +1389,10 @@ class SessionChannel(SSHChannel):
         self.closing = 1
         if not self._queue:
             self._close()
+        elif self._graceCall is None and not self.localClosed:
+            clock = self._clock()
+            self._lastProgress = clock.seconds()
+            self._graceCall = clock.callLater(CLOSE_GRACE, self._graceOver)
 
 
 class SSHFactory(factory.SSHFactory):
@@ -1145,12 +1406,17 @@ class SSHFactory(factory.SSHFactory):
     @ivar defender: the L{Defender} that scores failed logins and refuses
         banned addresses before key exchange.
     @ivar startups: the L{StartupLimiter} for unauthenticated connections.
+    @ivar connections: every open L{SSHTransport}, logged in or not.
+    @ivar audit: where logins, failed logins and logouts are recorded
+        (L{lightd_conch.audit.AuditLog}).
+    @ivar metrics: the L{lightd_conch.metrics.Metrics} counted into.
     """
 
     protocol = SSHTransport
     noisy = False
     _log = _conchLog
     sessions = None
+    audit = NullAudit()
     services = {
         b"ssh-userauth": UserAuthServer,
         b"ssh-connection": SSHConnection,
@@ -1171,6 +1437,8 @@ class SSHFactory(factory.SSHFactory):
         self.startups = StartupLimiter(
             settings.max_startups, settings.max_startups_per_ip
         )
+        self.connections: set = set()
+        self.metrics = Metrics()
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None
@@ -1182,7 +1450,14 @@ class SSHFactory(factory.SSHFactory):
         """
         host = getattr(addr, "host", None)
         if host is not None:
-            if self.defender.isBanned(host) or self.startups.acquire(host):
+            if self.defender.isBanned(host):
+                self.metrics.connectionRefused(REFUSED_BANNED)
+                return None
+            refused = self.startups.acquire(host)
+            if refused is not None:
+                self.metrics.connectionRefused(
+                    REFUSED_MAX_STARTUPS_PER_IP if "address" in refused else REFUSED_MAX_STARTUPS
+                )
                 return None
         transport = super().buildProtocol(addr)
         transport.startupHost = host

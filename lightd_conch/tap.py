@@ -1,21 +1,27 @@
 """
 C{twistd lightd-sftp}: the command-line options and the service tree.
 
-One L{MultiService} holds the credential store's lifecycle, the watcher that
-ends sessions whose credentials changed, the thread pools, the SSH listener
-and the admin API listener.  Blocking resources (LMDB, threads) are opened in
+One L{MultiService} holds the audit log, the credential store's lifecycle,
+the watcher that ends sessions whose credentials changed, the thread pools,
+the SSH listener, the shutdown drain, the reactor lag monitor and the admin
+API listener.  Blocking resources (LMDB, threads) are opened in
 C{startService}, after twistd has forked, never at import or in makeService.
+Its children stop one after the other, in reverse order, each waiting for
+the one before: the listeners first, then the sessions drain (up to
+C{sftp.shutdown_grace}), and the audit log last.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import signal
 import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.conch.ssh import keys
 from twisted.cred.portal import Portal
+from twisted.internet.defer import succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
@@ -23,6 +29,7 @@ from twisted.python.threadpool import ThreadPool
 
 from . import config as _config
 from .accounts import Accounts
+from .audit import AuditFile, AuditLog, AuditService, NullAudit
 from .api import (
     AdminAPI,
     TokenError,
@@ -33,7 +40,8 @@ from .api import (
 from .containers import MemoryContainerStates
 from .cred import ContainerRealm, PasswordChecker
 from .quota import QuotaMeasurer
-from .sessions import CredentialWatcher, SessionRegistry
+from .metrics import Metrics, ReactorLagMonitor
+from .sessions import CredentialWatcher, SessionRegistry, drain
 from .ssh import SSHFactory, loadOrCreateHostKey
 from .store import LMDBCredentialStore
 
@@ -72,6 +80,93 @@ class _LazyStore:
         if self._store is None:
             raise RuntimeError("credential store is not open")
         return getattr(self._store, name)
+
+
+class _SequentialMultiService(MultiService):
+    """
+    A L{MultiService} whose children stop in reverse order, each once the
+    one after it has finished stopping: connections drain before the store
+    closes, and the audit log is written after the last logout.
+    """
+
+    def stopService(self):
+        Service.stopService(self)
+        d = succeed(None)
+        for child in reversed(list(self)):
+
+            def stop(ignored, child=child):
+                return child.stopService()
+
+            d.addCallback(stop)
+            d.addErrback(lambda failure: log.failure("cannot stop a service", failure))
+        return d
+
+
+class _Drain(Service):
+    """
+    At stop, lets the SSH connections' transfers in flight finish for up to
+    C{grace} seconds, then ends them (L{lightd_conch.sessions.drain}).
+    """
+
+    def __init__(self, factory, clock, grace: float) -> None:
+        self._factory = factory
+        self._clock = clock
+        self._grace = grace
+
+    def stopService(self):
+        super().stopService()
+        connections = self._factory.connections
+        if connections:
+            log.info(
+                "shutting down: {count} SSH connections open, waiting up to {grace} s"
+                " for transfers in flight",
+                count=len(connections),
+                grace=self._grace,
+            )
+        return drain(connections, self._clock, self._grace)
+
+
+class _ReopenOnHangup(Service):
+    """
+    SIGHUP makes the audit log reopen its file (logrotate renamed it).
+    """
+
+    def __init__(self, audit, reactor) -> None:
+        self._audit = audit
+        self._reactor = reactor
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+
+        def hangup(signum, frame):
+            self._reactor.callFromThread(self._reopen)
+
+        self._previous = signal.signal(signal.SIGHUP, hangup)
+
+    def _reopen(self) -> None:
+        log.info("SIGHUP: reopening the audit log")
+        self._audit.reopen()
+        self._audit.flush()
+
+    def stopService(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
+
+
+def _checkAuditLog(cfg) -> None:
+    """
+    The audit log can be opened (and is created), or the start stops.
+    """
+    path = cfg.sftp.audit_log
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError as e:
+        raise _config.ConfigError(
+            cfg.path, "sftp.audit_log", f"cannot open {path}: {e.strerror}"
+        ) from None
 
 
 class _StoreService(Service):
@@ -230,6 +325,8 @@ def makeService(options, reactor=None) -> MultiService:
         token = configureToken(cfg)
         if cfg.sftp.enabled and hostKey is None:
             hostKey = _hostKey(cfg)
+        if cfg.sftp.audit_log:
+            _checkAuditLog(cfg)
     except (_config.ConfigError, TokenError) as e:
         # Stop before anything is bound, with one clear line.
         sys.stderr.write(f"lightd-sftp: {e}\n")
@@ -240,11 +337,26 @@ def makeService(options, reactor=None) -> MultiService:
 
     # Children stop in reverse order: the listeners and thread pools before
     # the watcher, the watcher before the store closes.
-    top = MultiService()
+    top = _SequentialMultiService()
+    audit = NullAudit()
+    if cfg.sftp.audit_log:
+        # One thread: one write at a time, in order, off the reactor.
+        auditPool = ThreadPool(minthreads=1, maxthreads=1, name="lightd-sftp-audit")
+        _ThreadPoolService(auditPool).setServiceParent(top)
+        audit = AuditLog(
+            AuditFile(cfg.sftp.audit_log, cfg.sftp.audit_log_max_bytes, cfg.sftp.audit_log_keep),
+            reactor,
+            run=lambda f, *args: deferToThreadPool(reactor, auditPool, f, *args),
+        )
+        AuditService(audit, reactor).setServiceParent(top)
+        _ReopenOnHangup(audit, reactor).setServiceParent(top)
+    metrics = Metrics()
+    ReactorLagMonitor(metrics, reactor).setServiceParent(top)
     store = _LazyStore(cfg.credentials_path)
     _StoreService(store).setServiceParent(top)
     sessions = SessionRegistry()
     states = MemoryContainerStates(reactor)
+    metrics.quotaUsed = states.quotaUsed
     quotas = QuotaMeasurer(
         lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args), reactor
     )
@@ -259,12 +371,17 @@ def makeService(options, reactor=None) -> MultiService:
         # logins from queueing behind each other without starving transfers.
         pool = ThreadPool(minthreads=1, maxthreads=2, name="lightd-sftp-bcrypt")
         _ThreadPoolService(pool).setServiceParent(top)
+        realm = ContainerRealm(cfg, states=states, quotas=quotas, clock=reactor)
         portal = Portal(
-            ContainerRealm(cfg, states=states, quotas=quotas),
+            realm,
             [PasswordChecker(store, reactor, pool, cfg.sftp.bcrypt_cost)],
         )
         factory = SSHFactory(portal, hostKey, cfg.sftp, reactor)
         factory.sessions = sessions
+        factory.audit = audit
+        factory.metrics = metrics
+        # Stopped after the listener: no new connection while they drain.
+        _Drain(factory, reactor, cfg.sftp.shutdown_grace).setServiceParent(top)
         listener = _Listener(reactor, "SFTP", cfg.sftp.host, cfg.sftp.port, factory)
         listener.setServiceParent(top)
         # With sftp.port 0 only the listener knows the port clients dial.
@@ -280,6 +397,10 @@ def makeService(options, reactor=None) -> MultiService:
         run=lambda f, *args: deferToThreadPool(reactor, apiPool, f, *args),
         changed=lambda containerId: watcher.check([containerId]),
         sftpPort=sftpPort,
+        sessions=sessions if cfg.sftp.enabled else None,
+        endSession=lambda sessionId: sessions.end(sessionId, reactor),
+        metrics=metrics,
+        audit=audit,
     )
     _Listener(
         reactor,

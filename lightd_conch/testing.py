@@ -6,6 +6,7 @@ import threading
 
 from zope.interface import implementer
 
+from lightd_conch.audit import record
 from lightd_conch.commands import ISessionChannel
 from lightd_conch.policy import Policy
 from lightd_conch.store import Credential, ICredentialStore, UsernameTaken
@@ -130,3 +131,23 @@ class FakeSessionChannel:
         self.clear()
         return data
 
+
+class MemoryAudit:
+    """
+    An audit log in a list: L{events} holds each event as the file would
+    (L{lightd_conch.audit.record}), time included, from C{clock}.
+    """
+
+    def __init__(self, clock=None) -> None:
+        self.events: "list[dict]" = []
+        self._clock = clock
+
+    def event(self, event: str, session=None, **fields) -> None:
+        seconds = 0.0 if self._clock is None else self._clock.seconds()
+        self.events.append(record(seconds, event, session, **fields))
+
+    def named(self, event: str) -> "list[dict]":
+        """
+        The events called C{event}, in order.
+        """
+        return [entry for entry in self.events if entry["event"] == event]

@@ -67,6 +67,11 @@ class LoginOwner:
     def endStale(self, path: bytes) -> None:
         pass
 
+    def audit(self, event: str, **fields) -> None:
+        """
+        Record C{event} of this login in the audit log.
+        """
+
 
 _NO_OWNER = LoginOwner()
 
@@ -112,7 +117,10 @@ class Volume:
     and nowhere else.
 
     @ivar containerId: whose volume this is.
+    @cvar fileClass: what L{openFile} returns.
     """
+
+    fileClass: type = None  # OpenFile, once defined below
 
     def __init__(
         self,
@@ -125,6 +133,7 @@ class Volume:
         self.containerId = containerId
         self._state = ContainerState(containerId) if state is None else state
         self._owner = _NO_OWNER if owner is None else owner
+        self._closers: List[Callable[[], None]] = []
 
     @classmethod
     def open(
@@ -180,8 +189,17 @@ class Volume:
                 errno.EACCES, "rsync uploads are not served for a volume with a disk quota"
             )
 
+    def whenClosed(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} once, when this volume is closed.
+        """
+        self._closers.append(callback)
+
     def close(self) -> None:
         self._fs.close()
+        closers, self._closers = self._closers, []
+        for callback in closers:
+            callback()
 
     # -- the gate -----------------------------------------------------------
 
@@ -511,7 +529,7 @@ class Volume:
         except BaseException:
             os.close(fd)
             raise
-        opened = OpenFile(self, fd, path, bool(flags & os.O_APPEND))
+        opened = self.fileClass(self, fd, path, bool(flags & os.O_APPEND))
         if writing:
             opened._identity = identity
             self._state.writers[identity] = opened
@@ -743,6 +761,9 @@ class OpenFile:
         if self._identity is not None and writers.get(self._identity) is self:
             del writers[self._identity]
         os.close(fd)
+
+
+Volume.fileClass = OpenFile
 
 
 class Directory:

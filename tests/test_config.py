@@ -77,6 +77,14 @@ class DefaultsTests(LoadTestsMixin, TestCase):
             (10, 300.0, 120.0, 6, 2 * 1024 * 1024, 32 * 1024, 512),
         )
         self.assertEqual(sftp.max_handles_per_container, 4096)
+        self.assertEqual(
+            (
+                sftp.max_sessions_per_container,
+                sftp.max_sessions_per_ip,
+                sftp.max_queued_output_per_container,
+            ),
+            (32, 64, 64 * 1024 * 1024),
+        )
 
     def test_shippedConfig(self):
         """
@@ -240,6 +248,14 @@ class RefusalTests(LoadTestsMixin, TestCase):
             ("sftp", "max_auth_tries", 0, "must be an integer 1..100, got 0"),
             ("sftp", "max_handles", 0, "must be an integer 1..65536, got 0"),
             ("sftp", "max_handles_per_container", 0, "must be an integer 1..1048576, got 0"),
+            ("sftp", "max_sessions_per_container", 0, "must be an integer 1..65536, got 0"),
+            ("sftp", "max_sessions_per_ip", "8", 'must be an integer 1..65536, got "8"'),
+            (
+                "sftp",
+                "max_queued_output_per_container",
+                1024,
+                "must be an integer 4194304..1099511627776, got 1024",
+            ),
             (
                 "sftp",
                 "window_size",

@@ -497,11 +497,13 @@ class HandleTests(ProtocolTestCase):
 
 class ContainerHandleTests(ProtocolTestCase):
     """
-    sftp.max_handles_per_container holds one container's handles across all its
-    sessions: it cannot take the service's file descriptors from the others.
+    sftp.max_handles_per_container holds one container's descriptors across all
+    its sessions: it cannot take the service's file descriptors from the others.
+    Each session holds two besides its handles: its connection and its volume.
     """
 
-    CONTAINER_HANDLES = MAX_HANDLES + MAX_HANDLES // 2
+    SESSIONS = 3
+    CONTAINER_HANDLES = MAX_HANDLES + MAX_HANDLES // 2 + SESSIONS * 2
 
     def setUp(self):
         require_paramiko()

@@ -95,7 +95,7 @@ class ArgvTests(TestCase):
         class Avatar:
             containerId = "c"
 
-            def openVolume(self):
+            def openVolume(self, extraDescriptors=0):
                 return Volume.open(volume)
 
         protocol = commands.execProtocol(b"rsync --server -pe.LsfxCIvu . -x", Avatar())

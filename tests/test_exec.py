@@ -143,7 +143,7 @@ class ScpDriver:
 
     containerId = "c"
 
-    def openVolume(self):
+    def openVolume(self, extraDescriptors=0):
         return Volume.open(self.volume)
 
 
@@ -318,7 +318,7 @@ class _NoVolume:
 
     containerId = "c"
 
-    def openVolume(self):
+    def openVolume(self, extraDescriptors=0):
         raise FileNotFoundError()
 
 
@@ -404,9 +404,9 @@ class RsyncRootTests(TestCase):
         volume = os.path.abspath(self.mktemp())
         os.makedirs(volume)
         sandbox = rsync.Sandbox("/bwrap", "/rsync", [], [], "/setpriv")
-        self.server = rsync.RsyncServer(sandbox, volume, ["rsync", "--server", ".", "d"])
+        self.server = rsync.RsyncServer(sandbox, Volume.open(volume), ["rsync", "--server", ".", "d"])
         self.reactor = self.server.reactor = _SpawningReactor()
-        self.channel = _Channel()
+        self.channel = FakeSessionChannel()
         self.server.makeConnection(self.channel)
         self.bwrap, argv, childFDs, self.process = self.reactor.spawned[0]
         self.assertEqual(argv[argv.index("--info-fd") + 1], "4")
@@ -527,7 +527,7 @@ class ChannelExitTests(TestCase):
         class Avatar:
             containerId = "c"
 
-            def openVolume(self):
+            def openVolume(self, extraDescriptors=0):
                 return Volume.open(volume)
 
         channel = SessionChannel(localWindow=1000, localMaxPacket=100,

@@ -827,23 +827,21 @@ class ScpFuzzTests(SynchronousTestCase):
     def run_exchange(self, command, chunks):
         from lightd_conch import commands
 
-        from .test_exec import _Channel
-
         session = Session(self.workdir, True)  # its volume and outside sentinel
         session.server.connectionLost(None)
         del self.events[:]
         fdsBefore = open_fds()
 
         class Avatar:
-            volumePath = session.volume
+            containerId = "c"
 
-            def openFilesystem(self):
-                return ConfinedFilesystem(session.volume)
+            def openVolume(self):
+                return Volume.open(session.volume)
 
         try:
             protocol = commands.execProtocol(command, Avatar())
             protocol.clock = session.clock
-            channel = _Channel()
+            channel = FakeSessionChannel()
             protocol.makeConnection(channel)
             for chunk in chunks:
                 protocol.dataReceived(chunk)

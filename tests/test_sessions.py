@@ -47,6 +47,7 @@ class FakeSSHTransport:
         self.avatar = ContainerAvatar(credential.container_id, "/nonexistent", None, credential)
         self.loginUsername = credential.username
         FakeSSHTransport.port += 1
+        self.sessionId = f"{FakeSSHTransport.port:016x}"
         self.transport = StringTransport(
             peerAddress=IPv4Address("TCP", "127.0.0.1", FakeSSHTransport.port)
         )

@@ -510,15 +510,21 @@ class ProtocolTests(PacketDriver, TestCase):
             self.assertEqual(os.readlink(os.path.join(self.volume, link.decode())), "target text")
 
     def test_symlinkDraftOrderClients(self):
-        # asyncssh, WinSCP and Node.js's ssh2 send the drafts' order to a
-        # server that does not call itself OpenSSH.
+        # asyncssh, WinSCP, Node.js's ssh2, libssh (KDE) and sshj send the
+        # drafts' order to a server that does not call itself OpenSSH.
         self.assertSymlinkOrder((b"SSH-2.0-AsyncSSH_2.24.1", b"SSH-2.0-WinSCP_release_6.3.5",
-                                 b"SSH-2.0-ssh2js1.16.0"), linkFirst=True)
+                                 b"SSH-2.0-ssh2js1.16.0", b"SSH-2.0-libssh_0.10.6",
+                                 b"SSH-2.0-libssh_0.12.0", b"SSH-2.0-SSHJ_0_39_0"),
+                                linkFirst=True)
 
     def test_symlinkOpenSSHOrderForOthers(self):
-        # paramiko, OpenSSH's sftp, sshfs, rclone, JSch: OpenSSH's order.
+        # paramiko, OpenSSH's sftp, sshfs, rclone, JSch, libssh2 (curl; its
+        # prefix is not libssh's) and Cyberduck (on sshj, under its own
+        # name): OpenSSH's order.
         self.assertSymlinkOrder((b"SSH-2.0-paramiko_3.4.0", b"SSH-2.0-OpenSSH_9.2p1 Debian-2",
-                                 b"SSH-2.0-Go", b"SSH-2.0-JSCH_0.2.16"), linkFirst=False)
+                                 b"SSH-2.0-Go", b"SSH-2.0-JSCH_0.2.16",
+                                 b"SSH-2.0-libssh2_1.10.0", b"SSH-2.0-Cyberduck/9.1.2"),
+                                linkFirst=False)
 
     def test_setstat(self):
         self.init()

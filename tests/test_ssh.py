@@ -244,6 +244,7 @@ class _Conn:
 
     def sendClose(self, channel):
         self.closed.append(channel)
+        channel.localClosed = True
 
     def adjustWindow(self, channel, amount):
         self.adjusted += amount
@@ -254,6 +255,10 @@ class _Protocol:
     def __init__(self):
         self.paused = False
         self.received = []
+        self.lost = False
+
+    def connectionLost(self, reason=None):
+        self.lost = True
 
     def pauseProducing(self):
         self.paused = True
@@ -667,3 +672,33 @@ class DirectSendTests(TestCase):
         self.protocol._send(parts)
         expected = b"".join(parts)
         self.assertEqual(self.drain(len(expected)), expected)
+
+
+class QuickAckTests(TestCase):
+    """
+    A read that gets no reply is acknowledged at once (TCP_QUICKACK), so a
+    client held back by Nagle's algorithm until its last segment is
+    acknowledged does not wait for the kernel's delayed acknowledgement.
+    """
+
+    def setUp(self):
+        self.options = []
+        self.sent = []
+        self.protocol = SSHTransport()
+        self.protocol._socket = self
+        self.protocol._send = self.sent.append
+
+    def setsockopt(self, level, name, value):
+        self.options.append((level, name, value))
+
+    def test_readWithoutReply(self):
+        self.protocol._dispatchReceived = lambda: None
+        self.protocol._readPackets()
+        self.assertEqual(self.options, [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)])
+        self.assertEqual(self.sent, [])
+
+    def test_replyCarriesTheAcknowledgement(self):
+        self.protocol._dispatchReceived = lambda: self.protocol._corked.append(b"reply")
+        self.protocol._readPackets()
+        self.assertEqual(self.options, [])
+        self.assertEqual(self.sent, [[b"reply"]])

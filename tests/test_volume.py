@@ -175,8 +175,12 @@ class _Transport:
     def __init__(self, clock, host, lastActivity):
         self.factory = type("Factory", (), {"clock": clock})()
         self.transport = type("TCP", (), {"getPeer": lambda _: _Peer(host)})()
-        self.lastActivity = lastActivity
+        self._clock = clock
+        self._lastActivity = lastActivity
         self.stale = []
+
+    def quietFor(self):
+        return self._clock.seconds() - self._lastActivity
 
     def endStale(self, path):
         self.stale.append(path)
