@@ -63,7 +63,6 @@ from tests.harness import (
     default_config,
     make_credentials,
     paramiko_sftp,
-    paramiko_transport,
     require_binary,
     require_paramiko,
     run_scp,
