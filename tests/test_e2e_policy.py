@@ -1289,3 +1289,98 @@ class LoginGateTests(PolicyTestCase):
         self.patch(password_login=True)
         self.assertAdmitted()
         self.assertLiveSessionEnds(lambda: self.patch(password_login=False), why)
+
+
+class BandwidthTests(PolicyTestCase):
+    """
+    bandwidth_down and bandwidth_up: every protocol's transfers of the container are held to
+    the rate, together; nothing is lost, and another container is not held back. Only lower
+    bounds on the time are asserted (a busy machine makes transfers slower, never faster).
+    """
+
+    RATE = 1024 * 1024
+    SIZE = 3 * 1024 * 1024
+    # What may move above the rate: the bucket's burst (a quarter second, at least 64 KiB).
+    SLACK = 0.5
+
+    def minimum(self, size):
+        return size / self.RATE - self.SLACK
+
+    def timed(self, call, *args, **kwargs):
+        start = time.monotonic()
+        result = call(*args, **kwargs)
+        return result, time.monotonic() - start
+
+    def test_downloads_of_every_protocol(self):
+        payload = os.urandom(self.SIZE)
+        self.volume_file("big.bin", payload)
+        self.patch(bandwidth_down=self.RATE)
+        (rc, _, err), took = self.timed(self.sftp, "get big.bin sftp.bin")
+        self.assertEqual(rc, 0, err)
+        self.assertGreaterEqual(took, self.minimum(self.SIZE), "OpenSSH sftp")
+        (rc, _, err), took = self.timed(
+            self.scp, ":/big.bin", str(self.local / "scp.bin"), legacy=True
+        )
+        self.assertEqual(rc, 0, err)
+        self.assertGreaterEqual(took, self.minimum(self.SIZE), "legacy scp")
+        (rc, _, err), took = self.timed(self.rsync, self.remote("/big.bin"), str(self.local / "rsync.bin"))
+        self.assertEqual(rc, 0, err)
+        self.assertGreaterEqual(took, self.minimum(self.SIZE), "rsync")
+        client = paramiko_sftp(self, self.service, self.creds)
+        _, took = self.timed(client.get, "big.bin", str(self.local / "paramiko.bin"))
+        self.assertGreaterEqual(took, self.minimum(self.SIZE), "paramiko")
+
+        async def fetch(client):
+            await client.get("big.bin", str(self.local / "asyncssh.bin"))
+
+        _, took = self.timed(self.asyncssh, fetch)
+        self.assertGreaterEqual(took, self.minimum(self.SIZE), "asyncssh")
+        for name in ("sftp", "scp", "rsync", "paramiko", "asyncssh"):
+            self.assertEqual((self.local / f"{name}.bin").read_bytes(), payload, name)
+
+    def test_uploads_are_held_and_intact(self):
+        payload = self.local_file("up.bin", os.urandom(self.SIZE * 2)).read_bytes()
+        self.cli_set("bandwidth_up=1M")
+        # The client's first window (2 MiB) goes out at once; the rest waits for the rate.
+        window = 2 * 1024 * 1024
+        (rc, _, err), took = self.timed(self.sftp, "put up.bin sftp.bin")
+        self.assertEqual(rc, 0, err)
+        self.assertGreaterEqual(took, self.minimum(len(payload) - window))
+        (rc, _, err), took = self.timed(
+            self.scp, str(self.local / "up.bin"), ":/scp.bin", legacy=True
+        )
+        self.assertEqual(rc, 0, err)
+        self.assertGreaterEqual(took, self.minimum(len(payload) - window))
+        for name in ("sftp.bin", "scp.bin"):
+            self.assertEqual((self.volume / name).read_bytes(), payload, name)
+
+    def test_shared_by_the_containers_sessions_not_by_others(self):
+        payload = os.urandom(self.SIZE // 2)
+        self.volume_file("a.bin", payload)
+        self.volume_file("b.bin", payload)
+        other = make_credentials(self.service, "other")
+        (self.service.volume("other") / "c.bin").write_bytes(os.urandom(self.SIZE))
+        clients = [paramiko_sftp(self, self.service, self.creds) for _ in range(2)]
+        otherClient = paramiko_sftp(self, self.service, other)
+        # Set while the sessions are live: it reaches them within the watcher's second.
+        self.patch(bandwidth_down=self.RATE)
+        time.sleep(1.5)
+        results = {}
+
+        def fetch(client, name):
+            start = time.monotonic()
+            client.get(f"{name}.bin", str(self.local / f"{name}.got"))
+            results[name] = time.monotonic() - start
+
+        threads = [threading.Thread(target=fetch, args=(c, n)) for c, n in zip(clients, "ab")]
+        start = time.monotonic()
+        for thread in threads:
+            thread.start()
+        fetch(otherClient, "c")
+        for thread in threads:
+            thread.join(120)
+        both = time.monotonic() - start
+        self.assertGreaterEqual(both, self.minimum(self.SIZE), "the two sessions share one rate")
+        self.assertLess(results["c"], both, "the other container was held back")
+        for name in "ab":
+            self.assertEqual((self.local / f"{name}.got").read_bytes(), payload)
