@@ -274,11 +274,13 @@ class Lightd(Server):
     """``twistd -n lightd-sftp`` from ``source``, password login (SSH_ASKPASS)."""
 
     def __init__(self, root: Path, source: Path, name: str = "lightd",
-                 extra_env: Optional[Dict[str, str]] = None) -> None:
+                 extra_env: Optional[Dict[str, str]] = None,
+                 extra_sftp: Optional[Dict[str, object]] = None) -> None:
         self.name = name
         self.root = root
         self.source = source
         self.extra_env = extra_env or {}
+        self.extra_sftp = extra_sftp or {}
         root.mkdir(mode=0o755)
         self.config = root / "config.json"
         self.log = root / "service.log"
@@ -315,6 +317,7 @@ class Lightd(Server):
             # The issue's fixed comparison is aes128-ctr + hmac-sha2-256.  Offered
             # last, it changes no default choice: clients prefer AEAD and -etm.
             settings["macs"] = [*defaults["macs"], "hmac-sha2-256"]
+        settings.update(self.extra_sftp)
         return settings
 
     def start(self) -> None:
@@ -1099,6 +1102,9 @@ def parse_args(argv=None):
     parser.add_argument("--also-env", metavar="NAME=VALUE", action="append", default=[],
                         help="an environment variable for the --also build only (repeatable), "
                              "e.g. MALLOC_TRIM_THRESHOLD_=4194304")
+    parser.add_argument("--also-sftp", metavar="KEY=JSON", action="append", default=[],
+                        help="a config.json sftp setting for the --also build only (repeatable),"
+                             " e.g. audit_log='\"\"' to measure it without the audit log")
     parser.add_argument("--workdir", default=str(BENCH_DIR),
                         help="where the temporary folder goes (root-owned path; default bench/)")
     parser.add_argument("--profile", metavar="DIR",
@@ -1146,9 +1152,15 @@ def main(argv=None) -> int:
             extra_env = dict(item.split("=", 1) for item in args.also_env)
             if extra_env:
                 label += "+env"
+            extra_sftp = {
+                name: json.loads(value)
+                for name, value in (item.split("=", 1) for item in args.also_sftp)
+            }
+            if extra_sftp:
+                label += "+" + ",".join(extra_sftp)
             servers.append(Lightd(work / "lightd-also",
                                   source_tree(args.also, rev, work / "source-also"),
-                                  f"lightd@{label}", extra_env))
+                                  f"lightd@{label}", extra_env, extra_sftp))
         openssh = OpenSSH(work / "openssh")
         servers.append(openssh)
         for server in servers:

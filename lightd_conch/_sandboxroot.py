@@ -17,9 +17,12 @@ one) and mount namespaces and:
   path rsync is given reaches anything but the volume.
 
 It exits 0 once all of that is done, 1 (with one line on stderr) if any
-step failed; it never runs anything after joining the namespaces.  Only the
-standard library is used, and nothing is imported from the package: it
-runs with ``-I -S``.
+step failed.  Only the standard library is used, nothing is imported from
+the package (it runs with ``-I -S``), and everything it needs is imported
+before it joins the namespaces: once the volume is its root, a module or a
+source line read by name would come from the volume.  So it ends with
+C{os._exit}, without the interpreter's shutdown and without formatting a
+traceback, whatever happens.
 """
 
 import ctypes
@@ -91,6 +94,10 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv)
-    except (_Failed, OSError, ValueError, IndexError) as e:
-        sys.stderr.write("%s\n" % (e,))
-        sys.exit(1)
+    except BaseException as e:
+        try:
+            kind = "" if isinstance(e, _Failed) else type(e).__name__ + ": "
+            os.write(2, ("%s%s\n" % (kind, e)).encode("ascii", "replace"))
+        finally:
+            os._exit(1)
+    os._exit(0)

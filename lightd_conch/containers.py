@@ -90,6 +90,9 @@ class MemoryContainerStates:
 
     def update(self, containerId: str, policy: Policy) -> ContainerState:
         state = self.get(containerId)
+        if policy.quota_bytes and not state.policy.quota_bytes:
+            # Writes went uncounted while there was no quota.
+            state.quota.forget()
         state.policy = policy
         return state
 

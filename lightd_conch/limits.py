@@ -4,8 +4,9 @@ container at its limits slows only itself.
 
 L{IContainerBudgets} is the one interface the SSH side, the protocols and
 the avatar go through: logged-in sessions (per container and per source
-address), file descriptors, and output queued for clients that do not read
-it.  L{MemoryContainerBudgets} keeps the counts in this process.
+address), file descriptors, output queued for clients that do not read it,
+and the receive windows its channels are given.  L{MemoryContainerBudgets}
+keeps the counts in this process.
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ class IContainerBudgets(Interface):
         output than it may, and have not yet drained enough to go on.
         """
 
+    def grantWindow(containerId: str, wanted: int, minimum: int) -> int:
+        """
+        The receive window a new channel of C{containerId} is given: what
+        a client may send it that the daemon may have to hold.  C{wanted}
+        while the container's channels hold little, less once they hold a
+        lot, never under C{minimum}.  Counted until L{returnWindow}.
+        """
+
+    def returnWindow(containerId: str, granted: int) -> None:
+        """
+        A channel given C{granted} by L{grantWindow} takes no more input.
+        """
+
     def watchOutput(containerId: str, watcher: "IOutputWatcher") -> None:
         """
         Tell C{watcher} when C{containerId}'s output becomes full and when
@@ -151,6 +165,8 @@ class MemoryContainerBudgets:
     @ivar maxQueuedOutput: bytes queued in all of one container's channels
         past which they all read no more requests; they go on once it is
         down to three quarters of that.
+    @ivar maxWindow: the receive windows of all of one container's channels
+        together, past which a new channel gets the minimum.
     """
 
     def __init__(
@@ -161,11 +177,13 @@ class MemoryContainerBudgets:
         maxQueuedOutput: int = 64 * 1024 * 1024,
         sessionLimits: Optional[Callable[[str], int]] = None,
         clock=None,
+        maxWindow: Optional[int] = None,
     ) -> None:
         self.maxSessions = maxSessions
         self.maxSessionsPerAddress = maxSessionsPerAddress
         self.maxDescriptors = maxDescriptors
         self.maxQueuedOutput = maxQueuedOutput
+        self.maxWindow = maxQueuedOutput if maxWindow is None else maxWindow
         self._sessionLimits = sessionLimits
         self._clock = clock
         self._sessions: Dict[str, int] = {}
@@ -176,6 +194,7 @@ class MemoryContainerBudgets:
         self._full: Set[str] = set()
         self._wakeScheduled: Set[str] = set()
         self._outOfDescriptors: Set[str] = set()
+        self._windows: Dict[str, int] = {}
 
     @classmethod
     def fromConfig(cls, settings, clock=None, sessionLimits=None) -> "MemoryContainerBudgets":
@@ -236,6 +255,20 @@ class MemoryContainerBudgets:
     def giveDescriptors(self, containerId: str, count: int = 1) -> None:
         _give(self._descriptors, containerId, count)
         self._outOfDescriptors.discard(containerId)
+
+    # -- receive windows ---------------------------------------------------
+
+    def windows(self, containerId: str) -> int:
+        return self._windows.get(containerId, 0)
+
+    def grantWindow(self, containerId: str, wanted: int, minimum: int) -> int:
+        room = self.maxWindow - self._windows.get(containerId, 0)
+        granted = max(min(minimum, wanted), min(wanted, room))
+        _take(self._windows, containerId, granted)
+        return granted
+
+    def returnWindow(self, containerId: str, granted: int) -> None:
+        _give(self._windows, containerId, granted)
 
     # -- queued output -----------------------------------------------------
 

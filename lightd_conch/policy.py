@@ -139,6 +139,16 @@ class Policy:
             return None
         return pathspec.GitIgnoreSpec.from_lines(self.denylist)
 
+    @cached_property
+    def denylistNested(self) -> bool:
+        """
+        Whether a pattern names entries by a path of several components
+        (C{"config/secrets/"}): those a rename of a folder above them takes
+        from under their pattern.  A pattern of one name (C{"*.jar"},
+        C{"secrets/"}) matches wherever the entry goes.
+        """
+        return any("/" in p.lstrip("!").strip("/") for p in self.denylist)
+
     def denies(self, parts: Tuple[bytes, ...], isFolder: bool = False) -> bool:
         """
         Whether the denylist hides the entry at C{parts} (a normalised

@@ -96,6 +96,15 @@ class QuotaUsage:
         if size > 0 and self.used is not None:
             self.used = max(0, self.used - size)
 
+    def forget(self) -> None:
+        """
+        The figure is no longer known: what was written while no quota was
+        set went uncounted.  The next login or check measures again.
+        """
+        if not self.measuring:
+            self.used = None
+        self.measuredAt = None
+
     def startMeasure(self) -> None:
         self.measuring = True
         self._duringMeasure = 0

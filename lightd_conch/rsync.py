@@ -567,6 +567,7 @@ class RsyncServer(Protocol):
         self._sandbox: Optional[Tuple[int, int]] = None  # (pid, mount namespace)
         self._helper = None
         self._rootTimeout = None
+        self._reactor = None
 
     @property
     def paused(self) -> bool:

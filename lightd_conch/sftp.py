@@ -972,8 +972,8 @@ class SFTPServer(Protocol):
         source = self._handles.get(readKey)
         target = self._handles.get(writeKey)
         if (
-            source.__class__ is not OpenFile
-            or target.__class__ is not OpenFile
+            not isinstance(source, OpenFile)
+            or not isinstance(target, OpenFile)
             or readKey == writeKey
         ):
             raise SFTPError(FX_FAILURE, "Invalid handle")

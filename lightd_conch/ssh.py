@@ -123,6 +123,9 @@ _CORK_BYTES = 256 * 1024
 # An ended channel (its protocol closed, or the client's EOF) waits this many
 # seconds without any of its queued output being sent, then closes anyway.
 CLOSE_GRACE = 3.0
+# The smallest receive window a channel is given when its container's
+# channels already hold their share (see lightd_conch.limits.grantWindow).
+MIN_WINDOW = 64 * 1024
 # Channels send no more while this much waits in the transport's buffer
 # (beyond what the socket took): a client that stops reading its socket, with
 # a wide-open window, is held back like one whose window is shut.
@@ -1209,7 +1212,16 @@ class SessionChannel(SSHChannel):
         self._budgets = getattr(self.avatar, "budgets", None)
         self._owner = getattr(self.avatar, "containerId", None)
         self._heldByContainer = False
+        self._windowGranted = False
         if self._budgets is not None:
+            # What a client may send that the daemon may have to hold (a
+            # paused protocol keeps it) is the container's too: a container
+            # with many channels gives each new one a smaller window.
+            window = self._budgets.grantWindow(
+                self._owner, self.localWindowSize, max(MIN_WINDOW, self.localMaxPacket)
+            )
+            self.localWindowSize = self.localWindowLeft = window
+            self._windowGranted = True
             self._budgets.watchOutput(self._owner, self)
             self._heldByContainer = self._budgets.outputFull(self._owner)
 
@@ -1373,6 +1385,10 @@ class SessionChannel(SSHChannel):
             self._graceCall = None
         if self._budgets is not None:
             self._budgets.unwatchOutput(self._owner, self)
+            if self._windowGranted:
+                # Ended: what the client sends from now on is dropped.
+                self._windowGranted = False
+                self._budgets.returnWindow(self._owner, self.localWindowSize)
         if self.protocol is not None:
             protocol, self.protocol = self.protocol, None
             protocol.connectionLost(None)

@@ -19,12 +19,12 @@ import os
 import stat
 import struct
 import sys
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
 
 from .containers import ContainerState
 from .fs import ConfinedFilesystem, Parts, namesAFolder, normalize, virtualPath
 from .policy import Policy
-from .quota import allocated
+from .quota import BLOCK, QuotaExceeded, allocated
 
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
@@ -37,6 +37,12 @@ COPY_CHUNK = 8 * 1024 * 1024
 _COPY_FALLBACK_CHUNK = 256 * 1024
 
 Times = Optional[Tuple[int, int]]
+_T = TypeVar("_T")
+
+MAX_UNCOVER_CHECK = 10_000
+"""Entries read under a folder to be renamed, with a denylist of nested
+patterns, to be sure none is hidden; a folder holding more is not moved."""
+_MAX_UNCOVER_DEPTH = 64
 
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _WRITE_LOCK = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
@@ -244,6 +250,66 @@ class Volume:
                 return False
         return False
 
+    def _refuseUncovering(self, policy: Policy, path: bytes, new: bytes) -> None:
+        """
+        Refuse to move the folder C{path} to C{new} if something under it
+        that is hidden would not be once moved: it would leave its pattern
+        (C{config/secrets/} once C{config} is C{cfg}).  Reads at most
+        L{MAX_UNCOVER_CHECK} entries.
+
+        @raise PermissionError: something under it would be uncovered, or
+            it holds too much to tell.
+        """
+        old = self._fs.located(path, follow=False)
+        moved = self._fs.located(new, follow=False)
+        top = self._fs.openDirectory(path)
+        stack = [(top, old, os.scandir(top))]
+        left = MAX_UNCOVER_CHECK
+        try:
+            while stack:
+                fd, where, entries = stack[-1]
+                entry = next(entries, None)
+                if entry is None:
+                    entries.close()
+                    os.close(fd)
+                    stack.pop()
+                    continue
+                left -= 1
+                if left < 0:
+                    raise PermissionError(
+                        errno.EACCES, "too many entries to check against the denylist"
+                    )
+                isFolder = entry.is_dir(follow_symlinks=False)
+                parts = where + (os.fsencode(entry.name),)
+                if policy.denies(parts, isFolder) and not policy.denies(
+                    moved + parts[len(old):], isFolder
+                ):
+                    raise PermissionError(
+                        errno.EACCES, "the folder holds entries the denylist hides"
+                    )
+                if isFolder:
+                    if len(stack) >= _MAX_UNCOVER_DEPTH:
+                        raise PermissionError(
+                            errno.EACCES, "too many entries to check against the denylist"
+                        )
+                    try:
+                        child = os.open(
+                            entry.name,
+                            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=fd,
+                        )
+                    except OSError:
+                        continue
+                    try:
+                        stack.append((child, parts, os.scandir(child)))
+                    except BaseException:
+                        os.close(child)
+                        raise
+        finally:
+            for fd, _, entries in stack:
+                entries.close()
+                os.close(fd)
+
     def _checkOpened(self, policy: Policy, fd: int) -> None:
         # Where an opened file or folder truly is, whatever led to it.
         if policy.denylist:
@@ -275,10 +341,82 @@ class Volume:
         if delta:
             self._state.quota.charge(self._state.policy.quota_bytes, delta)
 
+    def _mayWrite(self) -> None:
+        """
+        The check of each write into a file already open for writing (a
+        WRITE, a copy step): the policy may have changed since the open.
+
+        @raise ReadOnly: the volume became read-only.
+        """
+        if self._state.policy.read_only:
+            raise ReadOnly()
+
     def _freeEntry(self, st: os.stat_result) -> None:
         # What removing an entry gives back: its blocks, once its last name goes.
         if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
             self._state.quota.free(st.st_blocks * 512)
+
+    def _chargeGrowth(self, before: os.stat_result, size: int) -> None:
+        # What making a file of before's size size bytes long is charged.
+        grow = allocated(size) - allocated(before.st_size)
+        if grow > 0:
+            self._charge(grow)
+
+    def _freeShrink(self, before: os.stat_result, after: os.stat_result) -> None:
+        # What a truncation gives back: the blocks it released, as du
+        # counts them (a sparse file's size was never all on disk).
+        self._state.quota.free((before.st_blocks - after.st_blocks) * 512)
+
+    def _truncate(self, fd: int, size: int) -> None:
+        """
+        Truncate the file open as C{fd} to C{size}, charging its growth
+        first.
+
+        @raise QuotaExceeded: nothing was changed.
+        """
+        if not self._quotaOn:
+            os.ftruncate(fd, size)
+            return
+        before = os.fstat(fd)
+        self._chargeGrowth(before, size)
+        os.ftruncate(fd, size)
+        self._freeShrink(before, os.fstat(fd))
+
+    def _naming(self, path: bytes, make: Callable[[], _T]) -> _T:
+        """
+        C{make()}, which adds the name C{path} to its folder.  With a quota,
+        what the folder's own blocks grow by is counted (du counts them:
+        thousands of long names fill blocks), and no name is added once
+        less than a block is left.
+
+        @raise QuotaExceeded: nothing was made.
+        """
+        if not self._quotaOn:
+            return make()
+        if self._state.quota.room(self._state.policy.quota_bytes) < BLOCK:
+            raise QuotaExceeded()
+        folder = virtualPath(normalize(path)[:-1])
+        try:
+            before = self._fs.stat(folder).st_blocks
+        except OSError:
+            return make()  # the call fails on its own
+        result = make()
+        try:
+            grown = (self._fs.stat(folder).st_blocks - before) * 512
+        except OSError:
+            grown = 0
+        if grown > 0:
+            # Made already: counted even past the quota, which then
+            # refuses what comes next.
+            self._state.quota.charge(0, grown)
+        return result
+
+    def _exists(self, path: bytes) -> bool:
+        try:
+            self._fs.lstat(path)
+        except OSError:
+            return False
+        return True
 
     @property
     def _quotaOn(self) -> bool:
@@ -331,7 +469,7 @@ class Volume:
         fd = self._fs.openDirectory(path)
         try:
             self._checkOpened(self._state.policy, fd)
-            where = self._fs.partsOf(fd) if self._state.policy.denylist else ()
+            where = self._fs.partsOf(fd) if self._state.policy.denylist else None
         except BaseException:
             os.close(fd)
             raise
@@ -363,6 +501,10 @@ class Volume:
 
         @raise FileLocked: another writer holds it.
         """
+        if flags & os.O_TRUNC and not flags & (os.O_WRONLY | os.O_RDWR):
+            # Linux truncates on O_RDONLY | O_TRUNC too: a write like any
+            # other, so it takes the lock first (which needs write access).
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         writing = flags & (os.O_WRONLY | os.O_RDWR)
         if flags & _WRITING:
             self.mayChange(path)
@@ -370,17 +512,20 @@ class Volume:
         else:
             self._mayQuery(path)
         truncate = flags & os.O_TRUNC
-        fd = self._fs.openFile(path, flags & ~os.O_TRUNC if writing else flags, mode)
+        def opening() -> int:
+            return self._fs.openFile(path, flags & ~os.O_TRUNC if writing else flags, mode)
+
+        if flags & os.O_CREAT and self._quotaOn and not self._exists(path):
+            fd = self._naming(path, opening)
+        else:
+            fd = opening()
         try:
             policy = self._state.policy
             self._checkOpened(policy, fd)
             if writing:
                 identity = self._lock(fd)
                 if truncate:
-                    size = os.fstat(fd).st_size
-                    os.ftruncate(fd, 0)
-                    if policy.quota_bytes:
-                        self._state.quota.free(allocated(size))
+                    self._truncate(fd, 0)
         except BaseException:
             os.close(fd)
             raise
@@ -423,7 +568,7 @@ class Volume:
         if quota:
             self._charge(allocated(1))
         try:
-            self._fs.mkdir(path, mode)
+            self._naming(path, lambda: self._fs.mkdir(path, mode))
         except BaseException:
             if quota:
                 self._state.quota.free(allocated(1))
@@ -445,24 +590,40 @@ class Volume:
 
     def rename(self, old: bytes, new: bytes, replace: bool = False) -> None:
         self.mayChange(old, new)
+        policy = self._state.policy
+        if policy.denylistNested and stat.S_ISDIR(self._fs.lstat(old).st_mode):
+            self._refuseUncovering(policy, old, new)
         replaced = None
         if replace and self._quotaOn:
             try:
                 replaced = self._fs.lstat(new)
             except OSError:
                 pass
-        self._fs.rename(old, new, replace)
+        self._naming(new, lambda: self._fs.rename(old, new, replace))
         if replaced is not None and not stat.S_ISDIR(replaced.st_mode):
             self._freeEntry(replaced)
 
     def hardlink(self, old: bytes, new: bytes) -> None:
         # Another name of the same blocks: du counts them once.
         self.mayChange(old, new)
-        self._fs.hardlink(old, new)
+        self._naming(new, lambda: self._fs.hardlink(old, new))
 
     def symlink(self, target: bytes, linkpath: bytes) -> None:
         self.mayChange(linkpath)
-        self._fs.symlink(target, linkpath)
+        if not self._quotaOn:
+            self._fs.symlink(target, linkpath)
+            return
+        # A long target takes a block of its own: charged as if it did,
+        # then what it really took is kept.
+        charged = allocated(len(target))
+        self._charge(charged)
+        try:
+            self._naming(linkpath, lambda: self._fs.symlink(target, linkpath))
+            taken = self._fs.lstat(linkpath).st_blocks * 512
+        except BaseException:
+            self._state.quota.free(charged)
+            raise
+        self._state.quota.free(charged - taken)
 
     def setattrs(
         self,
@@ -473,10 +634,13 @@ class Volume:
     ) -> None:
         self.mayChange(path)
         self._mayQuery(path)
-        if size is not None and self._quotaOn:
-            current = self._fs.stat(path).st_size
-            self._charge(allocated(size) - allocated(current))
+        if size is None or not self._quotaOn:
+            self._fs.setattrs(path, size, mode, times)
+            return
+        before = self._fs.stat(path)
+        self._chargeGrowth(before, size)
         self._fs.setattrs(path, size, mode, times)
+        self._freeShrink(before, self._fs.stat(path))
 
     def lsetattrs(self, path: bytes, mode: Optional[int] = None, times: Times = None) -> None:
         self.mayChange(path)
@@ -505,8 +669,14 @@ class Volume:
         # cannot make it write into whatever file reuses the number.
         return Copy(
             os.dup(source._fd), readOffset, length, os.dup(target._fd), writeOffset,
-            self._charge if self._quotaOn else None,
+            self._chargeCopyStep,
         )
+
+    def _chargeCopyStep(self, delta: int) -> None:
+        # Each step of a copy is a write: the policy of now applies to it.
+        self._mayWrite()
+        if self._quotaOn:
+            self._charge(delta)
 
 
 class SameFile(OSError):
@@ -541,7 +711,9 @@ class OpenFile:
         quota, only if the file's growth fits in it.
         """
         fd = self._fd
-        if self._volume._state.policy.quota_bytes:
+        volume = self._volume
+        volume._mayWrite()
+        if volume._state.policy.quota_bytes:
             self._reserve(offset, len(data))
         while data:
             written = os.pwrite(fd, data, offset)
@@ -557,10 +729,8 @@ class OpenFile:
 
     def truncate(self, size: int) -> None:
         volume = self._volume
-        if volume._state.policy.quota_bytes:
-            current = os.fstat(self._fd).st_size
-            volume._charge(allocated(size) - allocated(current))
-        os.ftruncate(self._fd, size)
+        volume._mayWrite()
+        volume._truncate(self._fd, size)
 
     def setattrs(
         self, size: Optional[int] = None, mode: Optional[int] = None, times: Times = None
@@ -606,7 +776,9 @@ class Directory:
 
     __slots__ = ("_volume", "_fd", "path", "_where", "_entries", "_dots", "_held")
 
-    def __init__(self, volume: Volume, fd: int, path: bytes, where: Parts = ()) -> None:
+    def __init__(
+        self, volume: Volume, fd: int, path: bytes, where: Optional[Parts] = None
+    ) -> None:
         self._volume = volume
         self._fd = fd
         self.path = path
@@ -642,18 +814,31 @@ class Directory:
             self._entries = os.scandir(self._fd)
         assert self._entries is not None
         volume = self._volume
+        where = self._place()
         for entry in self._entries:
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue  # removed since it was listed
             name = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
-            if not volume.visible(self._where, name, st):
+            if not volume.visible(where, name, st):
                 continue
             batch.append((name, st))
             if len(batch) >= limit:
                 break
         return batch
+
+    def _place(self) -> Parts:
+        # Where the folder is, which the denylist compares: learnt once a
+        # denylist needs it, even one set after the folder was opened.
+        if self._where is None:
+            if not self._volume.policy.denylist:
+                return ()
+            try:
+                self._where = self._volume._fs.partsOf(self._fd)
+            except OSError:
+                self._where = normalize(self.path)
+        return self._where
 
     def setattrs(
         self, size: Optional[int] = None, mode: Optional[int] = None, times: Times = None
@@ -677,6 +862,9 @@ class Copy:
     """
     One copy between two open files: bytes moved in bounded steps, in the
     kernel (copy_file_range) where it can, else by pread and write.
+    C{charge}, if given, is called before each step with what the step may
+    add to the target's allocated size (0 for none), and stops the copy by
+    raising.
 
     @ivar shortRead: the source ended before C{length} bytes were copied.
     """
@@ -736,8 +924,7 @@ class Copy:
         want = max(0, min(want, os.fstat(self.source).st_size - self.readOffset))
         size = os.fstat(self.target).st_size
         end = size + want if appending else self.writeOffset + want
-        if end > size:
-            self._charge(allocated(end) - allocated(size))
+        self._charge(max(0, allocated(end) - allocated(size)))
         return want
 
     def _writeAll(self, data: bytes, appending: bool) -> None:

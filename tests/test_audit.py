@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from lightd_conch import audit, cli
-from lightd_conch.audit import AuditFile, AuditLog, AuditService, appendEvent, record
+from lightd_conch.audit import AuditFile, AuditLog, AuditService, record
 
 from .test_api import APITestCase, writeConfig
 

@@ -30,6 +30,8 @@ from tests.harness import (
 )
 from tests.rawssh import (
     MSG_CHANNEL_CLOSE,
+    MSG_CHANNEL_OPEN,
+    MSG_CHANNEL_OPEN_CONFIRMATION,
     MSG_CHANNEL_DATA,
     MSG_CHANNEL_EOF,
     MSG_CHANNEL_FAILURE,
@@ -214,6 +216,31 @@ class SessionLimitTests(SSHAbuseTestCase):
         self.assertRefused(third, b"too many sessions from this address")
         self.assertRecovered(*held)
 
+    def test_policy_lowers_the_limit(self):
+        """
+        A container's policy max_sessions lowers the service's limit for it
+        (and a higher one does not raise it); the change holds for the next
+        login, with the sessions already in.
+        """
+        result = self.service.cli("policy", "set", self.creds["username"], "max_sessions=1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        held = [self.rawLogin(self.creds)]
+        self.assertRefused(self.creds, b"too many sessions for this container")
+        result = self.service.cli("policy", "set", self.creds["username"], "max_sessions=10")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                held.append(self.rawLogin(self.creds))
+                break
+            except Disconnected:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        held.append(self.rawLogin(self.creds))
+        self.assertRefused(self.creds, b"too many sessions for this container")
+        self.assertRecovered(*held)
+
     def test_openssh_client_is_told(self):
         require_binary("sftp")
         held = [self.rawLogin(self.creds) for _ in range(3)]
@@ -340,4 +367,52 @@ class OutputBudgetTests(SSHAbuseTestCase):
         # the allocator's slack: far under the 40 x 1.25 MiB the channels'
         # own limits allow.
         self.assertLess(growth, 16 * 2**20)
+        self.assertRecovered(client, *held)
+
+
+class WindowBudgetTests(SSHAbuseTestCase):
+    """
+    The receive windows of one container's channels together are held to
+    its budget (sftp.max_queued_output_per_container): past it each new
+    channel gets 64 KiB, not 2 MiB, so what its paused channels may be sent
+    is bounded too; another container's channels get the full window.
+    """
+
+    sftp_config = {"max_queued_output_per_container": 4 * 2**20}
+
+    def openWindow(self, ssh, local_id):
+        """Open a session channel: (its id, the window the daemon gave it)."""
+        ssh.send(bytes([MSG_CHANNEL_OPEN]) + string(b"session") + uint32(local_id)
+                 + uint32(2 * 2**20) + uint32(32768))
+        reply = ssh.read_until(MSG_CHANNEL_OPEN_CONFIRMATION)
+        return struct.unpack_from(">I", reply, 5)[0], struct.unpack_from(">I", reply, 9)[0]
+
+    def test_windows_of_one_container_are_bounded(self):
+        held, windows = [], []
+        for _ in range(4):
+            ssh = self.login()
+            held.append(ssh)
+            windows += [self.openWindow(ssh, n)[1] for n in range(10)]
+        report(f"windows given to 40 channels of one container (4 MiB budget): "
+               f"{sum(windows) / 2**20:.1f} MiB in all, first {windows[:3]}, last {windows[-1]}")
+        self.assertEqual(windows[:2], [WINDOW, WINDOW])
+        self.assertEqual(set(windows[2:]), {64 * 1024})
+        self.assertLessEqual(sum(windows), 4 * 2**20 + 40 * 64 * 1024)
+        # Another container has its own.
+        other = make_credentials(self.service, container="other")
+        client = self.connect()
+        client.login(other["username"], other["password"])
+        self.assertEqual(self.openWindow(client, 0)[1], WINDOW)
+        # Closing channels gives their windows back.
+        first = held[0]
+        first.close()
+        deadline = time.monotonic() + 5
+        while True:
+            ssh = self.login()
+            held.append(ssh)
+            window = self.openWindow(ssh, 0)[1]
+            if window == WINDOW or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        self.assertEqual(window, WINDOW)
         self.assertRecovered(client, *held)

@@ -833,10 +833,10 @@ class ScpFuzzTests(SynchronousTestCase):
         fdsBefore = open_fds()
 
         class Avatar:
-            containerId = "c"
+            containerId = "demo"
 
-            def openVolume(self):
-                return Volume.open(session.volume)
+            def openVolume(self, extraDescriptors=0):
+                return Volume.open(session.volume, "demo")
 
         try:
             protocol = commands.execProtocol(command, Avatar())

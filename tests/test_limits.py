@@ -548,3 +548,54 @@ class RefusalLogTests(TestCase):
             budgets.takeDescriptors("a")
         firsts.append(caught.exception.first)
         self.assertEqual(firsts, [True, False, False, True])
+
+
+class WindowBudgetTests(TestCase):
+    def test_grants(self):
+        """
+        New channels get the window they ask for while the container's
+        windows add up to less than maxWindow, then the minimum; windows
+        given back make room again.
+        """
+        budgets = MemoryContainerBudgets(maxWindow=5000)
+        grants = [budgets.grantWindow("a", 2000, 100) for _ in range(4)]
+        self.assertEqual(grants, [2000, 2000, 1000, 100])
+        self.assertEqual(budgets.grantWindow("b", 2000, 100), 2000)
+        self.assertEqual(budgets.grantWindow("a", 50, 100), 50)  # never more than asked
+        budgets.returnWindow("a", 2000)
+        budgets.returnWindow("a", 2000)
+        self.assertEqual(budgets.grantWindow("a", 2000, 100), 2000)
+
+    def test_channelTakesAndGivesBack(self):
+        """
+        A channel asks the container's budget for its receive window, and
+        gives it back once it has ended.
+        """
+        from lightd_conch.ssh import MIN_WINDOW
+
+        clock = Clock()
+        KiB = 1024
+        budgets = MemoryContainerBudgets(maxWindow=300 * KiB, clock=clock)
+
+        def channel():
+            made = SessionChannel(
+                localWindow=200 * KiB, localMaxPacket=100, remoteWindow=0,
+                remoteMaxPacket=100, avatar=_Avatar("a", budgets),
+            )
+            made.conn = _Conn()
+            made.clock = clock
+            made.protocol = _Protocol()
+            return made
+
+        first, second, third = channel(), channel(), channel()
+        self.assertEqual(MIN_WINDOW, 64 * KiB)
+        self.assertEqual(
+            [(c.localWindowSize, c.localWindowLeft) for c in (first, second, third)],
+            [(200 * KiB, 200 * KiB), (100 * KiB, 100 * KiB), (64 * KiB, 64 * KiB)],
+        )
+        first.loseConnection()  # ended: its window is the container's again
+        self.assertEqual(budgets.windows("a"), 164 * KiB)
+        first.closed()
+        second.closed()
+        third.closed()
+        self.assertEqual(budgets.windows("a"), 0)
