@@ -14,13 +14,16 @@ L{MemoryContainerStates} keeps them in this one.
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Callable, Dict, List
 
+from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from .bandwidth import TokenBucket
 from .policy import Policy
 from .quota import QuotaUsage
+
+log = Logger()
 
 
 class _MonotonicClock:
@@ -39,9 +42,11 @@ class ContainerState:
     @ivar down: the L{TokenBucket} of what its sessions send (downloads).
     @ivar writers: its files open for writing through the service, by
         (st_dev, st_ino): the open file that holds each one's write lock.
+    @ivar watchers: what to call with the new policy when it changes (the
+        protocols whose work is checked once, when it starts).
     """
 
-    __slots__ = ("containerId", "policy", "quota", "up", "down", "writers")
+    __slots__ = ("containerId", "policy", "quota", "up", "down", "writers", "watchers")
 
     def __init__(self, containerId: str, policy: Policy = Policy(), clock=None) -> None:
         clock = _MonotonicClock() if clock is None else clock
@@ -51,6 +56,23 @@ class ContainerState:
         self.up = TokenBucket(clock)
         self.down = TokenBucket(clock)
         self.writers: Dict[tuple, object] = {}
+        self.watchers: List[Callable[[Policy], None]] = []
+
+    def setPolicy(self, policy: Policy) -> None:
+        """
+        Make C{policy} the one its sessions obey, and tell the watchers if it
+        changed.  A watcher that fails is logged; the others are still told.
+        """
+        changed = policy != self.policy
+        self.policy = policy
+        if not changed:
+            return
+        for watcher in list(self.watchers):
+            try:
+                watcher(policy)
+            except Exception:
+                log.failure("a policy watcher of container {container} failed",
+                            container=self.containerId)
 
 
 class IContainerStates(Interface):
@@ -93,7 +115,7 @@ class MemoryContainerStates:
         if policy.quota_bytes and not state.policy.quota_bytes:
             # Writes went uncounted while there was no quota.
             state.quota.forget()
-        state.policy = policy
+        state.setPolicy(policy)
         return state
 
     def known(self) -> "list[str]":

@@ -195,6 +195,21 @@ class Volume:
         """
         self._closers.append(callback)
 
+    def whenPolicyChanges(self, callback: Callable[[Policy], None]) -> None:
+        """
+        Call C{callback} with the container's new policy each time it
+        changes, until this volume is closed: for work that is checked once,
+        when it starts, and must be checked again (rsync in its sandbox).
+        """
+        watchers = self._state.watchers
+        watchers.append(callback)
+
+        def forget() -> None:
+            if callback in watchers:
+                watchers.remove(callback)
+
+        self._closers.append(forget)
+
     def close(self) -> None:
         self._fs.close()
         closers, self._closers = self._closers, []

@@ -641,3 +641,58 @@ class ContainerStatesTests(TestCase):
         states.update("web1", Policy(quota_bytes=100))
         self.assertEqual((state.quota.used, state.quota.measuredAt), (None, None))
         self.assertIs(states.get("web1"), state)
+
+
+class PolicyWatcherTests(TestCase):
+    """
+    What watches a container's policy (rsync in its sandbox) hears of each
+    change, and only of changes, until its volume closes.
+    """
+
+    def setUp(self):
+        from lightd_conch.containers import MemoryContainerStates
+
+        self.states = MemoryContainerStates()
+        self.root = self.mktemp()
+        os.mkdir(self.root)
+
+    def volume(self):
+        from lightd_conch.volume import Volume
+
+        return Volume.open(self.root, "web1", state=self.states.get("web1"))
+
+    def test_toldOfChangesOnly(self):
+        volume = self.volume()
+        heard = []
+        volume.whenPolicyChanges(heard.append)
+        self.states.update("web1", Policy())
+        self.assertEqual(heard, [])
+        self.states.update("web1", Policy(read_only=True))
+        self.states.update("web1", Policy(read_only=True))
+        self.states.update("web1", Policy())
+        self.assertEqual(heard, [Policy(read_only=True), Policy()])
+        volume.close()
+
+    def test_notToldAfterClose(self):
+        volume = self.volume()
+        heard = []
+        volume.whenPolicyChanges(heard.append)
+        volume.close()
+        self.states.update("web1", Policy(read_only=True))
+        self.assertEqual(heard, [])
+        self.assertEqual(self.states.get("web1").watchers, [])
+
+    def test_oneFailingWatcherDoesNotStopTheOthers(self):
+        volume = self.volume()
+        heard = []
+
+        def fails(policy):
+            raise RuntimeError("boom")
+
+        volume.whenPolicyChanges(fails)
+        volume.whenPolicyChanges(heard.append)
+        state = self.states.update("web1", Policy(suspended=True))
+        self.assertEqual(heard, [Policy(suspended=True)])
+        self.assertEqual(state.policy, Policy(suspended=True))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        volume.close()
