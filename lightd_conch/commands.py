@@ -162,7 +162,7 @@ def _rsyncProtocol(command: bytes, avatar) -> Protocol:
     except OSError:
         return Refusal(VOLUME_MISSING, 1)
     try:
-        volume.mayRunRsync(upload="--sender" not in argv)
+        volume.mayRunRsync(upload=rsync.isUpload(argv))
     except PermissionError as e:
         volume.close()
         return Refusal(f"lightd-sftp: rsync refused: {e.strerror}", 1)

@@ -59,6 +59,9 @@ sandbox's root (and rsync's cwd) once rsync has started.
 _ROOT_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandboxroot.py")
 # How long rsync may take to start and its root to become the volume.
 ROOT_TIMEOUT = 30
+# How long rsync has to clean up (remove the file it was receiving) after
+# SIGTERM, once a policy change ends it, before the sandbox is killed.
+STOP_GRACE = 5
 
 _log = Logger()
 
@@ -169,6 +172,14 @@ _ENFORCED_LAST = ["--chmod=a-st"]
 
 def isRsyncCommand(command: bytes) -> bool:
     return command.lstrip(b" \t").split(b" ", 1)[0] == b"rsync"
+
+
+def isUpload(argv: Sequence[str]) -> bool:
+    """
+    Whether the rsync server of C{argv} (from L{parseCommand}) receives
+    files: without C{--sender}, the client sends.
+    """
+    return "--sender" not in argv
 
 
 def _mapPath(value: str) -> str:
@@ -481,6 +492,34 @@ def _unescape(field: bytes) -> bytes:
 _INFO_FD = 4
 
 
+def _descendants(pid: int, proc: str = "/proc") -> List[Tuple[int, str]]:
+    """
+    The (pid, command name) of every live descendant of C{pid}.
+    """
+    children: dict = {}
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        head, _, tail = stat.rpartition(b")")
+        fields = tail.split()
+        if len(fields) < 2:
+            continue
+        comm = head.partition(b"(")[2].decode("utf-8", "replace")
+        children.setdefault(int(fields[1]), []).append((int(name), comm))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
 class _Process(ProcessProtocol):
     def __init__(self, owner: "RsyncServer") -> None:
         self.owner = owner
@@ -568,6 +607,8 @@ class RsyncServer(Protocol):
         self._helper = None
         self._rootTimeout = None
         self._reactor = None
+        self._upload = isUpload(argv)
+        self._stopping = None
 
     @property
     def paused(self) -> bool:
@@ -609,6 +650,44 @@ class RsyncServer(Protocol):
         self._reactor = reactor
         self._rootTimeout = reactor.callLater(ROOT_TIMEOUT, self._rootTimedOut)
         self.process.registerProducer(_StdinProducer(self), True)
+        self.volume.whenPolicyChanges(self._policyChanged)
+
+    # -- a policy change while rsync runs ----------------------------------------
+
+    def _policyChanged(self, policy) -> None:
+        """
+        Check again what was checked when rsync started (the volume's
+        C{mayRunRsync}): a change that would have refused this rsync ends it.
+        rsync gets SIGTERM, so it removes the file it was receiving (the
+        files it had finished stay), and the sandbox is killed if it is still
+        there after L{STOP_GRACE} seconds.
+        """
+        if self._done or self._stopping is not None:
+            return
+        try:
+            self.volume.mayRunRsync(self._upload)
+        except PermissionError as e:
+            why = e.strerror
+        else:
+            return
+        _log.info(
+            "ending rsync of container {container}: {why}",
+            container=self.volume.containerId,
+            why=why,
+        )
+        self.transport.writeStderr(f"lightd-sftp: rsync ended: {why}\n".encode("utf-8"))
+        self._early = []
+        if not self._rooted or self._sandbox is None:
+            self._refuse("", 1)
+            self._kill()
+            return
+        self._stopping = self._reactor.callLater(STOP_GRACE, self._kill)
+        for pid, name in _descendants(self._sandbox[0]):
+            if name == "rsync":
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
 
     # -- making the volume rsync's root -----------------------------------------
 
@@ -675,7 +754,8 @@ class RsyncServer(Protocol):
 
     def _refuse(self, message: str, code: int) -> None:
         self._done = True
-        self.transport.writeStderr(message.encode("utf-8"))
+        if message:
+            self.transport.writeStderr(message.encode("utf-8"))
         self.transport.exit(code)
 
     def dataReceived(self, data: bytes) -> None:
@@ -706,12 +786,18 @@ class RsyncServer(Protocol):
 
     def _processEnded(self, code: Optional[int], signalNumber: Optional[int]) -> None:
         self._cancelRootTimeout()
+        self._cancelStop()
         if self._done:
             return
         self._done = True
         if code is None:
             code = 128 + (signalNumber or signal.SIGKILL)
         self.transport.exit(code)
+
+    def _cancelStop(self) -> None:
+        stopping, self._stopping = self._stopping, None
+        if stopping is not None and stopping.active():
+            stopping.cancel()
 
     def _kill(self) -> None:
         if self.process is not None and self.process.pid is not None:
@@ -724,5 +810,6 @@ class RsyncServer(Protocol):
         self._done = True
         self._early = []
         self._cancelRootTimeout()
+        self._cancelStop()
         self._kill()
         self.volume.close()

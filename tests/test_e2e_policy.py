@@ -1196,6 +1196,77 @@ class WriteLockTests(PolicyTestCase):
         self.assertEqual(target.read_bytes(), data)
 
 
+class RsyncLiveChangeTests(PolicyTestCase):
+    """
+    rsync works in its sandbox, checked when it starts: a policy change made while it runs
+    that would have refused it ends it, the file it was receiving is not left behind, and the
+    file it was replacing stays as it was. A change that still admits it lets it finish.
+    """
+
+    SIZE = 8 * 1024 * 1024
+
+    def slow_rsync(self, *args):
+        """An rsync at 256 KiB/s in the background: the process."""
+        self.require_rsync()
+        argv = [shutil.which("rsync"), "-e", ssh_command(self.service), "--bwlimit=256", *args]
+        process = subprocess.Popen(argv, env=self.askpass_env(), cwd=self.local,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+        return process
+
+    def receiving(self):
+        """The temporary files rsync is receiving into (``.big.bin.XXXXXX``)."""
+        return [name for name in os.listdir(self.volume) if name.startswith(".big.bin.")]
+
+    def upload_ended_by(self, *settings, why):
+        (self.volume / "big.bin").write_bytes(b"the old file")
+        self.local_file("big.bin", os.urandom(self.SIZE))
+        process = self.slow_rsync(str(self.local / "big.bin"), self.remote("/"))
+        self.eventually(lambda: any(os.path.getsize(self.volume / name) > 256 * 1024
+                                    for name in self.receiving()),
+                        "rsync receiving", timeout=60)
+        changed = time.monotonic()
+        self.cli_set(*settings)
+        out, err = process.communicate(timeout=60)
+        took = time.monotonic() - changed
+        self.assertNotEqual(process.returncode, 0, err)
+        self.assertIn(f"lightd-sftp: rsync ended: {why}", err)
+        self.assertLess(took, LIVE + 5, "rsync went on after the change")
+        self.assertEqual((self.volume / "big.bin").read_bytes(), b"the old file")
+        self.assertEqual(self.receiving(), [])
+
+    def test_read_only_ends_an_upload(self):
+        self.upload_ended_by("read_only=true", why="the volume is read-only")
+
+    def test_quota_ends_an_upload(self):
+        self.upload_ended_by("quota_bytes=100M",
+                             why="rsync uploads are not served for a volume with a disk quota")
+
+    def test_denylist_ends_a_download(self):
+        (self.volume / "big.bin").write_bytes(os.urandom(self.SIZE))
+        process = self.slow_rsync(self.remote("/big.bin"), str(self.local) + "/")
+        self.eventually(lambda: any(name.startswith(".big.bin.") for name in os.listdir(self.local)),
+                        "rsync receiving", timeout=60)
+        self.cli_set("denylist=secret/")
+        out, err = process.communicate(timeout=60)
+        self.assertNotEqual(process.returncode, 0, err)
+        self.assertIn("lightd-sftp: rsync ended: rsync is not served for a volume with a denylist",
+                      err)
+        self.assertFalse((self.local / "big.bin").exists())
+
+    def test_read_only_lets_a_download_finish(self):
+        data = os.urandom(2 * 1024 * 1024)
+        (self.volume / "big.bin").write_bytes(data)
+        process = self.slow_rsync(self.remote("/big.bin"), str(self.local) + "/")
+        self.eventually(lambda: any(name.startswith(".big.bin.") for name in os.listdir(self.local)),
+                        "rsync receiving", timeout=60)
+        self.cli_set("read_only=true")
+        out, err = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertEqual((self.local / "big.bin").read_bytes(), data)
+
+
 # --- the login gate: suspended, allowed_ips, password_login --------------------------------------
 
 
