@@ -441,11 +441,20 @@ class ConfinedFilesystem:
 
     # -- files and directories --------------------------------------------
 
-    def openFile(
-        self, path: bytes, flags: int, mode: Optional[int] = None, _links: int = 0
-    ) -> int:
+    def openFile(self, path: bytes, flags: int, mode: Optional[int] = None) -> int:
         """
-        Open a regular file with C{os.open} flags and return its fd.
+        Open a regular file with C{os.open} flags and return its fd (see
+        L{openOrCreate}).
+        """
+        return self.openOrCreate(path, flags, mode)[0]
+
+    def openOrCreate(
+        self, path: bytes, flags: int, mode: Optional[int] = None, _links: int = 0
+    ) -> Tuple[int, bool]:
+        """
+        Open a regular file with C{os.open} flags; return its fd and whether
+        this call created it (then it is empty, and C{O_TRUNC} had nothing
+        to do).
 
         Anything that is not a regular file (directory, FIFO, socket, device)
         is refused before it is opened for reading or writing, so a FIFO can
@@ -474,7 +483,7 @@ class ConfinedFilesystem:
                 if flags & os.O_EXCL:
                     raise
             else:
-                return self._adoptOrClose(fd, mode)
+                return self._adoptOrClose(fd, mode), True
         try:
             probe = self._resolve(parts, _O_PATH)
         except FileNotFoundError:
@@ -487,7 +496,7 @@ class ConfinedFilesystem:
             if _links >= _MAX_SYMLINKS:
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
             target = self._linkTarget(parts)
-            return self.openFile(
+            return self.openOrCreate(
                 virtualPath(parts if target is None else target), flags, mode, _links + 1
             )
         try:
@@ -495,7 +504,7 @@ class ConfinedFilesystem:
             fd = os.open(_procPath(probe), access | os.O_CLOEXEC)
         finally:
             os.close(probe)
-        return fd
+        return fd, False
 
     def _linkTarget(self, parts: Parts) -> Optional[Parts]:
         """

@@ -512,19 +512,23 @@ class Volume:
         else:
             self._mayQuery(path)
         truncate = flags & os.O_TRUNC
-        def opening() -> int:
-            return self._fs.openFile(path, flags & ~os.O_TRUNC if writing else flags, mode)
+        def opening() -> Tuple[int, bool]:
+            return self._fs.openOrCreate(path, flags & ~os.O_TRUNC if writing else flags, mode)
 
         if flags & os.O_CREAT and self._quotaOn and not self._exists(path):
-            fd = self._naming(path, opening)
+            fd, created = self._naming(path, opening)
         else:
-            fd = opening()
+            fd, created = opening()
         try:
             policy = self._state.policy
             self._checkOpened(policy, fd)
             if writing:
                 identity = self._lock(fd)
-                if truncate:
+                if truncate and not created:
+                    # A file this open created is empty already.  Truncating
+                    # it anyway would cost a flush at its close: ext4 (its
+                    # auto_da_alloc) writes out at close any file truncated
+                    # to 0 since it was opened, as for a rewrite in place.
                     self._truncate(fd, 0)
         except BaseException:
             os.close(fd)
