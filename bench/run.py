@@ -10,10 +10,11 @@ lightd-sftp against OpenSSH's sshd (internal-sftp + ChrootDirectory), side by si
     python3 bench/run.py --also PATH|REV  # a second lightd-sftp in the same rounds (A B C)
 
 Both servers listen on 127.0.0.1 only and are driven by the same OpenSSH client
-(``sftp -b``; the two request-reply workloads by libssh and by paramiko, which wait for each
-reply: rr-write uploads in 32 KiB writes, rr-stat sends 2,000 STATs), interleaved, one run of each per round, the order turned around
+(``sftp -b``; the request-reply workloads by libssh and by paramiko, which wait for each
+reply: rr-write uploads in 32 KiB writes, rr-stat sends 2,000 STATs, rr-open 2,000 OPENs
+each followed by its CLOSE), interleaved, one run of each per round, the order turned around
 every other round (A B, B A, A B ...), 7 runs of each
-(15 of the three sub-second workloads: small files, the listing, the STATs), for every
+(15 of the sub-second workloads: small files, the listing, the STATs, the OPENs), for every
 workload and for two algorithm choices: the same on both sides (aes128-ctr +
 hmac-sha2-256) and each side's default.  It prints the medians, their ratio
 lightd/OpenSSH (and the median of the rounds' ratios, which a drift of the
@@ -79,14 +80,14 @@ class Sizes:
     client_bytes: int  # ... each uploading this many bytes
     logins: int  # sequential connect + login + exit per run
     rr_bytes: int  # bytes of the upload in 32 KiB writes, one request at a time
-    stats: int  # sequential STAT requests, one at a time
+    stats: int  # sequential STAT requests, one at a time; as many OPEN+CLOSE pairs
 
 
 FULL = Sizes(1024 * MiB, 2000, 10000, 20, 50 * MiB, 10, 16 * MiB, 2000)
 QUICK = Sizes(128 * MiB, 200, 1000, 20, 5 * MiB, 3, 8 * MiB, 2000)
 
 WORKLOADS = ["upload", "download", "small", "listing", "concurrent", "connect", "rr-write",
-             "rr-stat"]
+             "rr-stat", "rr-open"]
 EXTRA_WORKLOADS = ["concurrent-download"]
 """Run only when named with --only."""
 IN_SESSION = {"upload", "download", "small", "listing"}
@@ -94,7 +95,7 @@ IN_SESSION = {"upload", "download", "small", "listing"}
 RUNS = 7
 """Measured runs per server of each workload, unless --runs says otherwise."""
 SHORT_RUNS = 15
-SHORT = {"small", "listing", "rr-stat"}
+SHORT = {"small", "listing", "rr-stat", "rr-open"}
 """Workloads that take under a second a run: the machine's jitter is a larger share of each run,
 so they get more runs (seconds in all) for a median as steady as the long workloads'."""
 MARK = "!date +%s.%N"
@@ -122,6 +123,7 @@ def describe(workload: str, sizes: Sizes) -> str:
         "rr-write": f"upload {human(sizes.rr_bytes)} in 32 KiB writes, each waiting for its reply "
                     "(libssh)",
         "rr-stat": f"{sizes.stats:,} STATs, each waiting for its reply (paramiko)",
+        "rr-open": f"{sizes.stats:,} OPENs + CLOSEs, each waiting for its reply (paramiko)",
     }[workload]
 
 
@@ -653,7 +655,7 @@ class Workloads:
                 (tree / f"f{i:05d}").write_bytes(block)
         if "rr-write" in selected:
             write_random(self.data / "rr.bin", s.rr_bytes)
-        if "rr-stat" in selected:
+        if {"rr-stat", "rr-open"} & set(selected):
             for server in self.servers:
                 (server.volume / "data" / "stat.txt").write_bytes(b"stat me\n")
         if "listing" in selected:
@@ -682,6 +684,8 @@ class Workloads:
         what = f"{workload} on {server.name} ({variant})"
         if workload == "rr-stat":
             return self.stat_run(server, variant)
+        if workload == "rr-open":
+            return self.stat_run(server, variant, opening=True)
         if workload == "rr-write":
             return self.libssh_write_run(server, variant)
         if workload in IN_SESSION:
@@ -732,13 +736,16 @@ class Workloads:
         finally:
             case.doCleanups()
 
-    def stat_run(self, server: Server, variant: str) -> float:
+    def stat_run(self, server: Server, variant: str, opening: bool = False) -> float:
         """
         ``stats`` STATs one after the other with paramiko (each waits for its reply), timed
         from the first to the last reply, after login; the same client for both servers.
+        With ``opening``, as many OPENs (for reading) of the same file, each followed by
+        its CLOSE (rr-open).
         """
         import paramiko
 
+        what = "rr-open" if opening else "rr-stat"
         sock = socket.create_connection((HOST, server.port), timeout=30)
         transport = paramiko.Transport(sock)
         try:
@@ -749,15 +756,22 @@ class Workloads:
             transport.start_client(timeout=30)
             server.paramiko_login(transport)
             sftp = paramiko.SFTPClient.from_transport(transport)
-            sftp.stat("/data/stat.txt")  # the session's first request, not timed
+            path = "/data/stat.txt"
+            if opening:
+                def request():
+                    sftp.open(path, "rb").close()
+            else:
+                def request():
+                    sftp.stat(path)
+            request()  # the session's first request, not timed
             started = time.perf_counter()
             for _ in range(self.sizes.stats):
-                sftp.stat("/data/stat.txt")
+                request()
             seconds = time.perf_counter() - started
             sftp.close()
             return seconds
         except (OSError, paramiko.SSHException) as e:
-            raise BenchError(f"rr-stat on {server.name} ({variant}): {e}")
+            raise BenchError(f"{what} on {server.name} ({variant}): {e}")
         finally:
             transport.close()
 

@@ -258,11 +258,21 @@ class ContainerAvatar(ConchUser, LoginOwner):
         audit = getattr(getattr(self.transport, "factory", None), "audit", None)
         return None if audit is None or isinstance(audit, NullAudit) else audit
 
+    _auditBase = None
+    """(transport, session id, the fields every event of it has), once logged in."""
+
     def audit(self, event: str, **fields) -> None:
         audit = self._auditLog()
         if audit is not None:
             transport = self.transport
-            audit.event(event, transport.sessionId, **transport._auditFields(), **fields)
+            base = self._auditBase
+            if base is None or base[0] is not transport:
+                # Made once a login: a session's events come in thousands (one
+                # per file), and none of these fields changes once logged in.
+                base = (transport, transport.sessionId, transport._auditFields())
+                if base[2]["username"] is not None:
+                    self._auditBase = base
+            audit.event(event, base[1], **base[2], **fields)
 
     # -- LoginOwner: a resumed upload takes over the lock of a dropped session
 

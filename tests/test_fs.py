@@ -140,6 +140,20 @@ class _ConfinementMixin:
             self.assertEqual(f.read(), "in")
         self.assertFalse(os.path.exists(target))
 
+    def test_openOrCreateSaysWhetherItCreated(self):
+        """
+        openOrCreate tells a file it made (through a dangling link too) from
+        one that was there.
+        """
+        write = os.O_WRONLY | os.O_CREAT
+        self.plant("dangle", "made")
+        for name, created in ((b"new", True), (b"new", False), (b"dangle", True),
+                              (b"dangle", False)):
+            fd, made = self.fs.openOrCreate(name, write)
+            os.close(fd)
+            self.assertEqual((name, made), (name, created))
+        self.assertTrue(os.path.isfile(self.inVolume("made")))
+
     def test_exclusiveCreateOnLink(self):
         self.plant("dangle", "/nowhere")
         self.assertErrno(

@@ -71,6 +71,18 @@ class WriteLockTests(TestCase):
         self.opened(self.volume(), os.O_WRONLY | os.O_TRUNC)
         self.assertEqual(os.path.getsize(self.path), 0)
 
+    def test_createOrTruncate(self):
+        """
+        O_CREAT | O_TRUNC (what put asks for) empties a file that was there
+        and makes a new one empty, and the new one is locked like any other.
+        """
+        self.opened(self.volume(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self.assertEqual(os.path.getsize(self.path), 0)
+        new = self.volume().openFile(b"/new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self.addCleanup(lambda: _closeQuietly(new))
+        self.assertEqual(os.path.getsize(os.path.join(self.root, "new")), 0)
+        self.assertRaises(FileLocked, self.volume().openFile, b"/new", os.O_WRONLY)
+
     def test_containerProcessLockSeen(self):
         """
         A process of the container holding a POSIX lock keeps writers out,
