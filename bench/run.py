@@ -413,7 +413,9 @@ class OpenSSH(Server):
 
     name = "OpenSSH"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, first_lines: Optional[List[str]] = None) -> None:
+        # sshd takes the first value of each keyword: these lines override.
+        self.first_lines = first_lines or []
         self.root = root
         root.mkdir(mode=0o755)
         # ChrootDirectory: root-owned and writable by no one else, as is every
@@ -437,6 +439,7 @@ class OpenSSH(Server):
             self.config.write_text(
                 "\n".join(
                     [
+                        *self.first_lines,
                         f"Port {self.port}",
                         f"ListenAddress {HOST}",
                         f"HostKey {self.host_key}",

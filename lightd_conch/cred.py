@@ -14,7 +14,6 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
-from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from .defender import UnknownUser
@@ -68,12 +67,22 @@ class ForeignKey(UnauthorizedLogin):
 _NO_CONTAINER = ".unknown"
 
 
+def _submit(checks, credentials, work, *args):
+    # The SSH service puts the client's address and its transport on the
+    # credentials; without them (a direct call) the check is still queued.
+    return checks.submit(
+        getattr(credentials, "source", None), getattr(credentials, "connection", None), work, *args
+    )
+
+
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """
     Checks a username and password against the credential store.
 
-    bcrypt runs in a small dedicated thread pool, never on the reactor thread.
+    bcrypt runs in the check threads, never on the reactor thread, when the
+    L{FairCheckQueue} C{checks} gives the check its turn (by the credentials'
+    C{source} address and C{connection}, which the SSH service sets).
     An unknown user, or a password bcrypt cannot take (over 72 bytes), is
     checked against a dummy hash of the same cost, so a failure takes the same
     time whether or not the user exists.  The avatar id is the container id.
@@ -81,21 +90,16 @@ class PasswordChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, store, reactor, threadPool, cost: int) -> None:
+    def __init__(self, store, checks, cost: int) -> None:
         self._store = store
-        self._reactor = reactor
-        self._threadPool = threadPool
+        self._checks = checks
         self._dummyHash = bcrypt.hashpw(
             secrets.token_bytes(16), bcrypt.gensalt(cost)
         )
 
     def requestAvatarId(self, credentials):
-        return deferToThreadPool(
-            self._reactor,
-            self._threadPool,
-            self._check,
-            credentials.username,
-            credentials.password,
+        return _submit(
+            self._checks, credentials, self._check, credentials.username, credentials.password
         )
 
     def _check(self, username: bytes, password: bytes) -> str:
@@ -123,7 +127,7 @@ class PublicKeyChecker:
     Checks a public key, and the signature made with it, against the keys
     of the user's container (L{lightd_conch.userkeys}).
 
-    Like L{PasswordChecker}, the work runs in the given thread pool, and an
+    Like L{PasswordChecker}, the work waits its turn in C{checks}, and an
     unknown user costs what a known one does: the same store reads, the
     signature verified either way, and the same answer (a failure, never
     PK_OK) as a known user offering a key that is not the container's.
@@ -133,15 +137,14 @@ class PublicKeyChecker:
 
     credentialInterfaces = (ISSHPrivateKey,)
 
-    def __init__(self, store, reactor, threadPool) -> None:
+    def __init__(self, store, checks) -> None:
         self._store = store
-        self._reactor = reactor
-        self._threadPool = threadPool
+        self._checks = checks
 
     def requestAvatarId(self, credentials):
-        return deferToThreadPool(
-            self._reactor,
-            self._threadPool,
+        return _submit(
+            self._checks,
+            credentials,
             self._check,
             credentials.username,
             credentials.algName,

@@ -21,7 +21,7 @@ from twisted.conch import error as conchError
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import common, connection, factory, keys, userauth
 from twisted.conch.ssh.channel import SSHChannel
-from twisted.cred.credentials import SSHPrivateKey
+from twisted.cred.credentials import SSHPrivateKey, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.conch.ssh.transport import (
@@ -49,6 +49,7 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from ._address import addressIn, formatAddress
+from .checkqueue import CheckRefused
 from .ciphers import PacketError, PlainSealer, makeSealer
 from .audit import NullAudit
 from .commands import execProtocol, subsystemProtocol
@@ -779,6 +780,12 @@ class WrongCode(UnauthorizedLogin):
     """
 
 
+class CodeNotChecked(WrongCode, CheckRefused):
+    """
+    A TOTP code the check queue refused to check: answered as a wrong code.
+    """
+
+
 class UserAuthServer(userauth.SSHUserAuthServer):
     """
     Public-key and password authentication with the configured attempt
@@ -822,6 +829,10 @@ class UserAuthServer(userauth.SSHUserAuthServer):
     def serviceStopped(self) -> None:
         super().serviceStopped()
         self._dropFirstFactor()
+        checks = getattr(self.transport.factory, "checks", None)
+        if checks is not None:
+            # A check still waiting is answered to nobody: not made.
+            checks.forget(self.transport)
         if self._tried and not self._settled:
             self._settled = True
             log.info(
@@ -876,6 +887,22 @@ class UserAuthServer(userauth.SSHUserAuthServer):
 
         return d.addBoth(done)
 
+    def _fromHere(self, credentials):
+        # The check waits its turn by the client's address, one at a time
+        # for this connection (lightd_conch.checkqueue).
+        credentials.source = self.transport.transport.getPeer().host
+        credentials.connection = self.transport
+        return credentials
+
+    def auth_password(self, packet: bytes):
+        """
+        Like Conch's, with the client's address and connection on the
+        credentials for the check queue.
+        """
+        password = common.getNS(packet[1:])[0]
+        credentials = self._fromHere(UsernamePassword(self.user, password))
+        return self.portal.login(credentials, None, IConchUser).addErrback(self._ebPassword)
+
     def auth_publickey(self, packet: bytes):
         """
         Like Conch's, with the signed data built here and the security-key
@@ -890,7 +917,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         except (ValueError, struct.error, IndexError):
             return defer.fail(UnauthorizedLogin("malformed publickey request"))
         if signature is None:
-            credentials = SSHPrivateKey(self.user, algorithm, blob, None, None)
+            credentials = self._fromHere(SSHPrivateKey(self.user, algorithm, blob, None, None))
             return self.portal.login(credentials, None, IConchUser).addErrback(
                 self._ebCheckKey, packet[1:]
             )
@@ -904,7 +931,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
             + common.NS(algorithm)
             + common.NS(blob)
         )
-        credentials = SSHPrivateKey(self.user, algorithm, blob, signed, signature)
+        credentials = self._fromHere(SSHPrivateKey(self.user, algorithm, blob, signed, signature))
         return self.portal.login(credentials, None, IConchUser)
 
     def auth_keyboard_interactive(self, packet: bytes):
@@ -950,9 +977,16 @@ class UserAuthServer(userauth.SSHUserAuthServer):
                 raise WrongCode("wrong verification code")
             return result
 
-        verifier.check(result[1].containerId, responses[0]).addCallback(checked).chainDeferred(
-            answer
-        )
+        def refused(reason):
+            reason.trap(CheckRefused)
+            raise CodeNotChecked(reason.getErrorMessage())
+
+        verifier.check(
+            result[1].containerId,
+            responses[0],
+            self.transport.transport.getPeer().host,
+            self.transport,
+        ).addCallbacks(checked, refused).chainDeferred(answer)
 
     def _cbFinishedAuth(self, result) -> None:
         interface, avatar, logout = result
@@ -1023,7 +1057,11 @@ class UserAuthServer(userauth.SSHUserAuthServer):
                 "failed login: user {username} from {peer}{why}",
                 username=_printable(self.user[:128]),
                 peer=_peer(self.transport),
-                why=": wrong verification code" if reason.check(WrongCode) else "",
+                why=(
+                    f": not checked, {reason.getErrorMessage()}"
+                    if reason.check(CheckRefused)
+                    else ": wrong verification code" if reason.check(WrongCode) else ""
+                ),
             )
             host = self.transport.transport.getPeer().host
             factory = self.transport.factory
@@ -1609,6 +1647,8 @@ class SSHFactory(factory.SSHFactory):
     sessions = None
     # The TOTP verifier (lightd_conch.totp.TOTPVerifier), or None.
     totp = None
+    # The login checks' queue (lightd_conch.checkqueue.FairCheckQueue), or None.
+    checks = None
     audit = NullAudit()
     services = {
         b"ssh-userauth": UserAuthServer,

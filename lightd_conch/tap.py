@@ -38,6 +38,7 @@ from .api import (
     warnAuthorizationDisabled,
 )
 from .containers import MemoryContainerStates
+from .checkqueue import FairCheckQueue, bcryptThreads, usableCores
 from .cred import ContainerRealm, PasswordChecker, PublicKeyChecker
 from .quota import QuotaMeasurer
 from .metrics import Metrics, ReactorLagMonitor
@@ -368,21 +369,26 @@ def makeService(options, reactor=None) -> MultiService:
 
     sftpPort = None
     if cfg.sftp.enabled:
-        # bcrypt holds the GIL only briefly; two threads keep a burst of
-        # logins from queueing behind each other without starving transfers.
-        pool = ThreadPool(minthreads=1, maxthreads=2, name="lightd-sftp-bcrypt")
+        # bcrypt holds the GIL only briefly: one check thread per core this
+        # process may use (shared out among the worker processes) lets logins
+        # grow with the cores.  The queue hands them one check per thread at
+        # a time, fairly among source addresses, and bounds those waiting.
+        threads = bcryptThreads(usableCores(), getattr(cfg.sftp, "workers", 1))
+        pool = ThreadPool(minthreads=1, maxthreads=threads, name="lightd-sftp-bcrypt")
         _ThreadPoolService(pool).setServiceParent(top)
+        checks = FairCheckQueue(reactor, pool, threads)
         realm = ContainerRealm(cfg, states=states, quotas=quotas, clock=reactor)
         portal = Portal(
             realm,
             [
-                PublicKeyChecker(store, reactor, pool),
-                PasswordChecker(store, reactor, pool, cfg.sftp.bcrypt_cost),
+                PublicKeyChecker(store, checks),
+                PasswordChecker(store, checks, cfg.sftp.bcrypt_cost),
             ],
         )
         factory = SSHFactory(portal, hostKey, cfg.sftp, reactor)
         factory.sessions = sessions
-        factory.totp = TOTPVerifier(store, SecretBox(cfg.totp_key_path), reactor, pool)
+        factory.totp = TOTPVerifier(store, SecretBox(cfg.totp_key_path), checks)
+        factory.checks = checks
         factory.audit = audit
         factory.metrics = metrics
         # Stopped after the listener: no new connection while they drain.

@@ -22,7 +22,6 @@ import urllib.parse
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from twisted.internet.threads import deferToThreadPool
 
 from .store import TOTPRecord
 
@@ -167,26 +166,25 @@ def enable(store, box: SecretBox, containerId: str, username: str, now: int) -> 
 
 class TOTPVerifier:
     """
-    Checks the code a login gives for its container, in C{threadPool}.
+    Checks the code a login gives for its container, in its turn in the
+    L{lightd_conch.checkqueue.FairCheckQueue} C{checks}.
 
     @param clock: returns unix seconds (the codes' time).
     """
 
-    def __init__(self, store, box: SecretBox, reactor, threadPool, clock=time.time) -> None:
+    def __init__(self, store, box: SecretBox, checks, clock=time.time) -> None:
         self._store = store
         self._box = box
-        self._reactor = reactor
-        self._threadPool = threadPool
+        self._checks = checks
         self._clock = clock
 
-    def check(self, containerId: str, given: bytes):
+    def check(self, containerId: str, given: bytes, source=None, connection=None):
         """
         A Deferred of whether C{given} is a code of C{containerId} not
-        accepted before.
+        accepted before, checked in its turn among those of C{source} (the
+        client's address) and at most one waiting for C{connection}.
         """
-        return deferToThreadPool(
-            self._reactor, self._threadPool, self.checkNow, containerId, given
-        )
+        return self._checks.submit(source, connection, self.checkNow, containerId, given)
 
     def checkNow(self, containerId: str, given: bytes) -> bool:
         record = self._store.get_totp(containerId)

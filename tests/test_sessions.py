@@ -20,6 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lightd_conch.config import SFTPConfig
+from lightd_conch.checkqueue import FairCheckQueue
 from lightd_conch.cred import ContainerAvatar, ContainerRealm, PasswordChecker
 from lightd_conch.sessions import ABORT_AFTER, CredentialWatcher, SessionRegistry
 from lightd_conch.store import Credential
@@ -234,10 +235,10 @@ class LoginRecordTests(TestCase):
     """
 
     def setUp(self):
-        import lightd_conch.cred
+        import lightd_conch.checkqueue
 
         self.patch(
-            lightd_conch.cred,
+            lightd_conch.checkqueue,
             "deferToThreadPool",
             lambda reactor, pool, f, *args: succeed(f(*args)),
         )
@@ -246,7 +247,7 @@ class LoginRecordTests(TestCase):
         store = MemoryCredentialStore()
         record = credential("c1", "alice", b"right password")
         store.put(record)
-        checker = PasswordChecker(store, _Reactor(), _Pool(), 4)
+        checker = PasswordChecker(store, FairCheckQueue(_Reactor(), _Pool(), 1), 4)
         avatarId = self.successResultOf(
             checker.requestAvatarId(UsernamePassword(b"alice", b"right password"))
         )

@@ -25,6 +25,7 @@ from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import TestCase
 
 from lightd_conch.config import SFTPConfig
+from lightd_conch.checkqueue import FairCheckQueue
 from lightd_conch.cred import ContainerRealm, PasswordChecker
 from lightd_conch.ssh import SessionChannel, SSHFactory, SSHTransport, loadOrCreateHostKey
 from lightd_conch.store import Credential
@@ -201,7 +202,7 @@ class CheckerTests(TestCase):
         self.store.put(
             Credential("c1", "alice", bcrypt.hashpw(b"right password", bcrypt.gensalt(4)), 1, 1)
         )
-        self.checker = PasswordChecker(self.store, _Reactor(), _Pool(), 4)
+        self.checker = PasswordChecker(self.store, FairCheckQueue(_Reactor(), _Pool(), 1), 4)
 
     def check(self, username, password):
         from twisted.cred.credentials import UsernamePassword
@@ -368,6 +369,7 @@ class LiveService:
     """
 
     sftpSettings = settings(max_auth_tries=3)
+    waitingPerThread = 32
 
     def setUp(self):
         base = os.path.abspath(self.mktemp())
@@ -378,15 +380,18 @@ class LiveService:
         pool = ThreadPool(1, 2)
         pool.start()
         self.addCleanup(pool.stop)
+        checks = FairCheckQueue(reactor, pool, 2, self.waitingPerThread)
+        self.checks = checks
         sftpSettings = self.sftpSettings
         portal = Portal(
             ContainerRealm(_Config(self.volumes, sftpSettings)),
-            [PasswordChecker(store, reactor, pool, 4)],
+            [PasswordChecker(store, checks, 4)],
         )
         factory = SSHFactory(
             portal, loadOrCreateHostKey(os.path.join(base, "key")), sftpSettings, reactor
         )
         self.factory = factory
+        factory.checks = checks
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.connections = []
@@ -702,3 +707,54 @@ class QuickAckTests(TestCase):
         self.protocol._readPackets()
         self.assertEqual(self.options, [])
         self.assertEqual(self.sent, [[b"reply"]])
+
+
+class _RecordedAudit:
+    def __init__(self):
+        self.events = []
+
+    def event(self, name, sessionId, **fields):
+        self.events.append((name, fields))
+
+
+class RefusedCheckTests(LiveService, TestCase):
+    """
+    A password the check queue has no room for is answered, logged, audited
+    and scored as a wrong one.
+    """
+
+    waitingPerThread = 0
+
+    def test_refusedAsAWrongPassword(self):
+        import threading
+
+        release = threading.Event()
+        self.addCleanup(release.set)
+        # Both check threads busy, and no room to wait.
+        busy = [self.checks.submit("192.0.2.1", None, release.wait, 30) for _ in range(2)]
+        self.factory.audit = _RecordedAudit()
+
+        def attempt():
+            transport = self.client()
+            try:
+                transport.auth_password("alice", "secret-pass")
+            except paramiko.AuthenticationException:
+                return "refused"
+            finally:
+                transport.close()
+            return "logged in"
+
+        def check(outcome):
+            self.assertEqual(outcome, "refused")
+            text = "\n".join(self.messages())
+            self.assertIn(
+                "failed login: user alice from 127.0.0.1:", text
+            )
+            self.assertIn("not checked, too many checks waiting", text)
+            failed = [f for name, f in self.factory.audit.events if name == "login_failed"]
+            self.assertEqual([f["reason"] for f in failed], ["wrong_password"])
+            self.assertEqual(self.factory.defender._hosts["127.0.0.1"].score, 1)
+            release.set()
+            return gatherResults(busy)
+
+        return deferToThread(attempt).addCallback(check)

@@ -10,6 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from lightd_conch.store import Credential
 from lightd_conch.testing import MemoryCredentialStore
+from lightd_conch.checkqueue import FairCheckQueue
 from lightd_conch.totp import SecretBox, TOTPVerifier, code, enable, matchingStep, otpauthURI
 
 from .test_ssh import _Pool, _Reactor
@@ -82,7 +83,9 @@ class VerifierTests(TestCase):
         os.makedirs(os.path.dirname(path))
         self.box = SecretBox(path)
         self.now = 1_700_000_000.0
-        self.verifier = TOTPVerifier(self.store, self.box, _Reactor(), _Pool(), lambda: self.now)
+        self.verifier = TOTPVerifier(
+            self.store, self.box, FairCheckQueue(_Reactor(), _Pool(), 1), lambda: self.now
+        )
 
     def secret(self):
         record = self.store.get_totp("c1")

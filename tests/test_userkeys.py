@@ -19,6 +19,7 @@ from twisted.cred.credentials import SSHPrivateKey
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from lightd_conch.checkqueue import FairCheckQueue
 from lightd_conch.cred import ContainerId, ForeignKey, PublicKeyChecker
 from lightd_conch.store import Credential
 from lightd_conch.testing import MemoryCredentialStore
@@ -248,7 +249,7 @@ class PublicKeyCheckerTests(TestCase):
         self.other = ed25519()
         self.store.add_key("c1", parseAuthorizedKey(line_of(self.key), 1), MAX_KEYS)
         self.store.add_key("c2", parseAuthorizedKey(line_of(self.other), 1), MAX_KEYS)
-        self.checker = PublicKeyChecker(self.store, _Reactor(), _Pool())
+        self.checker = PublicKeyChecker(self.store, FairCheckQueue(_Reactor(), _Pool(), 1))
 
     def check(self, username, key, data=None, signature=None, algorithm=b"ssh-ed25519"):
         return self.checker.requestAvatarId(
