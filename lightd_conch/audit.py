@@ -35,6 +35,8 @@ log = Logger()
 
 # How often buffered lines are written.
 FLUSH_INTERVAL = 1.0
+# Events kept before they are made into lines (see AuditLog).
+ENCODE_BATCH = 512
 # Lines kept while the disk does not keep up; past this, lines are dropped
 # (and counted in the service log) rather than filling memory.
 MAX_BUFFERED = 16 * 1024 * 1024
@@ -72,6 +74,19 @@ _ALLOWED = set()
 """Field names L{record} has let through (they are few: the code's own)."""
 
 
+_EVENT_NAMES = {"container", "username", "ip"}
+"""Names AuditLog.event takes among the fields, for record's own parameters,
+and the field names it has let through."""
+
+
+def _checkNames(fields, known=_ALLOWED) -> None:
+    for name in fields:
+        if name not in known:
+            if name in _BASE or any(word in name for word in _SECRET_WORDS):
+                raise ValueError(f"audit field {name!r} is not allowed")
+            known.add(name)
+
+
 def record(
     seconds: float,
     event: str,
@@ -87,11 +102,7 @@ def record(
     @raise ValueError: if a field is named like a secret, or like one of the
         fields every event has.
     """
-    for name in fields:
-        if name not in _ALLOWED:
-            if name in _BASE or any(word in name for word in _SECRET_WORDS):
-                raise ValueError(f"audit field {name!r} is not allowed")
-            _ALLOWED.add(name)
+    _checkNames(fields)
     return {
         "time": _timestamp(seconds),
         "event": event,
@@ -228,11 +239,17 @@ class NullAudit:
 
 class AuditLog:
     """
-    The daemon's audit log.  L{event} is cheap and never blocks: it encodes
-    the line and keeps it; L{flush}, called every L{FLUSH_INTERVAL} seconds
-    by L{AuditService}, hands what was kept to C{run}, which writes it where
-    blocking is allowed.  One write is in progress at a time, so lines keep
-    their order.
+    The daemon's audit log.  L{event} is cheap and never blocks: it checks
+    the fields' names and keeps the event; events are made into lines
+    L{ENCODE_BATCH} at a time, and at each L{flush}, called every
+    L{FLUSH_INTERVAL} seconds by L{AuditService}, which hands the lines to
+    C{run}, which writes them where blocking is allowed.  One write is in
+    progress at a time, so lines keep their order.
+
+    Encoding in batches, not one line per event: a session writing small
+    files makes an event for each, between whose the SSH and SFTP code runs;
+    encoded one at a time, each event's encoding ran with the caches cold,
+    several times slower than the same encoding in a loop.
 
     @param clock: gives the events' time.
     @param run: C{run(f, *args)} calls C{f(*args)} where blocking is allowed
@@ -243,6 +260,7 @@ class AuditLog:
         self._file = auditFile
         self._clock = clock
         self._run = run
+        self._events: list = []
         self._lines: list = []
         self._size = 0
         self._dropped = 0
@@ -254,12 +272,27 @@ class AuditLog:
         Record C{event} of C{session} (its id, or None) with C{fields};
         C{container}, C{username} and C{ip} are fields every event has.
         """
-        line = encode(record(self._clock.seconds(), event, session, **fields))
-        if self._size + len(line) > MAX_BUFFERED:
-            self._dropped += 1
-            return
-        self._lines.append(line)
-        self._size += len(line)
+        _checkNames(fields, _EVENT_NAMES)
+        events = self._events
+        events.append((self._clock.seconds(), event, session, fields))
+        if len(events) >= ENCODE_BATCH:
+            self._encode()
+
+    def _encode(self) -> None:
+        # The events kept, as lines, in their order.
+        events, self._events = self._events, []
+        lines = self._lines
+        for seconds, event, session, fields in events:
+            try:
+                line = encode(record(seconds, event, session, **fields))
+            except Exception:
+                log.failure("audit event {event} cannot be written", event=event)
+                continue
+            if self._size + len(line) > MAX_BUFFERED:
+                self._dropped += 1
+                continue
+            lines.append(line)
+            self._size += len(line)
 
     def open(self) -> None:
         """
@@ -282,6 +315,8 @@ class AuditLog:
         Deferred that fires when the write started now (or the one in
         progress) is done.
         """
+        if self._events:
+            self._encode()
         if self._writing is not None:
             return self._writing
         if not self._lines and not self._reopen:

@@ -106,6 +106,37 @@ class AuditLogTests(TestCase):
         self.assertEqual(len(readLines(self.path)), 3)
         self.assertIsNone(self.file._fd)
 
+    def test_manyEventsInOrder(self):
+        """
+        Events past one batch of encoding (audit.ENCODE_BATCH) are all
+        written, in their order, each with its own time and fields; a
+        field named like a secret is refused when the event is made.
+        """
+        count = 2 * audit.ENCODE_BATCH + 3
+        for i in range(count):
+            self.log.event("upload", "s1", container="c", username="u", ip="::1",
+                           path=f"/f{i}", bytes=i, result="ok")
+            self.clock.advance(0.0015)
+        self.assertRaises(ValueError, self.log.event, "x", "s1", password="p")
+        self.successResultOf(self.log.flush())
+        entries = readLines(self.path)
+        self.assertEqual([e["path"] for e in entries], [f"/f{i}" for i in range(count)])
+        self.assertEqual(entries[7]["bytes"], 7)
+        self.assertEqual(entries[1000]["time"][:20], "2023-11-14T22:13:21.")
+        self.assertEqual([e["time"] for e in entries], sorted(e["time"] for e in entries))
+        self.assertEqual(entries[0]["time"], "2023-11-14T22:13:20.000Z")
+
+    def test_unencodableEventDropped(self):
+        """
+        An event whose fields JSON cannot hold is left out (and logged);
+        the others are written.
+        """
+        self.log.event("a", "s1", container="c", username="u", ip="::1", what=object())
+        self.log.event("b", "s1", container="c", username="u", ip="::1")
+        self.successResultOf(self.log.flush())
+        self.assertEqual([e["event"] for e in readLines(self.path)], ["b"])
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+
     def test_oneWriteAtATime(self):
         """
         While a write is in progress, new events wait for the next flush,
