@@ -316,8 +316,8 @@ def main(argv=None) -> int:
             "defender": {"safe_list": [f"{FLOOD_SOURCE}/32"]},
         }
         floods = [int(n) for n in args.floods.split(",") if n != ""]
-        for label, tree in trees:
-            server = Lightd(work / f"lightd-{label.replace('/', '_')}", tree, f"lightd@{label}",
+        for index, (label, tree) in enumerate(trees):
+            server = Lightd(work / f"lightd-{index}", tree, f"lightd@{label}",
                             extra_sftp=settings)
             servers.append(server)
             server.start()
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
             profile = None
             if args.profile:
                 Path(args.profile).mkdir(parents=True, exist_ok=True)
-                profile = Profile(Path(args.profile) / f"{label.replace('/', '_')}.txt",
+                profile = Profile(Path(args.profile) / f"{index}-{label.replace('/', '_')}.txt",
                                   server.pid)
             rate = login_rate(server, args.rate_seconds, args.clients,
                               username=server.username, password=server.password())

@@ -70,10 +70,26 @@ log = Logger()
 # Conch reports every channel, key exchange and disconnect at info level; a
 # busy service wants one line per login and logout, so the Conch classes we
 # build on speak only from warn upwards.
-_conchLog = Logger(
+_CONCH_LEVEL = LogLevel.warn
+
+
+class _ConchLogger(Logger):
+    """
+    Drops Conch's events below L{_CONCH_LEVEL} before building them: a
+    login makes dozens (key exchange, service, each auth try, channels), and
+    building each only for the filter to drop it cost a few microseconds.
+    """
+
+    def emit(self, level, format=None, **kwargs):
+        if level < _CONCH_LEVEL:
+            return
+        super().emit(level, format, **kwargs)
+
+
+_conchLog = _ConchLogger(
     namespace="lightd_conch.ssh.conch",
     observer=FilteringLogObserver(
-        globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]
+        globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=_CONCH_LEVEL)]
     ),
 )
 

@@ -614,6 +614,25 @@ class LiveServiceTests(LiveService, TestCase):
         return deferToThread(abuse).addCallback(check)
 
 
+class ConchLogTests(TestCase):
+    def test_onlyWarningsAndAbove(self):
+        from lightd_conch.ssh import _conchLog
+
+        class Speaker:
+            _log = _conchLog
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        speaker = Speaker()
+        speaker._log.debug("kex alg={alg!r}", alg=b"x")
+        speaker._log.info("starting service {name}", name=b"ssh-userauth")
+        speaker._log.warn("a warning {n}", n=1)
+        speaker._log.error("an error")
+        self.assertEqual([e["log_format"] for e in events], ["a warning {n}", "an error"])
+        self.assertIs(events[0]["log_source"], speaker)
+
+
 class HostKeyTests(TestCase):
     def test_createdOnceAndReused(self):
         path = os.path.join(os.path.abspath(self.mktemp()), "key")
