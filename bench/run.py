@@ -2,7 +2,7 @@
 """
 lightd-sftp against OpenSSH's sshd (internal-sftp + ChrootDirectory), side by side.
 
-    python3 bench/run.py                  # the full run (about 9 minutes on 2 cores)
+    python3 bench/run.py                  # the full run (about 14 minutes on 2 cores)
     python3 bench/run.py --quick          # smaller sizes, 3 runs: a smoke check
     python3 bench/run.py --only upload,download --variant same --runs 7
     python3 bench/run.py --rev main       # measure a commit (git archive), not the working tree
