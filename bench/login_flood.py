@@ -37,12 +37,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -262,6 +265,27 @@ class Profile:
         self.process.wait(60)
 
 
+@contextlib.contextmanager
+def sshd_password_account():
+    """
+    The system account SSHD_USER (no home), for this run only: its password is random and
+    hashed by chpasswd with yescrypt, Debian's default.  Yields the password, the hash's
+    scheme prefix ("$y$") and the sshd_config lines (first, so they win) that let it, and
+    only it, log in with a password; the account is deleted on the way out.
+    """
+    password = secrets.token_urlsafe(18)
+    subprocess.run(["useradd", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/bin/sh", "--user-group", SSHD_USER], check=True)
+    try:
+        subprocess.run(["chpasswd", "-c", "YESCRYPT"], input=f"{SSHD_USER}:{password}\n",
+                       text=True, check=True)
+        scheme = Path("/etc/shadow").read_text().split(f"\n{SSHD_USER}:", 1)[1][:3]
+        yield password, scheme, [f"AllowUsers {SSHD_USER}", "PasswordAuthentication yes",
+                                 "PermitRootLogin no"]
+    finally:
+        subprocess.run(["userdel", SSHD_USER])
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--source", action="append", default=[],
@@ -294,7 +318,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix=".flood-", dir=BENCH_DIR))
     work.chmod(0o755)
     made_run_sshd = False
-    made_user = False
+    accounts = contextlib.ExitStack()  # the temporary system account of --sshd-password
     servers = []
     try:
         if not os.path.isdir("/run/sshd"):
@@ -366,18 +390,8 @@ def main(argv=None) -> int:
                   flush=True)
             openssh.stop()
         if args.sshd_password:
-            import secrets
-            import subprocess
-
-            password = secrets.token_urlsafe(18)
-            subprocess.run(["useradd", "--no-create-home", "--home-dir", "/nonexistent",
-                            "--shell", "/bin/sh", "--user-group", SSHD_USER], check=True)
-            made_user = True
-            subprocess.run(["chpasswd", "-c", "YESCRYPT"], input=f"{SSHD_USER}:{password}\n",
-                           text=True, check=True)
-            scheme = Path("/etc/shadow").read_text().split(f"\n{SSHD_USER}:", 1)[1][:3]
-            openssh = OpenSSH(work / "openssh-password", first_lines=[
-                f"AllowUsers {SSHD_USER}", "PasswordAuthentication yes", "PermitRootLogin no"])
+            password, scheme, first_lines = accounts.enter_context(sshd_password_account())
+            openssh = OpenSSH(work / "openssh-password", first_lines=first_lines)
             servers.append(openssh)
             openssh.start()
             rate = login_rate(openssh, args.rate_seconds, args.clients, username=SSHD_USER,
@@ -394,8 +408,7 @@ def main(argv=None) -> int:
                 server.stop()
             except Exception:
                 pass
-        if made_user:
-            __import__("subprocess").run(["userdel", SSHD_USER])
+        accounts.close()
         if made_run_sshd:
             shutil.rmtree("/run/sshd", ignore_errors=True)
         if args.keep:

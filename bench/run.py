@@ -234,6 +234,8 @@ class Server:
     volume: Path
     port: int
     process: Optional[subprocess.Popen] = None
+    launcher: List[str] = []
+    """A command the server runs under (its argv goes last), as bench/scale.py's subreaper."""
 
     @property
     def pid(self) -> int:
@@ -350,7 +352,8 @@ class Lightd(Server):
         self.askpass.chmod(0o700)
         with open(self.output, "wb") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                [*self.launcher, sys.executable, "-c",
+                 "from twisted.scripts.twistd import run; run()",
                  "-n", "--pidfile=", f"--logfile={self.log}",
                  "lightd-sftp", "--config", str(self.config)],
                 cwd=self.root, env=self.env(), stdin=subprocess.DEVNULL,
@@ -471,7 +474,7 @@ class OpenSSH(Server):
             run_checked([SSHD, "-t", "-f", str(self.config)])
             with open(self.log, "ab") as log:
                 self.process = subprocess.Popen(
-                    [SSHD, "-D", "-e", "-f", str(self.config)],
+                    [*self.launcher, SSHD, "-D", "-e", "-f", str(self.config)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
