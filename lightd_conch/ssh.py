@@ -167,6 +167,17 @@ def _unsent(parts: list, sent: int) -> list:
     return []
 
 
+def _ours(name: Optional[bytes], offered) -> Optional[bytes]:
+    """
+    The object in C{offered} equal to C{name}, which is C{name} itself
+    when C{offered} has none.
+    """
+    for candidate in offered:
+        if candidate == name:
+            return candidate
+    return name
+
+
 class _Ciphers(SSHCiphers):
     """
     A negotiated set of algorithms, sealing packets with
@@ -600,11 +611,21 @@ class SSHTransport(SSHServerTransport):
         self._peerInKex = True
         negotiated = getattr(self, "nextEncryptions", None)
         if negotiated is not None and not isinstance(negotiated, _Ciphers):
+            # The names chosen are held as the server's own objects, not as
+            # the pieces of the client's KEXINIT they were matched in.
             self.nextEncryptions = _Ciphers(
-                negotiated.outCipType,
-                negotiated.inCipType,
-                negotiated.outMACType,
-                negotiated.inMACType,
+                _ours(negotiated.outCipType, self.supportedCiphers),
+                _ours(negotiated.inCipType, self.supportedCiphers),
+                _ours(negotiated.outMACType, self.supportedMACs),
+                _ours(negotiated.inMACType, self.supportedMACs),
+            )
+            self.kexAlg = _ours(self.kexAlg, self.supportedKeyExchanges)
+            self.keyAlg = _ours(self.keyAlg, self.supportedPublicKeys)
+            self.outgoingCompressionType = _ours(
+                self.outgoingCompressionType, self.supportedCompressions
+            )
+            self.incomingCompressionType = _ours(
+                self.incomingCompressionType, self.supportedCompressions
             )
 
     def ssh_NEWKEYS(self, packet: bytes) -> None:
@@ -617,6 +638,10 @@ class SSHTransport(SSHServerTransport):
         self._peerInKex = False
         super().ssh_NEWKEYS(packet)
         self._firstKexDone = True
+        # Both KEXINITs only go into this exchange's hash; the next key
+        # exchange sends and receives new ones before it needs them.  The
+        # client's can be kilobytes, held for the session's life otherwise.
+        self.ourKexInitPayload = self.otherKexInitPayload = None
         if self._strictKex:
             self.incomingPacketSequence = 0
         if self._blockedSize:
@@ -1692,6 +1717,7 @@ class SSHFactory(factory.SSHFactory):
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None
+        self._offered: Optional[tuple] = None
 
     def buildProtocol(self, addr):
         """
@@ -1716,8 +1742,22 @@ class SSHFactory(factory.SSHFactory):
                 return None
         transport = super().buildProtocol(addr)
         transport.startupHost = host
-        transport.supportedCiphers = [c.encode("ascii") for c in self.settings.ciphers]
-        transport.supportedMACs = [m.encode("ascii") for m in self.settings.macs]
+        # What every connection offers is one set of lists, not one each
+        # (Conch builds its public key and key exchange lists per connection:
+        # an equal list already held is used instead).
+        offered = self._offered
+        if offered is None or offered[0] is not self.settings:
+            offered = self._offered = (
+                self.settings,
+                [c.encode("ascii") for c in self.settings.ciphers],
+                [m.encode("ascii") for m in self.settings.macs],
+                {},
+            )
+        _, transport.supportedCiphers, transport.supportedMACs, lists = offered
+        for name in ("supportedPublicKeys", "supportedKeyExchanges"):
+            if name in transport.__dict__:
+                own = transport.__dict__[name]
+                setattr(transport, name, lists.setdefault((name, tuple(own)), own))
         return transport
 
     def _logRefusal(self, host: str) -> None:
