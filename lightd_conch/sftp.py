@@ -421,6 +421,60 @@ class SFTPServer(Protocol):
     requestCounts: "collections.Counter[int]" = collections.Counter()
     """Requests received by packet type; the service sets its metrics' own."""
 
+    # The handlers by request type and by extension name: functions of the
+    # class (see L{_bindHandlers}), shared by every session rather than a
+    # dictionary of bound methods each.
+    _handlers: Dict[int, str] = {
+        FXP_OPEN: "_open",
+        FXP_CLOSE: "_close",
+        FXP_READ: "_read",
+        FXP_WRITE: "_write",
+        FXP_LSTAT: "_lstat",
+        FXP_FSTAT: "_fstat",
+        FXP_SETSTAT: "_setstat",
+        FXP_FSETSTAT: "_fsetstat",
+        FXP_OPENDIR: "_opendir",
+        FXP_READDIR: "_readdir",
+        FXP_REMOVE: "_remove",
+        FXP_MKDIR: "_mkdir",
+        FXP_RMDIR: "_rmdir",
+        FXP_REALPATH: "_realpath",
+        FXP_STAT: "_stat",
+        FXP_RENAME: "_rename",
+        FXP_READLINK: "_readlink",
+        FXP_SYMLINK: "_symlink",
+        FXP_EXTENDED: "_extended",
+    }
+    _extensionHandlers: Dict[bytes, str] = {
+        b"posix-rename@openssh.com": "_posixRename",
+        b"statvfs@openssh.com": "_statvfs",
+        b"fstatvfs@openssh.com": "_fstatvfs",
+        b"hardlink@openssh.com": "_hardlink",
+        b"fsync@openssh.com": "_fsync",
+        b"lsetstat@openssh.com": "_lsetstat",
+        b"limits@openssh.com": "_limits",
+        b"expand-path@openssh.com": "_expandPath",
+        b"copy-data": "_copyData",
+        b"home-directory": "_homeDirectory",
+        b"users-groups-by-id@openssh.com": "_usersGroupsById",
+    }
+    _dispatch: Dict[int, Callable[["SFTPServer", int, _Reader], bytes]]
+    extensions: Dict[bytes, Callable[["SFTPServer", int, _Reader], Optional[bytes]]]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._bindHandlers()
+
+    @classmethod
+    def _bindHandlers(cls) -> None:
+        """
+        Look the handlers up on C{cls}, so that a subclass's own are used.
+        """
+        cls._dispatch = {kind: getattr(cls, name) for kind, name in cls._handlers.items()}
+        cls.extensions = {
+            name: getattr(cls, method) for name, method in cls._extensionHandlers.items()
+        }
+
     def __init__(
         self,
         volume: Volume,
@@ -446,40 +500,6 @@ class SFTPServer(Protocol):
         self._paused = False
         self._closed = False
         self._eof = False
-        self._dispatch: Dict[int, Callable[[int, _Reader], bytes]] = {
-            FXP_OPEN: self._open,
-            FXP_CLOSE: self._close,
-            FXP_READ: self._read,
-            FXP_WRITE: self._write,
-            FXP_LSTAT: self._lstat,
-            FXP_FSTAT: self._fstat,
-            FXP_SETSTAT: self._setstat,
-            FXP_FSETSTAT: self._fsetstat,
-            FXP_OPENDIR: self._opendir,
-            FXP_READDIR: self._readdir,
-            FXP_REMOVE: self._remove,
-            FXP_MKDIR: self._mkdir,
-            FXP_RMDIR: self._rmdir,
-            FXP_REALPATH: self._realpath,
-            FXP_STAT: self._stat,
-            FXP_RENAME: self._rename,
-            FXP_READLINK: self._readlink,
-            FXP_SYMLINK: self._symlink,
-            FXP_EXTENDED: self._extended,
-        }
-        self.extensions: Dict[bytes, Callable[[int, _Reader], Optional[bytes]]] = {
-            b"posix-rename@openssh.com": self._posixRename,
-            b"statvfs@openssh.com": self._statvfs,
-            b"fstatvfs@openssh.com": self._fstatvfs,
-            b"hardlink@openssh.com": self._hardlink,
-            b"fsync@openssh.com": self._fsync,
-            b"lsetstat@openssh.com": self._lsetstat,
-            b"limits@openssh.com": self._limits,
-            b"expand-path@openssh.com": self._expandPath,
-            b"copy-data": self._copyData,
-            b"home-directory": self._homeDirectory,
-            b"users-groups-by-id@openssh.com": self._usersGroupsById,
-        }
 
     # -- framing ----------------------------------------------------------
 
@@ -616,7 +636,7 @@ class SFTPServer(Protocol):
             self._status(requestId, FX_OP_UNSUPPORTED)
             return
         try:
-            reply = handler(requestId, _Reader(packet, 5))
+            reply = handler(self, requestId, _Reader(packet, 5))
         except _Malformed:
             self._status(requestId, FX_BAD_MESSAGE)
         except SFTPError as e:
@@ -866,7 +886,7 @@ class SFTPServer(Protocol):
         handler = self.extensions.get(name)
         if handler is None:
             raise SFTPError(FX_OP_UNSUPPORTED, "Unsupported extension")
-        return handler(requestId, reader)
+        return handler(self, requestId, reader)
 
     # -- extensions (formats: OpenSSH's PROTOCOL, section 4) ----------------
 
@@ -1074,3 +1094,6 @@ class SFTPServer(Protocol):
             except OSError:
                 pass
         self.volume.close()
+
+
+SFTPServer._bindHandlers()

@@ -167,6 +167,17 @@ def _unsent(parts: list, sent: int) -> list:
     return []
 
 
+def _ours(name: Optional[bytes], offered) -> Optional[bytes]:
+    """
+    The object in C{offered} equal to C{name}, which is C{name} itself
+    when C{offered} has none.
+    """
+    for candidate in offered:
+        if candidate == name:
+            return candidate
+    return name
+
+
 class _Ciphers(SSHCiphers):
     """
     A negotiated set of algorithms, sealing packets with
@@ -600,11 +611,21 @@ class SSHTransport(SSHServerTransport):
         self._peerInKex = True
         negotiated = getattr(self, "nextEncryptions", None)
         if negotiated is not None and not isinstance(negotiated, _Ciphers):
+            # The names chosen are held as the server's own objects, not as
+            # the pieces of the client's KEXINIT they were matched in.
             self.nextEncryptions = _Ciphers(
-                negotiated.outCipType,
-                negotiated.inCipType,
-                negotiated.outMACType,
-                negotiated.inMACType,
+                _ours(negotiated.outCipType, self.supportedCiphers),
+                _ours(negotiated.inCipType, self.supportedCiphers),
+                _ours(negotiated.outMACType, self.supportedMACs),
+                _ours(negotiated.inMACType, self.supportedMACs),
+            )
+            self.kexAlg = _ours(self.kexAlg, self.supportedKeyExchanges)
+            self.keyAlg = _ours(self.keyAlg, self.supportedPublicKeys)
+            self.outgoingCompressionType = _ours(
+                self.outgoingCompressionType, self.supportedCompressions
+            )
+            self.incomingCompressionType = _ours(
+                self.incomingCompressionType, self.supportedCompressions
             )
 
     def ssh_NEWKEYS(self, packet: bytes) -> None:
@@ -617,6 +638,10 @@ class SSHTransport(SSHServerTransport):
         self._peerInKex = False
         super().ssh_NEWKEYS(packet)
         self._firstKexDone = True
+        # Both KEXINITs only go into this exchange's hash; the next key
+        # exchange sends and receives new ones before it needs them.  The
+        # client's can be kilobytes, held for the session's life otherwise.
+        self.ourKexInitPayload = self.otherKexInitPayload = None
         if self._strictKex:
             self.incomingPacketSequence = 0
         if self._blockedSize:
@@ -1247,26 +1272,31 @@ class SessionChannel(SSHChannel):
     lowWater = 256 * 1024
     clock = None  # the factory's clock (or the reactor) unless a test sets one
 
+    # State that starts the same in every channel is a class default until
+    # the channel changes it: an instance with 30 attributes or more has its
+    # own dictionary (1.6 KiB in CPython 3.11) instead of compact values.
+    # The output queue, a deque once something waits in it.
+    _queue: "Deque[bytes] | tuple" = ()
+    _queued = 0
+    _exitStatus: Optional[int] = None
+    _eofSeen = False
+    _graceCall = None
+    _lastProgress = 0.0
+    _throttled = None
+    # An exec's command line, and what it moved, for the audit log.
+    _command: Optional[bytes] = None
+    _commandIn = _commandOut = 0
+    _commandStatus: Optional[int] = None
+    _heldByContainer = False
+    _windowGranted = False
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._queue: Deque[bytes] = deque()
-        self._queued = 0
-        self._exitStatus: Optional[int] = None
-        self._eofSeen = False
-        self._graceCall = None
-        self._lastProgress = 0.0
         self.protocol: Optional[SFTPServer] = None
         self._state = getattr(self.avatar, "state", None)
-        self._throttled = None
-        # An exec's command line, and what it moved, for the audit log.
-        self._command: Optional[bytes] = None
-        self._commandIn = self._commandOut = 0
-        self._commandStatus: Optional[int] = None
         # The budgets this container's queued output counts against.
         self._budgets = getattr(self.avatar, "budgets", None)
         self._owner = getattr(self.avatar, "containerId", None)
-        self._heldByContainer = False
-        self._windowGranted = False
         if self._budgets is not None:
             # What a client may send that the daemon may have to hold (a
             # paused protocol keeps it) is the container's too: a container
@@ -1277,7 +1307,8 @@ class SessionChannel(SSHChannel):
             self.localWindowSize = self.localWindowLeft = window
             self._windowGranted = True
             self._budgets.watchOutput(self._owner, self)
-            self._heldByContainer = self._budgets.outputFull(self._owner)
+            if self._budgets.outputFull(self._owner):
+                self._heldByContainer = True
 
     @property
     def ended(self) -> bool:
@@ -1448,7 +1479,8 @@ class SessionChannel(SSHChannel):
             protocol.connectionLost(None)
 
     def _dropQueue(self) -> None:
-        self._queue.clear()
+        if self._queue:
+            self._queue.clear()
         if self._queued and self._budgets is not None:
             self._budgets.queueOutput(self._owner, -self._queued)
         self._queued = 0
@@ -1475,7 +1507,10 @@ class SessionChannel(SSHChannel):
             self.remoteWindowLeft -= size
             self.conn.sendData(self, data)
             return
-        self._queue.append(data)
+        queue = self._queue
+        if queue.__class__ is tuple:
+            queue = self._queue = deque()
+        queue.append(data)
         self._queued += size
         if self._budgets is not None:
             self._budgets.queueOutput(self._owner, size)
@@ -1488,8 +1523,11 @@ class SessionChannel(SSHChannel):
         if self.localClosed:
             return
         size = 0
+        queue = self._queue
+        if queue.__class__ is tuple:
+            queue = self._queue = deque()
         for data in seq:
-            self._queue.append(data)
+            queue.append(data)
             size += len(data)
         self._queued += size
         if self._budgets is not None:
@@ -1692,6 +1730,7 @@ class SSHFactory(factory.SSHFactory):
         self.privateKeys = {hostKey.sshType(): hostKey}
         self.publicKeys = {hostKey.sshType(): hostKey.public()}
         self.primes = None
+        self._offered: Optional[tuple] = None
 
     def buildProtocol(self, addr):
         """
@@ -1716,8 +1755,22 @@ class SSHFactory(factory.SSHFactory):
                 return None
         transport = super().buildProtocol(addr)
         transport.startupHost = host
-        transport.supportedCiphers = [c.encode("ascii") for c in self.settings.ciphers]
-        transport.supportedMACs = [m.encode("ascii") for m in self.settings.macs]
+        # What every connection offers is one set of lists, not one each
+        # (Conch builds its public key and key exchange lists per connection:
+        # an equal list already held is used instead).
+        offered = self._offered
+        if offered is None or offered[0] is not self.settings:
+            offered = self._offered = (
+                self.settings,
+                [c.encode("ascii") for c in self.settings.ciphers],
+                [m.encode("ascii") for m in self.settings.macs],
+                {},
+            )
+        _, transport.supportedCiphers, transport.supportedMACs, lists = offered
+        for name in ("supportedPublicKeys", "supportedKeyExchanges"):
+            if name in transport.__dict__:
+                own = transport.__dict__[name]
+                setattr(transport, name, lists.setdefault((name, tuple(own)), own))
         return transport
 
     def _logRefusal(self, host: str) -> None:

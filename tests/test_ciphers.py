@@ -158,7 +158,7 @@ class ChaChaBackendTests(TestCase):
     def test_resultsOutliveTheNextPacket(self):
         """
         What seal and open return is the caller's to keep: the packets
-        after it, made and read in the sealer's own buffers, leave it as it
+        after it, made and read in the shared work buffers, leave it as it
         was.
         """
         out, into = self.pair(True, os.urandom(64), os.urandom(64), os.urandom(64))
@@ -171,6 +171,46 @@ class ChaChaBackendTests(TestCase):
         self.assertEqual([b"".join(bytes(part) for part in parts) for parts in held], wires)
         opened = [into.open(seq, wire)[0] for seq, wire in enumerate(wires)]
         self.assertEqual([bytes(payload) for payload in opened], payloads)
+
+
+    def test_sessionsInterleaved(self):
+        """
+        Sealers of different sessions share the work buffers: packets of
+        two sessions sealed and opened in turn, small and large, each open
+        to their own payloads, and a packet from one session's keys does
+        not open on the other's.
+        """
+        sessions = [self.pair(True, os.urandom(64), os.urandom(64), os.urandom(64))
+                    for _ in range(2)]
+        sizes = [20, 9000, ciphers._SODIUM_OPEN_LARGEST + 100, 300]
+        for seq, size in enumerate(sizes):
+            payloads = [b"\x5e" + os.urandom(size) for _ in sessions]
+            wires = [b"".join(bytes(p) for p in out.seal(seq, [payload]))
+                     for (out, _), payload in zip(sessions, payloads)]
+            self.assertRaises(PacketError, sessions[0][1].open, seq, wires[1])
+            sessions[0][1]._pending = None
+            opened = [bytes(into.open(seq, wire)[0])
+                      for (_, into), wire in zip(sessions, wires)]
+            self.assertEqual(opened, payloads)
+
+    def test_threadsHaveTheirOwnBuffers(self):
+        """
+        A thread other than the one that imported the module seals and
+        opens in buffers of its own.
+        """
+        out, into = self.pair(True, os.urandom(64), os.urandom(64), os.urandom(64))
+        payload = b"\x5e" + os.urandom(1000)
+
+        def inThread():
+            wire = b"".join(bytes(p) for p in out.seal(0, [payload]))
+            return bytes(into.open(0, wire)[0]), ciphers._buffers.sealing
+
+        def check(result):
+            opened, sealing = result
+            self.assertEqual(opened, payload)
+            self.assertIsNot(sealing, ciphers._buffers.sealing)
+
+        return deferToThread(inThread).addCallback(check)
 
 
 def _kexinit(strict):

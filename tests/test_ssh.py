@@ -467,6 +467,46 @@ class LiveServiceTests(LiveService, TestCase):
 
         return deferToThread(session).addCallback(check)
 
+    def test_idleSessionsHoldNoKeyExchangeLeftovers(self):
+        """
+        Once logged in, a session keeps neither side's KEXINIT, holds the
+        negotiated names as the offered objects, and shares what it offers
+        with every other session; a later key exchange works all the same.
+        """
+        def open_():
+            sessions = []
+            for _ in range(2):
+                transport = self.client()
+                transport.auth_password("alice", "secret-pass")
+                sftpClient = paramiko.SFTPClient.from_transport(transport)
+                sftpClient.listdir(".")
+                sessions.append((transport, sftpClient))
+            return sessions
+
+        def check(sessions):
+            first, second = self.connections
+            for server in (first, second):
+                self.assertIsNone(server.ourKexInitPayload)
+                self.assertIsNone(server.otherKexInitPayload)
+                ciphers = server.currentEncryptions
+                self.assertTrue(any(ciphers.outCipType is c for c in server.supportedCiphers))
+                self.assertTrue(any(server.kexAlg is k for k in server.supportedKeyExchanges))
+            for name in ("supportedCiphers", "supportedMACs", "supportedPublicKeys",
+                         "supportedKeyExchanges"):
+                self.assertIs(getattr(first, name), getattr(second, name), name)
+            return deferToThread(rekey, sessions)
+
+        def rekey(sessions):
+            results = []
+            for transport, sftpClient in sessions:
+                transport.renegotiate_keys()
+                sftpClient.open("after-rekey.txt", "w").close()
+                results.append("after-rekey.txt" in sftpClient.listdir("."))
+                transport.close()
+            return results
+
+        return deferToThread(open_).addCallback(check).addCallback(self.assertEqual, [True, True])
+
     def test_failedLoginsAndAttemptLimit(self):
         def attempts():
             transport = self.client()
